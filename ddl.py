@@ -1,0 +1,371 @@
+"""
+Deep Delta Learning (Zhang, Liu, Wang, Gu; arXiv 2601.00417) in one readable file.
+
+A residual block normally adds: x <- x + F(x). DDL reads the state along a learned unit
+direction k, compares the readout with a learned target v and writes the gated difference
+back along k (Eq. 2.2):
+
+    X_{l+1} = X_l + beta k (v^T - k^T X_l),    i.e.  X_{l+1} = (I - beta k k^T) X_l + beta k v^T
+
+The shortcut A = I - beta k k^T has eigenvalue 1 - beta along k and 1 elsewhere (Prop. 2.1):
+identity at beta = 0, projection at beta = 1, reflection at beta = 2.
+
+Reading order: config, RoPE, attention, SwiGLU MLP, the delta operator, the compressors,
+the block, the GPT. Backbone (paper §3, §4.1): Llama-style, pre-norm RMSNorm, RoPE, QK-norm,
+SwiGLU, no biases, tied embedding and LM head.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RESIDUALS = ("additive", "delta", "write")
+COMPRESSORS = ("cc", "tc")
+SUBLAYERS = ("attn", "mlp")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304     # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 6
+    head_dim: int = 128
+    n_embd: int = 768           # must equal n_head * head_dim
+    block_size: int = 1024      # longest sequence (RoPE table size)
+    residual: str = "delta"     # "additive" baseline, "delta" (Eq. 2.2), "write" (beta k v^T only)
+    d_v: int = 1                # value channels of the residual state X in R^{d x d_v} (§2.2)
+    compressor: str = "cc"      # d_v > 1: "cc" channel mixing, "tc" token convolution (§3.2)
+    embed_conv: bool = True     # d_v > 1: EC, causal token convolution expanding the embedding
+    conv_kernel: int = 4        # taps of the EC and TC causal convolutions
+    beta_init: float = 1.0      # beta at initialisation, in [0, 2]
+    k_eps: float = 1e-5         # epsilon_k of k = k~ / sqrt(|k~|^2 + eps^2) (§3.1)
+    v_scale: float = 4.0        # v = v_scale * sigmoid(W_v c + b_v); 0 means plain linear v = W_v c + b_v
+    check_spectrum: bool = False  # assert Prop. 2.1 / Eq. 2.4 numerically during forward (slow)
+
+    def __post_init__(self):
+        def need(ok, field, allowed):
+            if not ok:
+                raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+        for f in ("vocab_size", "n_layer", "n_head", "head_dim", "block_size", "d_v", "conv_kernel"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an integer >= 1")
+        need(self.n_embd == self.n_head * self.head_dim, "n_embd",
+             f"must equal n_head * head_dim = {self.n_head * self.head_dim}")
+        need(self.head_dim % 2 == 0, "head_dim", "must be even for RoPE")
+        need(self.residual in RESIDUALS, "residual", f"allowed: {', '.join(RESIDUALS)}")
+        need(self.compressor in COMPRESSORS, "compressor", f"allowed: {', '.join(COMPRESSORS)}")
+        need(self.residual != "additive" or self.d_v == 1, "d_v",
+             "the additive baseline has a vector state: use d_v=1, or residual='delta'/'write'")
+        need(0.0 <= self.beta_init <= 2.0, "beta_init", "must lie in [0, 2]")
+        need(self.k_eps > 0, "k_eps", "must be > 0")
+        need(self.v_scale >= 0, "v_scale", "must be >= 0 (0 = plain linear v)")
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_table(block_size, head_dim, base=10000.0):
+    """cos and sin of shape (block_size, head_dim/2) for rotary position embeddings."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the two halves of every head vector; x is (B, T, H, D), cos/sin (T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+# ----------------------------------------------------------------------------- attention and MLP
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.c_proj.is_output_proj = True  # depth-scaled init, see GPT._init_weights
+        self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))  # QK RMSNorm gains
+        self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+        cos, sin = rope_table(cfg.block_size, cfg.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        cos, sin = self.cos[:T], self.sin[:T]
+        # RoPE then QK RMSNorm, the order of the authors' code (the norm commutes with rotation
+        # up to its elementwise gain).
+        q = F.rms_norm(apply_rope(q, cos, sin), (self.head_dim,), self.q_norm, eps=1e-5)
+        k = F.rms_norm(apply_rope(k, cos, sin), (self.head_dim,), self.k_norm, eps=1e-5)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.hidden = math.floor(8 / 3 * cfg.n_embd)
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * self.hidden, bias=False)  # fused gate and up
+        self.c_proj = nn.Linear(self.hidden, cfg.n_embd, bias=False)
+        self.c_proj.is_output_proj = True
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.c_proj(F.silu(gate) * up)
+
+
+# ----------------------------------------------------------------------------- the delta operator
+
+def delta_operator(k, beta):
+    """A = I - beta k k^T (Eq. 2.2's shortcut), shape (..., d, d). For analysis and tests only:
+    the model never builds this d x d matrix."""
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    return eye - beta[..., None, None] * k[..., :, None] * k[..., None, :]
+
+
+def delta_update(X, k, v, beta):
+    """Eq. 2.2: X + beta k (v^T - k^T X) for X (..., d, d_v), k (..., d), v (..., d_v), beta (...).
+    The readout k^T X and the discrepancy are reduced in fp32; X keeps its dtype."""
+    readout = torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=torch.float32)       # k^T X, (..., d_v)
+    delta = beta.float().unsqueeze(-1) * (v.float() - readout)                 # (..., d_v)
+    return X + k.unsqueeze(-1) * delta.to(X.dtype).unsqueeze(-2)
+
+
+def write_update(X, k, v, beta):
+    """The write-only control (§5): X + beta k v^T, the delta rule without its erase term."""
+    return X + k.unsqueeze(-1) * (beta.float().unsqueeze(-1) * v.float()).to(X.dtype).unsqueeze(-2)
+
+
+def unit_direction(k_tilde, eps):
+    """k = k~ / sqrt(|k~|^2 + eps^2), computed as in §3.1: RMSNorm with eps^2/d, then / sqrt(d),
+    which never squares large activations in low precision."""
+    d = k_tilde.shape[-1]
+    return F.rms_norm(k_tilde, (d,), eps=eps * eps / d) * (1.0 / math.sqrt(d))
+
+
+# ----------------------------------------------------------------------------- the compressors
+
+def causal_token_conv(x, weight):
+    """Depthwise causal convolution over tokens: y[:, t] = sum_s weight[..., s] * x[:, t - s].
+    x is (B, T, ...) and weight (..., K) broadcasts against x's trailing dims; tap 0 is the
+    current token, so a weight of (1, 0, ..., 0) is the identity."""
+    y = x * weight[..., 0]
+    for s in range(1, weight.shape[-1]):
+        shifted = F.pad(x[:, :-s], (0, 0) * (x.dim() - 2) + (s, 0)) if s < x.shape[1] else torch.zeros_like(x)
+        y = y + shifted * weight[..., s]
+    return y
+
+
+class ChannelCompressor(nn.Module):
+    """DDL-CC (§3.2): x_in[i] = sum_j c_ij X[i, j], a learned mix of the d_v channels per feature,
+    initialised to the channel mean."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.mix = nn.Parameter(torch.full((cfg.n_embd, cfg.d_v), 1.0 / cfg.d_v))
+
+    def forward(self, X):
+        return torch.sum(X * self.mix.to(X.dtype), dim=-1)
+
+
+class TokenCompressor(nn.Module):
+    """DDL-TC (§3.2, App. A.2): a short causal depthwise convolution over tokens for every (i, j)
+    entry of X, then a learned read vector over d_v; initialised to identity and the mean."""
+    def __init__(self, cfg):
+        super().__init__()
+        conv = torch.zeros(cfg.n_embd, cfg.d_v, cfg.conv_kernel)
+        conv[..., 0] = 1.0
+        self.conv = nn.Parameter(conv)
+        self.read = nn.Parameter(torch.full((cfg.d_v,), 1.0 / cfg.d_v))
+
+    def forward(self, X):
+        return torch.sum(causal_token_conv(X, self.conv.to(X.dtype)) * self.read.to(X.dtype), dim=-1)
+
+
+class EmbedConv(nn.Module):
+    """EC (App. A.2): expands the embedding (B, T, d) into the state (B, T, d, d_v) with a causal
+    depthwise token convolution, identity-initialised so it starts as plain repetition."""
+    def __init__(self, cfg):
+        super().__init__()
+        w = torch.zeros(cfg.n_embd, cfg.d_v, cfg.conv_kernel)
+        w[..., 0] = 1.0
+        self.weight = nn.Parameter(w)
+
+    def forward(self, x):
+        return causal_token_conv(x.unsqueeze(-1), self.weight.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- the block
+
+class ResidualBranch(nn.Module):
+    """One sublayer with its residual interface: compress (d_v > 1), RMSNorm to c, run F(c),
+    then x + F(c) (additive) or the delta / write rewrite of the state."""
+    def __init__(self, cfg, sublayer, layer):
+        super().__init__()
+        self.cfg, self.name = cfg, f"layer {layer} {sublayer}"
+        self.norm = nn.Parameter(torch.ones(cfg.n_embd))
+        self.f = CausalSelfAttention(cfg) if sublayer == "attn" else SwiGLU(cfg)
+        self.compressor = None
+        if cfg.d_v > 1:
+            self.compressor = ChannelCompressor(cfg) if cfg.compressor == "cc" else TokenCompressor(cfg)
+        if cfg.residual != "additive":
+            self.v_proj = nn.Linear(cfg.n_embd, cfg.d_v, bias=True)
+            # beta = 2 sigmoid(w.c + b) with w = 0 and b = logit(beta_init / 2): every token starts
+            # at exactly beta_init (the authors' global init perturbs w; we start it at zero).
+            p = min(max(cfg.beta_init / 2, 1e-6), 1 - 1e-6)
+            self.w_beta = nn.Parameter(torch.zeros(cfg.n_embd))
+            self.b_beta = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
+        self.stats = None  # filled with detached tensors when GPT.record_gates is on
+
+    def beta(self, c):
+        """beta = 2 sigmoid(w_beta . c + b_beta) in (0, 2), in fp32."""
+        return 2 * torch.sigmoid(c.float() @ self.w_beta.float() + self.b_beta.float())
+
+    def value(self, c):
+        """v in R^{d_v}. The paper's text writes v = W_v c; the authors' code (and ours by default)
+        bounds it as v = v_scale * sigmoid(W_v c + b_v), v_scale = 4; v_scale = 0 gives the linear form."""
+        v = self.v_proj(c)
+        return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
+
+    def forward(self, X, record=False):
+        x_in = X if self.compressor is None else self.compressor(X)
+        c = F.rms_norm(x_in, (x_in.shape[-1],), self.norm.to(x_in.dtype), eps=1e-5)
+        k_tilde = self.f(c)
+        if self.cfg.residual == "additive":
+            return X + k_tilde
+        k, v, beta = unit_direction(k_tilde, self.cfg.k_eps), self.value(c), self.beta(c)
+        state = X if self.cfg.d_v > 1 else X.unsqueeze(-1)  # d_v = 1: the same rule on (d, 1)
+        rule = delta_update if self.cfg.residual == "delta" else write_update
+        new_state = rule(state, k, v, beta)
+        if record or self.cfg.check_spectrum:
+            e_pre = torch.sum(k.float().unsqueeze(-1) * state.float(), dim=-2) - v.float()
+            if record:
+                self.stats = dict(beta=beta.detach(), k_norm=k_tilde.detach().float().norm(dim=-1),
+                                  e_pre=e_pre.detach().abs())
+            if self.cfg.check_spectrum:
+                self.check_spectrum(k_tilde, k, v, beta, e_pre, new_state)
+        return new_state if self.cfg.d_v > 1 else new_state.squeeze(-1)
+
+    def check_spectrum(self, k_tilde, k, v, beta, e_pre, new_state):
+        """Prop. 2.1 and Eq. 2.4 in fp32: |k| = 1 where |k~| >> eps_k, 0 < beta < 2 and
+        e_post = (1 - beta) e_pre (delta rule only). Raises AssertionError naming the quantity."""
+        def fail(what):
+            raise AssertionError(f"check_spectrum: {self.name}: {what}")
+        k32 = k.float()
+        big = k_tilde.float().norm(dim=-1) > 100 * self.cfg.k_eps
+        if bool((((k32.norm(dim=-1) - 1).abs() > 1e-2) & big).any()):
+            fail("|k| != 1 where |k~| >> eps_k")
+        if not bool(((beta > 0) & (beta < 2)).all()):
+            fail(f"beta outside (0, 2): min {beta.min().item():.4g}, max {beta.max().item():.4g}")
+        if self.cfg.residual == "delta":
+            e_post = torch.sum(k32.unsqueeze(-1) * new_state.float(), dim=-2) - v.float()
+            want = (1 - beta.float()).unsqueeze(-1) * e_pre
+            scale = 1e-3 if new_state.dtype == torch.float32 else 3e-2
+            tol = scale * (1 + new_state.float().abs().amax(dim=(-2, -1), keepdim=True).squeeze(-1))
+            if bool(((e_post - want).abs() > tol).any()):
+                fail(f"e_post != (1 - beta) e_pre (Eq. 2.4), max error {(e_post - want).abs().max().item():.3g}")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.attn = ResidualBranch(cfg, "attn", layer)
+        self.mlp = ResidualBranch(cfg, "mlp", layer)
+
+    def forward(self, X, record=False):
+        return self.mlp(self.attn(X, record), record)
+
+
+# ----------------------------------------------------------------------------- the GPT
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_conv = EmbedConv(cfg) if cfg.d_v > 1 and cfg.embed_conv else None
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.readout = None  # compression before the final norm
+        if cfg.d_v > 1:
+            self.readout = ChannelCompressor(cfg) if cfg.compressor == "cc" else TokenCompressor(cfg)
+        self.norm_f = nn.Parameter(torch.ones(cfg.n_embd))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.record_gates = False  # GPT.gate_stats() reads what the last forward recorded
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """The authors' init: embedding N(0, 0.02), matrices N(0, 0.5/sqrt(d)), output projections
+        N(0, 0.5/sqrt(d)/sqrt(L)), biases zero. Only nn.Linear / nn.Embedding are touched, so the
+        gates and convolutions keep their own identity-style initialisation."""
+        d, L = self.config.n_embd, self.config.n_layer
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.Linear) and module is not self.lm_head:
+            depth = math.sqrt(L) if getattr(module, "is_output_proj", False) else 1.0
+            nn.init.normal_(module.weight, std=0.5 / math.sqrt(d) / depth)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        """Parameters, the tied embedding / LM head matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        cfg = self.config
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
+        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{idx.min().item()}, {idx.max().item()}]")
+        x = self.wte(idx)
+        if cfg.d_v > 1:  # expanded state X in R^{d x d_v} per token (§2.2)
+            x = self.embed_conv(x) if self.embed_conv is not None else x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
+        for block in self.blocks:
+            x = block(x, self.record_gates)
+        if self.readout is not None:
+            x = self.readout(x)
+        x = F.rms_norm(x, (cfg.n_embd,), self.norm_f.to(x.dtype), eps=1e-5)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]).float(), None
+        logits = self.lm_head(x).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def gate_stats(self, bins=10):
+        """The gate audit (§5): per layer and sublayer, statistics of beta, |k~| and
+        |e_pre| = |k^T X - v^T| from the last forward run with `record_gates = True`, and a
+        histogram of beta over [0, 2]."""
+        if self.config.residual == "additive":
+            raise ValueError("gate_stats: the additive baseline has no gate (residual='additive')")
+        out = []
+        for i, block in enumerate(self.blocks):
+            for name in SUBLAYERS:
+                s = getattr(block, name).stats
+                if s is None:
+                    raise RuntimeError("gate_stats: set model.record_gates = True and run a forward first")
+                row = dict(layer=i, sublayer=name,
+                           beta_hist=torch.histc(s["beta"].float(), bins=bins, min=0, max=2).long().tolist())
+                for key in ("beta", "k_norm", "e_pre"):
+                    t = s[key].float()
+                    row.update({f"{key}_min": t.min().item(), f"{key}_mean": t.mean().item(),
+                                f"{key}_max": t.max().item()})
+                out.append(row)
+        return out
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens continuations of idx (B, T), nanoGPT style (no KV cache)."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :] / max(temperature, 1e-6)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1)], dim=1)
+        return idx
