@@ -130,15 +130,17 @@ def delta_operator(k, beta):
 
 def delta_update(X, k, v, beta):
     """Eq. 2.2: X + beta k (v^T - k^T X) for X (..., d, d_v), k (..., d), v (..., d_v), beta (...).
-    The readout k^T X and the discrepancy are reduced in fp32; X keeps its dtype."""
-    readout = torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=torch.float32)       # k^T X, (..., d_v)
-    delta = beta.float().unsqueeze(-1) * (v.float() - readout)                 # (..., d_v)
+    The readout k^T X and the discrepancy are reduced in fp32 (or wider); X keeps its dtype."""
+    acc = torch.promote_types(X.dtype, torch.float32)
+    readout = torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc)                 # k^T X, (..., d_v)
+    delta = beta.to(acc).unsqueeze(-1) * (v.to(acc) - readout)                  # (..., d_v)
     return X + k.unsqueeze(-1) * delta.to(X.dtype).unsqueeze(-2)
 
 
 def write_update(X, k, v, beta):
     """The write-only control (§5): X + beta k v^T, the delta rule without its erase term."""
-    return X + k.unsqueeze(-1) * (beta.float().unsqueeze(-1) * v.float()).to(X.dtype).unsqueeze(-2)
+    acc = torch.promote_types(X.dtype, torch.float32)
+    return X + k.unsqueeze(-1) * (beta.to(acc).unsqueeze(-1) * v.to(acc)).to(X.dtype).unsqueeze(-2)
 
 
 def unit_direction(k_tilde, eps):

@@ -383,7 +383,7 @@ def train(cfg):
             log(dict(type="train", step=step, loss=lval, lr=lr, grad_norm=norm.item(), ms_per_step=ms,
                      tokens_per_s=tps, mfu=mfu),
                 f"step {step:6d} | loss {lval:.4f} | lr {lr:.2e} | norm {norm.item():.3f} | "
-                + (f"{ms:7.1f} ms | {tps:,.0f} tok/s" if t_mark != now or ms == ms else "first step, untimed")
+                + (f"{ms:7.1f} ms | {tps:,.0f} tok/s" if ms == ms else "first step, untimed")
                 + (f" | mfu {100 * mfu:.1f}%" if mfu and mfu == mfu else ""))
         if step % cfg["ckpt_interval"] == 0 or step == cfg["max_steps"]:
             checkpoint()

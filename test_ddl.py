@@ -1,0 +1,508 @@
+"""Tests for ddl.py, prepare_data.py and train.py: CPU, offline, deterministic.
+In CI the GPT-2 vocabulary comes from TIKTOKEN_CACHE_DIR (see .ci/run)."""
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+import ddl
+import prepare_data
+import train
+from ddl import GPT, GPTConfig, delta_operator, delta_update, unit_direction
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(vocab_size=97, n_layer=2, n_head=2, head_dim=8, n_embd=16, block_size=32)
+VARIANTS = {
+    "additive": dict(residual="additive"),
+    "delta1": dict(residual="delta", d_v=1),
+    "cc_ec": dict(residual="delta", d_v=4, compressor="cc", embed_conv=True),
+    "cc": dict(residual="delta", d_v=4, compressor="cc", embed_conv=False),
+    "tc_ec": dict(residual="delta", d_v=4, compressor="tc", embed_conv=True),
+    "tc": dict(residual="delta", d_v=4, compressor="tc", embed_conv=False),
+    "write1": dict(residual="write", d_v=1),
+    "write4": dict(residual="write", d_v=4, compressor="cc", embed_conv=True),
+}
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **kw}))
+
+
+def random_unit(d, gen):
+    k = torch.randn(d, dtype=torch.float64, generator=gen)
+    return k / k.norm()
+
+
+# ============================================================================ the delta operator
+
+@pytest.mark.parametrize("d", [2, 7, 64])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0, 1.5, 2.0])
+def test_proposition_2_1_spectrum(d, beta):
+    gen = torch.Generator().manual_seed(d)
+    k, b = random_unit(d, gen), torch.tensor(beta, dtype=torch.float64)
+    A = delta_operator(k, b)
+    eig = torch.linalg.eigvalsh(A)
+    want = torch.tensor(sorted([1 - beta] + [1.0] * (d - 1)), dtype=torch.float64)
+    assert torch.allclose(eig, want, atol=1e-12)
+    assert torch.allclose(A @ k, (1 - beta) * k, atol=1e-12)
+    u = torch.randn(d, dtype=torch.float64, generator=gen)
+    u = u - (u @ k) * k  # u orthogonal to k
+    assert torch.allclose(A @ u, u, atol=1e-12)
+    assert math.isclose(torch.linalg.det(A).item(), 1 - beta, abs_tol=1e-12)
+    I = torch.eye(d, dtype=torch.float64)
+    if beta == 1.0:  # projection onto k's orthogonal complement
+        assert torch.allclose(A @ A, A, atol=1e-12)
+        assert torch.linalg.matrix_rank(A).item() == d - 1
+    if beta == 2.0:  # Householder reflection
+        assert torch.allclose(A.T @ A, I, atol=1e-12)
+        assert torch.allclose(A @ A, I, atol=1e-12)
+    # the d_v columns of X each see A: vec(A X) = (I_dv kron A) vec(X), and the write adds beta k v^T
+    X = torch.randn(d, 3, dtype=torch.float64, generator=gen)
+    v = torch.randn(3, dtype=torch.float64, generator=gen)
+    kron = torch.kron(torch.eye(3, dtype=torch.float64), A)
+    vec = lambda M: M.T.reshape(-1)
+    assert torch.allclose(vec(delta_update(X, k, torch.zeros(3, dtype=torch.float64), b)), kron @ vec(X), atol=1e-12)
+    assert torch.allclose(delta_update(X, k, v, b), A @ X + beta * torch.outer(k, v), atol=1e-12)
+
+
+def test_eq_2_4_readout_error_contracts_by_one_minus_beta():
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(5, 32, 4, dtype=torch.float64, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(5, 32, dtype=torch.float64, generator=gen), dim=-1)
+    v = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+    beta = torch.rand(5, dtype=torch.float64, generator=gen) * 2
+    readout = lambda M: torch.einsum("nd,ndv->nv", k, M)
+    e_pre, e_post = readout(X) - v, readout(delta_update(X, k, v, beta)) - v
+    assert torch.allclose(e_post, (1 - beta)[:, None] * e_pre, atol=1e-12)
+    assert e_pre.abs().min() > 1e-3  # the check above is not vacuous
+    assert torch.allclose(readout(delta_update(X, k, v, torch.ones(5, dtype=torch.float64))), v, atol=1e-12)
+    assert torch.equal(delta_update(X, k, v, torch.zeros(5, dtype=torch.float64)), X)
+
+
+def test_unit_direction_is_the_eps_regularised_normalisation():
+    gen = torch.Generator().manual_seed(2)
+    for scale in (1e-6, 1e-3, 1.0, 1e3):
+        kt = torch.randn(4, 64, dtype=torch.float64, generator=gen) * scale
+        want = kt / torch.sqrt((kt * kt).sum(-1, keepdim=True) + 1e-5 ** 2)
+        assert torch.allclose(unit_direction(kt, 1e-5), want, rtol=1e-10, atol=1e-14)
+    kt = torch.randn(4, 64, dtype=torch.float64, generator=gen)
+    assert torch.allclose(unit_direction(kt, 0.0).norm(dim=-1), torch.ones(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_delta_update_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    args = [torch.randn(2, 6, 3, dtype=torch.float64, generator=gen), torch.randn(2, 6, dtype=torch.float64, generator=gen),
+            torch.randn(2, 3, dtype=torch.float64, generator=gen), torch.rand(2, dtype=torch.float64, generator=gen) * 2]
+    assert torch.autograd.gradcheck(delta_update, [a.requires_grad_() for a in args])
+
+
+def test_model_d_v_1_is_the_scalar_rule():
+    """With d_v = 1 the branch computes x + beta k (v - k.x) with a scalar v, no compressor."""
+    m = tiny_model(residual="delta", d_v=1)
+    br = m.blocks[0].attn
+    assert br.compressor is None and m.embed_conv is None and m.readout is None
+    x = torch.randn(2, 5, 16)
+    c = torch.nn.functional.rms_norm(x, (16,), br.norm, eps=1e-5)
+    k = unit_direction(br.f(c), 1e-5)
+    v, beta = br.value(c)[..., 0], br.beta(c)
+    want = x + (beta * (v - (k * x).sum(-1)))[..., None] * k
+    assert torch.allclose(br(x), want, atol=1e-6)
+
+
+# ============================================================================ the model
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_trains_and_starts_at_uniform_loss(name):
+    m = tiny_model(**VARIANTS[name])
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    logits, loss = m(idx, idx)
+    assert logits.shape == (2, 32, 97)
+    assert abs(loss.item() - math.log(97)) < 0.1
+    loss.backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if name != "additive":
+        assert m.blocks[0].attn.w_beta.grad.abs().sum() > 0  # the gate learns
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_causality(name):
+    m = tiny_model(**VARIANTS[name])
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 97, (1, 20), generator=gen)
+    for t in (1, 7, 19):
+        b = a.clone()
+        b[:, t:] = torch.randint(0, 97, (1, 20 - t), generator=gen)
+        la, _ = m(a, a)
+        lb, _ = m(b, b)
+        assert torch.equal(la[:, :t], lb[:, :t])
+        assert not torch.allclose(la[:, t:], lb[:, t:])
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd,paper", [(12, 6, 768, 124e6), (24, 8, 1024, 353e6)])
+def test_parameter_counts_match_the_paper(n_layer, n_head, n_embd, paper):
+    """The tied embedding / LM head matrix is counted once."""
+    with torch.device("meta"):
+        for res in ("additive", "delta"):
+            m = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, residual=res))
+            assert abs(m.num_params() - paper) / paper < 0.02
+
+
+@pytest.mark.parametrize("beta_init", [0.5, 1.0, 1.7])
+def test_special_initialisations_survive_the_global_init(beta_init):
+    m = tiny_model(residual="delta", d_v=4, compressor="tc", beta_init=beta_init)
+    m.record_gates = True
+    m(torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)))
+    for row in m.gate_stats():
+        assert row["beta_min"] == pytest.approx(beta_init, abs=1e-5)
+        assert row["beta_max"] == pytest.approx(beta_init, abs=1e-5)
+        assert sum(row["beta_hist"]) == 32
+    x = torch.randn(2, 9, 16)
+    assert torch.equal(m.embed_conv(x), x.unsqueeze(-1).expand(-1, -1, -1, 4))
+    X = torch.randn(2, 9, 16, 4)
+    assert torch.allclose(m.blocks[1].mlp.compressor(X), X.mean(-1), atol=1e-6)
+    assert m.wte.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_gate_stats_costs_nothing_when_off_and_reports_when_on():
+    m = tiny_model(residual="delta", d_v=4)
+    m(torch.zeros(1, 4, dtype=torch.long))
+    assert all(b.attn.stats is None for b in m.blocks)
+    with pytest.raises(RuntimeError, match="record_gates"):
+        m.gate_stats()
+    m.record_gates = True
+    m(torch.randint(0, 97, (1, 8)))
+    rows = m.gate_stats()
+    assert [(r["layer"], r["sublayer"]) for r in rows] == [(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")]
+    assert all(r["k_norm_min"] > 0 and r["e_pre_max"] >= r["e_pre_mean"] >= r["e_pre_min"] >= 0 for r in rows)
+    with pytest.raises(ValueError, match="additive"):
+        tiny_model(residual="additive").gate_stats()
+
+
+@pytest.mark.parametrize("name", ["delta1", "cc_ec", "tc_ec", "write4"])
+def test_check_spectrum_passes_on_a_random_model(name):
+    m = tiny_model(check_spectrum=True, **VARIANTS[name])
+    _, loss = m(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16)))
+    assert torch.isfinite(loss)
+
+
+def test_check_spectrum_catches_a_broken_gate_and_a_broken_rule(monkeypatch):
+    m = tiny_model(check_spectrum=True, residual="delta", d_v=4)
+    idx = torch.randint(0, 97, (1, 8))
+    br = m.blocks[1].mlp
+    monkeypatch.setattr(br, "beta", lambda c: torch.full(c.shape[:-1], 2.5))
+    with pytest.raises(AssertionError, match="layer 1 mlp: beta outside"):
+        m(idx)
+    monkeypatch.undo()
+    monkeypatch.setattr(ddl, "delta_update", ddl.write_update)  # no erase term: Eq. 2.4 breaks
+    with pytest.raises(AssertionError, match=r"layer 0 attn: e_post != \(1 - beta\) e_pre"):
+        m(idx)
+
+
+def test_compiles_as_one_graph_when_check_spectrum_is_off():
+    m = tiny_model(residual="delta", d_v=4, compressor="tc")
+    idx = torch.randint(0, 97, (2, 16))
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(idx, idx)[1], m(idx, idx)[1])
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(n_embd=20), "n_embd"), (dict(d_v=0), "d_v"), (dict(residual="sum"), "residual"),
+    (dict(compressor="xx"), "compressor"), (dict(beta_init=2.5), "beta_init"), (dict(conv_kernel=0), "conv_kernel"),
+    (dict(residual="additive", d_v=4), "d_v"), (dict(k_eps=0.0), "k_eps"), (dict(v_scale=-1.0), "v_scale"),
+])
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"GPTConfig.{field}="):
+        GPTConfig(**{**TINY, **kw})
+
+
+def test_forward_rejects_bad_tokens_and_long_sequences():
+    m = tiny_model()
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 97\)"):
+        m(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="block_size=32"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_generate_and_v_scale_zero_linear_form():
+    m = tiny_model(residual="delta", d_v=4, v_scale=0.0)
+    c = torch.randn(3, 16)
+    br = m.blocks[0].attn
+    assert torch.allclose(br.value(c), br.v_proj(c))
+    out = m.generate(torch.zeros(2, 3, dtype=torch.long), 40, top_k=5)
+    assert out.shape == (2, 43) and out.max() < 97  # longer than block_size: context is cropped
+
+
+# ============================================================================ prepare_data.py
+
+DOCS = ["Größe und Maß: naïve café ☕", "日本語のテキスト。", "plain <|endoftext|> inside text",
+        "emoji 🙂 and more words " * 20, "last one"]
+
+
+def write_inputs(folder):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "a.jsonl"), "w", encoding="utf-8") as f:
+        for d in DOCS[:2]:
+            f.write(json.dumps({"text": d, "id": 1}) + "\n")
+    with gzip.open(os.path.join(folder, "b.jsonl.gz"), "wt", encoding="utf-8") as f:
+        for d in DOCS[2:4]:
+            f.write(json.dumps({"text": d}) + "\n")
+    with open(os.path.join(folder, "c.txt"), "w", encoding="utf-8") as f:
+        f.write(DOCS[4])
+
+
+def run_prepare(src, out, *extra):
+    return prepare_data.prepare(prepare_data.parse_args(["--input", str(src), "--out", str(out), *extra]))
+
+
+def all_tokens(out):
+    files = sorted(f for f in os.listdir(out) if f.endswith(".bin"))
+    val = [f for f in files if "_val_" in f]
+    return np.concatenate([prepare_data.read_shard(os.path.join(out, f)) for f in val + [f for f in files if f not in val]])
+
+
+def test_round_trip_split_sizes_and_header(tmp_path):
+    write_inputs(tmp_path / "in")
+    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "10", "--shard_tokens", "25", "--workers", "2")
+    enc = tiktoken.get_encoding("gpt2")
+    want = [t for d in DOCS for t in [50256] + enc.encode_ordinary(d)]
+    toks = all_tokens(tmp_path / "out")
+    assert toks.tolist() == want
+    assert enc.decode(toks.tolist()) == "".join("<|endoftext|>" + d for d in DOCS)
+    sizes = [(s["split"], s["tokens"]) for s in m["shards"]]
+    assert sizes[0] == ("val", 10) and all(n == 25 for _, n in sizes[1:-1]) and 0 < sizes[-1][1] <= 25
+    assert m["total_tokens"] == len(want) and m["documents"] == 5
+    header = np.fromfile(tmp_path / "out" / "local_val_000000.bin", dtype="<i4", count=256)
+    assert header[:3].tolist() == [20240520, 1, 10] and not header[3:].any()
+
+
+def test_same_bytes_with_one_and_two_workers(tmp_path):
+    write_inputs(tmp_path / "in")
+    for w in ("1", "2"):
+        run_prepare(tmp_path / "in", tmp_path / w, "--val_tokens", "7", "--shard_tokens", "30", "--workers", w)
+    files = sorted(os.listdir(tmp_path / "1"))
+    assert files == sorted(os.listdir(tmp_path / "2")) and len(files) > 3
+    for f in files:
+        if f.endswith(".bin"):
+            assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes()
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', r"bad.jsonl line 2: not valid JSON"),
+    ("nofield.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"nofield.jsonl line 2: no 'text' field"),
+    ("num.jsonl", '{"text": 42}\n', r"num.jsonl line 1: the text field is int"),
+    ("surrogate.jsonl", '{"text": "bad \\ud800 half"}\n', r"surrogate.jsonl line 1: text is not valid UTF-8"),
+    ("latin1.txt", b"caf\xe9", r"latin1.txt after line 0: not valid UTF-8"),
+    ("x.csv", "a,b", r"unsupported extension"),
+])
+def test_bad_input_errors_and_leaves_no_shard(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message):
+        run_prepare(path, tmp_path / "out", "--val_tokens", "2", "--workers", "1")
+    out = tmp_path / "out"
+    assert not out.exists() or not [f for f in os.listdir(out) if f.endswith(".bin") or f == "manifest.json"]
+
+
+def test_missing_path_and_foreign_output(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        run_prepare(tmp_path / "nope", tmp_path / "out")
+    write_inputs(tmp_path / "in")
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5")
+    with pytest.raises(ValueError, match="holds shards of a different run"):
+        run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "6")
+    assert run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "6", "--force")["shards"][0]["tokens"] == 6
+
+
+def test_complete_output_is_not_redone(tmp_path, capsys):
+    write_inputs(tmp_path / "in")
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5")
+    mtime = os.path.getmtime(tmp_path / "out" / "local_val_000000.bin")
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5")
+    assert "already complete" in capsys.readouterr().err
+    assert os.path.getmtime(tmp_path / "out" / "local_val_000000.bin") == mtime
+
+
+def test_read_shard_refuses_truncated_and_foreign_files(tmp_path):
+    prepare_data.write_shard(str(tmp_path / "ok.bin"), np.arange(100, dtype=np.uint16))
+    assert prepare_data.read_shard(tmp_path / "ok.bin").tolist() == list(range(100))
+    data = (tmp_path / "ok.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="cut.bin: header says 100 tokens.*truncated"):
+        prepare_data.read_shard(tmp_path / "cut.bin")
+    (tmp_path / "magic.bin").write_bytes(b"\x01\x02\x03\x04" + data[4:])
+    with pytest.raises(ValueError, match="magic.bin: magic .* not a token shard"):
+        prepare_data.read_shard(tmp_path / "magic.bin")
+
+
+def test_interrupted_run_leaves_no_partial_shard_and_reruns_identically(tmp_path, monkeypatch):
+    write_inputs(tmp_path / "in")
+    args = ("--val_tokens", "10", "--shard_tokens", "20", "--workers", "1")
+    run_prepare(tmp_path / "in", tmp_path / "ref", *args)
+    real, calls = prepare_data.write_shard, []
+
+    def crashing(path, tokens):
+        calls.append(path)
+        if len(calls) == 3:  # die half-way through writing the third shard
+            with open(path + ".tmp", "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        real(path, tokens)
+
+    monkeypatch.setattr(prepare_data, "write_shard", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(tmp_path / "in", tmp_path / "out", *args)
+    done = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".bin"))
+    assert len(done) == 2 and os.path.basename(calls[2]) not in done
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    monkeypatch.undo()
+    run_prepare(tmp_path / "in", tmp_path / "out", *args)
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "ref"))
+    assert all_tokens(tmp_path / "out").tolist() == all_tokens(tmp_path / "ref").tolist()
+
+
+def test_fineweb_path_uses_the_same_code(tmp_path, monkeypatch):
+    rows = [{"text": d, "score": 3.1} for d in DOCS]
+    monkeypatch.setattr(prepare_data, "load_hub", lambda name: iter(rows) if name == "sample-10BT" else None)
+    m = prepare_data.prepare(prepare_data.parse_args(["--out", str(tmp_path / "fw"), "--val_tokens", "8", "--workers", "2"]))
+    write_inputs(tmp_path / "in")
+    run_prepare(tmp_path / "in", tmp_path / "local", "--val_tokens", "8")
+    assert m["source"] == "HuggingFaceFW/fineweb-edu:sample-10BT"
+    assert os.path.exists(tmp_path / "fw" / "fineweb_edu_val_000000.bin")
+    assert all_tokens(tmp_path / "fw").tolist() == all_tokens(tmp_path / "local").tolist()
+
+
+# ============================================================================ train.py
+
+TRAIN_TINY = ["--n_layer=2", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--batch_size=2",
+              "--total_batch=4", "--warmup_steps=2", "--lr=3e-3", "--eval_interval=4", "--val_tokens=128",
+              "--log_interval=1", "--sample_tokens=0", "--d_v=2", "--compressor=tc", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    gen = np.random.default_rng(0)
+    words = ["delta", "rule", "state", "gate", "erase", "write", "the", "a", "of", "token"]
+    with open(folder / "docs.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": " ".join(gen.choice(words, size=40))}) + "\n")
+    run_prepare(folder / "docs.jsonl", folder / "out", "--val_tokens", "512", "--shard_tokens", "3000", "--workers", "1")
+    return str(folder / "out")
+
+
+def run_train(shards, out, *extra):
+    train.main([*TRAIN_TINY, f"--data_dir={shards}", f"--out_dir={out}", *extra])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_writes_checkpoint_and_log(shards, tmp_path):
+    log = run_train(shards, tmp_path / "o", "--max_steps=5", "--decay_steps=5")
+    assert log[0]["type"] == "config" and log[0]["config"]["d_v"] == 2 and log[0]["torch"] == torch.__version__
+    tr = [r for r in log if r["type"] == "train"]
+    assert [r["step"] for r in tr] == [1, 2, 3, 4, 5]
+    assert set(tr[-1]) >= {"loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu"}
+    assert [r["step"] for r in log if r["type"] == "val"] == [0, 4, 5]
+    gates = [r for r in log if r["type"] == "gates"][-1]["gates"]
+    assert len(gates) == 4 and {"beta_mean", "beta_hist", "k_norm_mean", "e_pre_mean"} <= set(gates[0])
+    ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 5 and ckpt["model_config"]["compressor"] == "tc"
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert set(ckpt) >= {"model", "optimizer", "step", "config", "data", "rng"}
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    m = tiny_model(residual="delta", d_v=4, compressor="cc")
+    idx = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    first = m(idx[:, :-1], idx[:, 1:])[1].item()
+    for _ in range(60):
+        _, loss = m(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+
+
+def test_resume_is_exact(shards, tmp_path):
+    straight = run_train(shards, tmp_path / "a", "--max_steps=8", "--decay_steps=8")
+    run_train(shards, tmp_path / "b", "--max_steps=3", "--decay_steps=8")
+    resumed = run_train(shards, tmp_path / "b", "--max_steps=8", "--decay_steps=8", "--resume")
+    losses = lambda log: {r["step"]: r["loss"] for r in log if r["type"] == "train"}
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in range(1, 9))  # bit-exact on CPU
+    vals = lambda log: [(r["step"], r["loss"]) for r in log if r["type"] == "val"]
+    assert vals(straight)[-1] == vals(resumed)[-1]
+
+
+def test_two_gloo_processes_equal_one_with_double_accumulation(shards, tmp_path):
+    common = [*TRAIN_TINY, f"--data_dir={shards}", "--max_steps=4", "--decay_steps=4", "--total_batch=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
+                   check=True, env=env, capture_output=True, timeout=240)
+    train.main([*common, f"--out_dir={tmp_path / 'one'}"])
+    read = lambda d: [json.loads(line) for line in open(tmp_path / d / "log.jsonl")]
+    ddp, one = read("ddp"), read("one")
+    assert ddp[0]["world_size"] == 2 and ddp[0]["grad_accum"] == 2 and one[0]["grad_accum"] == 4
+    lt = lambda log: [r["loss"] for r in log if r["type"] in ("train", "val")]
+    assert len(lt(ddp)) == len(lt(one)) == 4 + 2
+    assert np.allclose(lt(ddp), lt(one), rtol=1e-5, atol=1e-6)
+
+
+def test_training_errors(shards, tmp_path):
+    with pytest.raises(ValueError, match="no \\*_train_\\*.bin"):
+        train.main([*TRAIN_TINY, f"--data_dir={tmp_path / 'empty'}", f"--out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="unknown key --n_layers; did you mean --n_layer"):
+        train.main(["--n_layers=3"])
+    with pytest.raises(ValueError, match="--max_steps='ten': expected a int"):
+        train.main(["--max_steps=ten"])
+    with pytest.raises(ValueError, match="--preset='1b'"):
+        train.main(["--preset=1b"])
+    run_train(shards, tmp_path / "c", "--max_steps=1", "--decay_steps=1")
+    before = (tmp_path / "c" / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"another model config n_layer=2 \(asked: 3\)"):
+        run_train(shards, tmp_path / "c", "--max_steps=2", "--n_layer=3", "--resume")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        run_train(shards, tmp_path / "d", "--max_steps=2", "--resume")
+    assert (tmp_path / "c" / "ckpt.pt").read_bytes() == before
+    assert (tmp_path / "d" / "ckpt.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_token_stream_is_seeded_disjoint_and_resumable():
+    shard = [np.arange(1000, dtype=np.uint16), np.arange(1000, 1600, dtype=np.uint16)]
+    firsts = lambda s, n: [s.next_batch()[0][:, 0].tolist() for _ in range(n)]
+    a, b = train.TokenStream(shard, 10, 4, seed=1), train.TokenStream(shard, 10, 4, seed=2)
+    assert firsts(a, 3) != firsts(b, 3)
+    r0, r1 = train.TokenStream(shard, 10, 2, 1, 0, 2), train.TokenStream(shard, 10, 2, 1, 1, 2)
+    seen0, seen1 = set(sum(firsts(r0, 10), [])), set(sum(firsts(r1, 10), []))
+    assert not seen0 & seen1
+    s = train.TokenStream(shard, 10, 4, seed=1)
+    firsts(s, 5)
+    state = s.state()
+    rest = firsts(s, 30)  # crosses shards and epochs
+    t = train.TokenStream(shard, 10, 4, seed=1)
+    t.load_state(state)
+    assert firsts(t, 30) == rest
+
+
+def test_bench_runs_on_cpu(capsys):
+    rows = train.bench(train.parse_overrides(
+        ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
+         "--bench_batch=2", "--bench_steps=2", "--device=cpu"], {k: getattr(train, k) for k in train.KEYS}))
+    assert [r["variant"] for r in rows] == ["additive", "delta", "cc", "tc", "write"]
+    assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"] < rows[2]["flops_per_token"] < rows[3]["flops_per_token"]
+    assert all(r["train_tps"] > 0 and r["infer_tps"] > 0 for r in rows)
+    assert "ratio" in capsys.readouterr().out
