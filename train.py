@@ -431,6 +431,23 @@ def matmul_peak_tflops(dev):
     return 2 * n ** 3 / time_ms(lambda: a @ b, 10, dev) / 1e9
 
 
+def check_fast_path(dev, use_compile):
+    """The rewrite as the benchmark runs it (compiled on CUDA) against a float64 reference, on fresh
+    random inputs in bf16 and fp32; prints the relative errors and fails beyond 1e-2 / 1e-5."""
+    from ddl import delta_update
+    fast = torch.compile(delta_update) if use_compile else delta_update
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        X, kt = torch.randn(8, 256, 768, 4, device=dev), torch.randn(8, 256, 768, device=dev)
+        k = kt / kt.norm(dim=-1, keepdim=True)
+        v, beta = 4 * torch.rand(8, 256, 4, device=dev), 2 * torch.rand(8, 256, device=dev)
+        ref = delta_update(*(t.double() for t in (X, k, v, beta)))
+        out = fast(X.to(dtype), k.to(dtype), v, beta).double()
+        err = ((out - ref).norm() / ref.norm()).item()
+        print(f"fast path vs float64 reference, {dtype}: relative error {err:.2e} (limit {tol:.0e})")
+        if not err <= tol:
+            raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
+
+
 def bench(cfg):
     """Training and inference throughput of every variant at the configured size, in one process,
     against the additive baseline; prints one table and returns its rows."""
@@ -441,6 +458,7 @@ def bench(cfg):
         if n not in VARIANTS:
             raise ValueError(f"--bench_variants: unknown variant {n!r}; allowed: {', '.join(VARIANTS)}")
     peak = matmul_peak_tflops(dev)
+    check_fast_path(dev, cfg["compile"] and dev_type == "cuda")
     gen = torch.Generator().manual_seed(cfg["seed"])
     x, y = (torch.randint(0, cfg["vocab_size"], (B, T), generator=gen).to(dev) for _ in range(2))
     rows = []
