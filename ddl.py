@@ -99,8 +99,8 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.cos[:T], self.sin[:T]
         # RoPE then QK RMSNorm, the order of the authors' code (the norm commutes with rotation
         # up to its elementwise gain).
-        q = F.rms_norm(apply_rope(q, cos, sin), (self.head_dim,), self.q_norm, eps=1e-5)
-        k = F.rms_norm(apply_rope(k, cos, sin), (self.head_dim,), self.k_norm, eps=1e-5)
+        q = F.rms_norm(apply_rope(q, cos, sin), (self.head_dim,), self.q_norm.to(q.dtype), eps=1e-5)
+        k = F.rms_norm(apply_rope(k, cos, sin), (self.head_dim,), self.k_norm.to(k.dtype), eps=1e-5)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -152,15 +152,20 @@ def unit_direction(k_tilde, eps):
 
 # ----------------------------------------------------------------------------- the compressors
 
+def shift_tokens(x, s):
+    """x (B, T, ...) delayed by s tokens along T, zeros in front: the causal shift of a conv tap."""
+    if s == 0:
+        return x
+    if s >= x.shape[1]:
+        return torch.zeros_like(x)
+    return F.pad(x[:, :-s], (0, 0) * (x.dim() - 2) + (s, 0))
+
+
 def causal_token_conv(x, weight):
     """Depthwise causal convolution over tokens: y[:, t] = sum_s weight[..., s] * x[:, t - s].
     x is (B, T, ...) and weight (..., K) broadcasts against x's trailing dims; tap 0 is the
     current token, so a weight of (1, 0, ..., 0) is the identity."""
-    y = x * weight[..., 0]
-    for s in range(1, weight.shape[-1]):
-        shifted = F.pad(x[:, :-s], (0, 0) * (x.dim() - 2) + (s, 0)) if s < x.shape[1] else torch.zeros_like(x)
-        y = y + shifted * weight[..., s]
-    return y
+    return sum(shift_tokens(x, s) * weight[..., s] for s in range(weight.shape[-1]))
 
 
 class ChannelCompressor(nn.Module):
@@ -185,7 +190,11 @@ class TokenCompressor(nn.Module):
         self.read = nn.Parameter(torch.full((cfg.d_v,), 1.0 / cfg.d_v))
 
     def forward(self, X):
-        return torch.sum(causal_token_conv(X, self.conv.to(X.dtype)) * self.read.to(X.dtype), dim=-1)
+        # x_in[t, i] = sum_s sum_j read_j conv_ijs X[t - s, i, j]. Reducing over d_v before shifting
+        # is the same sum, but shifts (B, T, d) tensors instead of (B, T, d, d_v) copies of the state.
+        w = (self.conv * self.read[:, None]).to(X.dtype)                     # (d, d_v, K)
+        taps = torch.sum(X.unsqueeze(-1) * w, dim=-2)                         # (B, T, d, K)
+        return sum(shift_tokens(taps[..., s], s) for s in range(w.shape[-1]))
 
 
 class EmbedConv(nn.Module):
@@ -215,7 +224,9 @@ class ResidualBranch(nn.Module):
         if cfg.d_v > 1:
             self.compressor = ChannelCompressor(cfg) if cfg.compressor == "cc" else TokenCompressor(cfg)
         if cfg.residual != "additive":
-            self.v_proj = nn.Linear(cfg.n_embd, cfg.d_v, bias=True)
+            # v's projection W_v (d_v x d), initialised like the other matrices, and b_v = 0
+            self.W_v = nn.Parameter(torch.randn(cfg.d_v, cfg.n_embd) * (0.5 / math.sqrt(cfg.n_embd)))
+            self.b_v = nn.Parameter(torch.zeros(cfg.d_v))
             # beta = 2 sigmoid(w.c + b) with w = 0 and b = logit(beta_init / 2): every token starts
             # at exactly beta_init (the authors' global init perturbs w; we start it at zero).
             p = min(max(cfg.beta_init / 2, 1e-6), 1 - 1e-6)
@@ -223,14 +234,18 @@ class ResidualBranch(nn.Module):
             self.b_beta = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
         self.stats = None  # filled with detached tensors when GPT.record_gates is on
 
+    # beta and v are written as fp32 elementwise products summed over d, not as matmuls: they stay
+    # in fp32 under autocast, and torch.compile fuses them into the kernel that computes c, where
+    # (d -> 1) and (d -> d_v) matrix products would each be a separate, nearly empty GEMM launch.
     def beta(self, c):
         """beta = 2 sigmoid(w_beta . c + b_beta) in (0, 2), in fp32."""
-        return 2 * torch.sigmoid(c.float() @ self.w_beta.float() + self.b_beta.float())
+        return 2 * torch.sigmoid(torch.sum(c.float() * self.w_beta, dim=-1) + self.b_beta)
 
     def value(self, c):
-        """v in R^{d_v}. The paper's text writes v = W_v c; the authors' code (and ours by default)
-        bounds it as v = v_scale * sigmoid(W_v c + b_v), v_scale = 4; v_scale = 0 gives the linear form."""
-        v = self.v_proj(c)
+        """v in R^{d_v}, in fp32. The paper's text writes v = W_v c; the authors' code (and ours by
+        default) bounds it as v = v_scale * sigmoid(W_v c + b_v), v_scale = 4; v_scale = 0 gives the
+        plain linear form."""
+        v = torch.sum(c.float().unsqueeze(-2) * self.W_v, dim=-1) + self.b_v
         return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
 
     def forward(self, X, record=False):
@@ -326,6 +341,10 @@ class GPT(nn.Module):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{idx.min().item()}, {idx.max().item()}]")
         x = self.wte(idx)
         if cfg.d_v > 1:  # expanded state X in R^{d x d_v} per token (§2.2)
+            if torch.is_autocast_enabled(x.device.type):
+                # as in the authors' code, the d_v-fold state lives in the autocast dtype (bf16):
+                # half the memory and traffic; every reduction over it still runs in fp32
+                x = x.to(torch.get_autocast_dtype(x.device.type))
             x = self.embed_conv(x) if self.embed_conv is not None else x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
         for block in self.blocks:
             x = block(x, self.record_gates)

@@ -104,6 +104,31 @@ def test_delta_update_gradcheck():
     assert torch.autograd.gradcheck(delta_update, [a.requires_grad_() for a in args])
 
 
+def test_token_compressor_equals_convolution_then_read():
+    """DDL-TC sums over d_v before shifting tokens; that must equal the conv-then-read definition."""
+    tc = tiny_model(residual="delta", d_v=4, compressor="tc", conv_kernel=3).blocks[0].attn.compressor.double()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        tc.conv.copy_(torch.randn(tc.conv.shape, generator=gen))
+        tc.read.copy_(torch.randn(4, generator=gen))
+    X = torch.randn(2, 10, 16, 4, dtype=torch.float64, generator=gen)
+    want = torch.zeros(2, 10, 16, dtype=torch.float64)
+    for t in range(10):
+        for s in range(3):
+            if t - s >= 0:
+                want[:, t] += (tc.conv[:, :, s] * X[:, t - s] * tc.read).sum(-1)
+    assert torch.allclose(tc(X), want, atol=1e-12)
+
+
+def test_expanded_state_uses_the_autocast_dtype():
+    m = tiny_model(residual="delta", d_v=4)
+    seen = []
+    m.blocks[0].attn.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = m(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_model_d_v_1_is_the_scalar_rule():
     """With d_v = 1 the branch computes x + beta k (v - k.x) with a scalar v, no compressor."""
     m = tiny_model(residual="delta", d_v=1)
@@ -236,7 +261,7 @@ def test_generate_and_v_scale_zero_linear_form():
     m = tiny_model(residual="delta", d_v=4, v_scale=0.0)
     c = torch.randn(3, 16)
     br = m.blocks[0].attn
-    assert torch.allclose(br.value(c), br.v_proj(c))
+    assert torch.allclose(br.value(c), c @ br.W_v.T + br.b_v)
     out = m.generate(torch.zeros(2, 3, dtype=torch.long), 40, top_k=5)
     assert out.shape == (2, 43) and out.max() < 97  # longer than block_size: context is cropped
 
@@ -410,7 +435,8 @@ def test_training_writes_checkpoint_and_log(shards, tmp_path):
     assert log[0]["type"] == "config" and log[0]["config"]["d_v"] == 2 and log[0]["torch"] == torch.__version__
     tr = [r for r in log if r["type"] == "train"]
     assert [r["step"] for r in tr] == [1, 2, 3, 4, 5]
-    assert set(tr[-1]) >= {"loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu"}
+    assert set(tr[-1]) >= {"loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu", "train_time_s"}
+    assert math.isnan(tr[0]["ms_per_step"]) and tr[-1]["ms_per_step"] > 0 and tr[-1]["train_time_s"] > 0
     assert [r["step"] for r in log if r["type"] == "val"] == [0, 4, 5]
     gates = [r for r in log if r["type"] == "gates"][-1]["gates"]
     assert len(gates) == 4 and {"beta_mean", "beta_hist", "k_norm_mean", "e_pre_mean"} <= set(gates[0])
