@@ -248,18 +248,14 @@ class ResidualBranch(nn.Module):
         v = torch.sum(c.float().unsqueeze(-2) * self.W_v, dim=-1) + self.b_v
         return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
 
-    def forward(self, h, record=False):
-        """h is the residual stream: (B, T, d), or for d_v > 1 the state stored as (B, T, d_v, d)."""
-        # The paper's X (B, T, d, d_v) as a view of h. Storing the d_v columns as rows of d makes
-        # both the readout k^T X (a sum over d) and the compressors (a sum over d_v) read rows of d
-        # contiguously; with d_v innermost, every access would stride over 2-byte pairs.
-        state = h.unsqueeze(-1) if self.cfg.d_v == 1 else h.transpose(-1, -2)
-        x_in = h if self.compressor is None else self.compressor(state)
+    def forward(self, X, record=False):
+        x_in = X if self.compressor is None else self.compressor(X)
         c = F.rms_norm(x_in, (x_in.shape[-1],), self.norm.to(x_in.dtype), eps=1e-5)
         k_tilde = self.f(c)
         if self.cfg.residual == "additive":
-            return h + k_tilde
+            return X + k_tilde
         k, v, beta = unit_direction(k_tilde, self.cfg.k_eps), self.value(c), self.beta(c)
+        state = X if self.cfg.d_v > 1 else X.unsqueeze(-1)  # d_v = 1: the same rule on (d, 1)
         rule = delta_update if self.cfg.residual == "delta" else write_update
         new_state = rule(state, k, v, beta)
         if record or self.cfg.check_spectrum:
@@ -269,9 +265,7 @@ class ResidualBranch(nn.Module):
                                   e_pre=e_pre.detach().abs())
             if self.cfg.check_spectrum:
                 self.check_spectrum(k_tilde, k, v, beta, e_pre, new_state)
-        # the copy below is what makes torch.compile write the new state in the (d_v, d) layout; it
-        # fuses into the kernel that computes the update, so no extra pass over the state remains
-        return new_state.squeeze(-1) if self.cfg.d_v == 1 else new_state.transpose(-1, -2).contiguous()
+        return new_state if self.cfg.d_v > 1 else new_state.squeeze(-1)
 
     def check_spectrum(self, k_tilde, k, v, beta, e_pre, new_state):
         """Prop. 2.1 and Eq. 2.4 in fp32: |k| = 1 where |k~| >> eps_k, 0 < beta < 2 and
@@ -299,8 +293,8 @@ class Block(nn.Module):
         self.attn = ResidualBranch(cfg, "attn", layer)
         self.mlp = ResidualBranch(cfg, "mlp", layer)
 
-    def forward(self, h, record=False):
-        return self.mlp(self.attn(h, record), record)
+    def forward(self, X, record=False):
+        return self.mlp(self.attn(X, record), record)
 
 
 # ----------------------------------------------------------------------------- the GPT
@@ -352,11 +346,10 @@ class GPT(nn.Module):
                 # half the memory and traffic; every reduction over it still runs in fp32
                 x = x.to(torch.get_autocast_dtype(x.device.type))
             x = self.embed_conv(x) if self.embed_conv is not None else x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
-            x = x.transpose(-1, -2).contiguous()  # stored as (B, T, d_v, d), see ResidualBranch.forward
         for block in self.blocks:
             x = block(x, self.record_gates)
         if self.readout is not None:
-            x = self.readout(x.transpose(-1, -2))
+            x = self.readout(x)
         x = F.rms_norm(x, (cfg.n_embd,), self.norm_f.to(x.dtype), eps=1e-5)
         if targets is None:
             return self.lm_head(x[:, [-1], :]).float(), None
