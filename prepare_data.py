@@ -140,8 +140,11 @@ def tokenize(item):
         text.encode("utf-8")  # lone surrogates from JSON escapes are not valid UTF-8
     except UnicodeEncodeError:
         raise ValueError(f"{where}: text is not valid UTF-8") from None
-    tokens = [EOT] + tiktoken.get_encoding("gpt2").encode_ordinary(text)
-    return np.array(tokens, dtype=np.uint16)
+    # encode_ordinary's tokens (no special tokens recognised), returned straight as a numpy array
+    body = tiktoken.get_encoding("gpt2").encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    tokens = np.empty(len(body) + 1, dtype=np.uint16)
+    tokens[0], tokens[1:] = EOT, body
+    return tokens
 
 
 class ShardWriter:
@@ -205,6 +208,7 @@ def prepare(args):
     os.replace(started + ".tmp", started)
 
     writer = ShardWriter(args.out, args.prefix, args.val_tokens, args.shard_tokens)
+    tiktoken.get_encoding("gpt2")  # load the BPE once here: forked workers inherit it ready-made
     t0, last, docs, total = time.time(), 0.0, 0, 0
     with mp.Pool(args.workers) as pool:
         for tokens in pool.imap(tokenize, documents(args, files), chunksize=16):
