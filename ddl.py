@@ -337,6 +337,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
+        # checked in eager mode only: inside torch.compile it would cost a graph break and a sync
         if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{idx.min().item()}, {idx.max().item()}]")
         x = self.wte(idx)
