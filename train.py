@@ -192,7 +192,8 @@ def lr_at(step, cfg):
 
 
 def make_optimizer(model, cfg, device_type):
-    """AdamW, weight decay on matrices only, fused on CUDA."""
+    """AdamW, fused on CUDA. Weight decay on every parameter of 2 or more dims: the matrices, and
+    also W_v and the compressor / EC weights; none on norm gains, biases and w_beta."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
