@@ -532,3 +532,16 @@ def test_bench_runs_on_cpu(capsys):
     assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"] < rows[2]["flops_per_token"] < rows[3]["flops_per_token"]
     assert all(r["train_tps"] > 0 and r["infer_tps"] > 0 for r in rows)
     assert "ratio" in capsys.readouterr().out
+
+
+def test_smoke_preset_trains_on_the_repository_text_and_samples(tmp_path, capsys):
+    out = tmp_path / "smoke"
+    train.main(["--preset=smoke", "--max_steps=2", "--decay_steps=200", "--eval_interval=2", "--val_tokens=1024",
+                "--sample_tokens=5", "--device=cpu", f"--data_dir={tmp_path / 'none'}", f"--out_dir={out}"])
+    printed = capsys.readouterr().out
+    assert "sample: " in printed and "val loss" in printed
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert log[0]["config"]["d_v"] == 4 and [r["step"] for r in log if r["type"] == "val"] == [0, 2]
+    train.main(["--mode=sample", f"--out_dir={out}", "--prompt=def", "--sample_tokens=6", "--device=cpu"])
+    text = capsys.readouterr().out
+    assert text.startswith("def") and len(tiktoken.get_encoding("gpt2").encode_ordinary(text.strip())) >= 3
