@@ -370,8 +370,9 @@ def train(cfg):
         for micro in range(accum):
             x, y = stream.next_batch()
             sync = world == 1 or micro == accum - 1
-            with (nullcontext() if sync else model.no_sync()), ctx:
-                _, loss = model(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+            with nullcontext() if sync else model.no_sync():  # all-reduce only on the last micro-step
+                with ctx:
+                    _, loss = model(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
         norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
