@@ -431,7 +431,7 @@ def run_train(shards, out, *extra):
 
 
 def test_training_writes_checkpoint_and_log(shards, tmp_path):
-    log = run_train(shards, tmp_path / "o", "--max_steps=5", "--decay_steps=5")
+    log = run_train(shards, tmp_path / "o", "--max_steps=5")
     assert log[0]["type"] == "config" and log[0]["config"]["d_v"] == 2 and log[0]["torch"] == torch.__version__
     tr = [r for r in log if r["type"] == "train"]
     assert [r["step"] for r in tr] == [1, 2, 3, 4, 5]
@@ -495,7 +495,11 @@ def test_training_errors(shards, tmp_path):
         train.main(["--max_steps=ten"])
     with pytest.raises(ValueError, match="--preset='1b'"):
         train.main(["--preset=1b"])
-    run_train(shards, tmp_path / "c", "--max_steps=1", "--decay_steps=1")
+    with pytest.raises(ValueError, match="--eval_interval=0: must be >= 1"):
+        train.main(["--eval_interval=0"])
+    with pytest.raises(ValueError, match="--mode='tune': allowed: train, sample, bench"):
+        train.main(["--mode=tune"])
+    run_train(shards, tmp_path / "c", "--max_steps=1")
     before = (tmp_path / "c" / "ckpt.pt").read_bytes()
     with pytest.raises(ValueError, match=r"another model config n_layer=2 \(asked: 3\)"):
         run_train(shards, tmp_path / "c", "--max_steps=2", "--n_layer=3", "--resume")

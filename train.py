@@ -38,7 +38,7 @@ seed = 1337             # model init and data order
 batch_size = 16         # micro-batch, sequences per process per forward
 total_batch = 480       # sequences per optimizer step over all processes (gradient accumulation)
 max_steps = 100_000     # stop after this many optimizer steps
-decay_steps = 100_000   # length of the lr schedule (> max_steps to stop a run early and resume it)
+decay_steps = 0         # length of the lr schedule; 0: max_steps (set it to stop early and resume later)
 lr = 1e-3               # peak learning rate (paper §4.1)
 min_lr = 1e-4           # final lr of the cosine decay (our choice: lr / 10; the paper gives none)
 warmup_steps = 2000
@@ -66,7 +66,7 @@ PRESETS = {
     "124m": dict(n_layer=12, n_head=6, head_dim=128, n_embd=768, block_size=1024),
     "353m": dict(n_layer=24, n_head=8, head_dim=128, n_embd=1024, block_size=1024),
     "smoke": dict(n_layer=2, n_head=2, head_dim=32, n_embd=64, block_size=64, d_v=4, compressor="cc",
-                  batch_size=16, total_batch=16, max_steps=200, decay_steps=200, lr=3e-3, min_lr=3e-4,
+                  batch_size=16, total_batch=16, max_steps=200, lr=3e-3, min_lr=3e-4,
                   warmup_steps=20, eval_interval=50, val_tokens=4096, log_interval=20, ckpt_interval=200,
                   compile=False, out_dir="out-smoke"),
 }
@@ -115,7 +115,22 @@ def parse_overrides(argv, defaults):
             if value not in PRESETS:
                 raise ValueError(f"--preset={value!r}: allowed: {', '.join(PRESETS)}")
             cfg.update(PRESETS[value])
+    check_config(cfg)
     return cfg
+
+
+def check_config(cfg):
+    """Stop early, naming the key, on values the loop cannot run with."""
+    minimum = dict(batch_size=1, total_batch=1, eval_interval=1, log_interval=1, ckpt_interval=1, val_tokens=1,
+                   bench_batch=1, bench_steps=1, max_steps=0, decay_steps=0, warmup_steps=0, sample_tokens=0)
+    for key, low in minimum.items():
+        if cfg[key] < low:
+            raise ValueError(f"--{key}={cfg[key]!r}: must be >= {low}")
+    for key, allowed in (("mode", ("train", "sample", "bench")), ("device", ("auto", "cpu", "cuda"))):
+        if cfg[key] not in allowed:
+            raise ValueError(f"--{key}={cfg[key]!r}: allowed: {', '.join(allowed)}")
+    if not 0 <= cfg["min_lr"] <= cfg["lr"]:
+        raise ValueError(f"--min_lr={cfg['min_lr']!r}: must lie in [0, lr={cfg['lr']!r}]")
 
 
 # ----------------------------------------------------------------------------- data
@@ -184,10 +199,11 @@ def load_data(cfg):
 # ----------------------------------------------------------------------------- helpers
 
 def lr_at(step, cfg):
-    """Linear warm-up, then cosine decay from lr to min_lr over decay_steps."""
+    """Linear warm-up, then cosine decay from lr to min_lr over decay_steps (or max_steps)."""
     if step < cfg["warmup_steps"]:
         return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
-    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, cfg["decay_steps"] - cfg["warmup_steps"]))
+    decay = cfg["decay_steps"] or cfg["max_steps"]
+    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, decay - cfg["warmup_steps"]))
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
 
 
@@ -527,10 +543,8 @@ def main(argv):
         model = GPT(GPTConfig(**ckpt["model_config"])).to(dev)
         model.load_state_dict(ckpt["model"])
         print(sample(model.eval(), cfg, dev, ctx))
-    elif cfg["mode"] == "bench":
-        bench(cfg)
     else:
-        raise ValueError(f"--mode={cfg['mode']!r}: allowed: train, sample, bench")
+        bench(cfg)
 
 
 if __name__ == "__main__":
