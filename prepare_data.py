@@ -81,6 +81,13 @@ def check_text(text, where):
     return text
 
 
+def row_text(row, field, where):
+    """The text of one JSON object / dataset row, with errors naming where it came from."""
+    if not isinstance(row, dict) or field not in row:
+        raise ValueError(f"{where}: no '{field}' field (see --text_field)")
+    return check_text(row[field], where)
+
+
 def file_documents(path, text_field):
     """Yield (text, where) from one file; errors name the file and line."""
     if path.endswith(".parquet"):
@@ -105,9 +112,7 @@ def file_documents(path, text_field):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    raise ValueError(f"{path} line {lineno}: no '{text_field}' field (see --text_field)")
-                yield check_text(row[text_field], f"{path} line {lineno}"), f"{path} line {lineno}"
+                yield row_text(row, text_field, f"{path} line {lineno}"), f"{path} line {lineno}"
     except UnicodeDecodeError:
         raise ValueError(f"{path} after line {lineno}: not valid UTF-8") from None
 
@@ -129,7 +134,7 @@ def documents(args, files):
     else:
         for i, row in enumerate(load_hub(args.name)):
             where = f"{HUB_DATASET}:{args.name} row {i}"
-            yield check_text(row.get(args.text_field), where), where
+            yield row_text(row, args.text_field, where), where
 
 
 # ----------------------------------------------------------------------------- tokenisation

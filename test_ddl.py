@@ -403,6 +403,9 @@ def test_fineweb_path_uses_the_same_code(tmp_path, monkeypatch):
     assert m["source"] == "HuggingFaceFW/fineweb-edu:sample-10BT"
     assert os.path.exists(tmp_path / "fw" / "fineweb_edu_val_000000.bin")
     assert all_tokens(tmp_path / "fw").tolist() == all_tokens(tmp_path / "local").tolist()
+    monkeypatch.setattr(prepare_data, "load_hub", lambda name: iter([{"text": "ok"}, {"body": "x"}]))
+    with pytest.raises(ValueError, match="fineweb-edu:sample-10BT row 1: no 'text' field"):
+        prepare_data.prepare(prepare_data.parse_args(["--out", str(tmp_path / "fw2"), "--workers", "1"]))
 
 
 # ============================================================================ train.py
