@@ -156,11 +156,8 @@ class ShardWriter:
     """Fills fixed-size buffers and writes val, then train shards; memory is one shard."""
     def __init__(self, out, prefix, val_tokens, shard_tokens):
         self.out, self.prefix, self.shard_tokens = out, prefix, shard_tokens
-        self.split, self.index, self.shards = "val", 0, []
-        self.buf = np.empty(val_tokens if val_tokens > 0 else shard_tokens, dtype=np.uint16)
-        self.fill = 0
-        if val_tokens == 0:
-            self.split = "train"
+        self.split, self.index, self.shards, self.fill = "val" if val_tokens else "train", 0, [], 0
+        self.buf = np.empty(val_tokens or shard_tokens, dtype=np.uint16)
 
     def add(self, tokens):
         while len(tokens):
@@ -184,34 +181,47 @@ class ShardWriter:
         self.fill = 0
 
 
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def claim_output(out, run_args, force):
+    """Make `out` ready for this run. Returns the manifest if the same run is already complete;
+    otherwise clears an unfinished run of the same arguments (a restart from scratch) and marks
+    the folder with run.json. Shards of another run are refused unless force."""
+    os.makedirs(out, exist_ok=True)
+    manifest = read_json(os.path.join(out, "manifest.json"))
+    if manifest and manifest["args"] == run_args and not force:
+        return manifest
+    ours = read_json(os.path.join(out, "run.json")) == run_args
+    existing = [f for f in os.listdir(out) if f.endswith((".bin", ".tmp")) or f == "manifest.json"]
+    if existing and not (ours or force):
+        raise ValueError(f"--out {out} holds shards of a different run ({existing[0]}, ...): "
+                         "use --force to replace them, or another --out")
+    for f in existing:
+        os.remove(os.path.join(out, f))
+    write_json(os.path.join(out, "run.json"), run_args)
+    return None
+
+
 def prepare(args):
     """Tokenise args' source into shards under args.out; returns the manifest."""
     files = local_files(args.input) if args.input else None  # bad paths fail before any write
-    os.makedirs(args.out, exist_ok=True)
-    manifest_path = os.path.join(args.out, "manifest.json")
     run_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("workers", "force")}
-    if os.path.exists(manifest_path) and not args.force:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest["args"] == run_args:
-            print(f"{args.out} is already complete ({manifest['total_tokens']:,} tokens); --force to redo",
-                  file=sys.stderr)
-            return manifest
-    started = os.path.join(args.out, "run.json")  # marks an unfinished run of these arguments
-    ours = False
-    if os.path.exists(started):
-        with open(started) as f:
-            ours = json.load(f) == run_args
-    existing = [f for f in os.listdir(args.out) if f.endswith((".bin", ".tmp")) or f == "manifest.json"]
-    if existing and not (ours or args.force):
-        raise ValueError(f"--out {args.out} holds shards of a different run ({existing[0]}, ...): "
-                         "use --force to replace them, or another --out")
-    for f in existing:  # restart from scratch
-        os.remove(os.path.join(args.out, f))
-    with open(started + ".tmp", "w") as f:
-        json.dump(run_args, f)
-    os.replace(started + ".tmp", started)
-
+    manifest = claim_output(args.out, run_args, args.force)
+    if manifest:
+        print(f"{args.out} is already complete ({manifest['total_tokens']:,} tokens); --force to redo",
+              file=sys.stderr)
+        return manifest
     writer = ShardWriter(args.out, args.prefix, args.val_tokens, args.shard_tokens)
     tiktoken.get_encoding("gpt2")  # load the BPE once here: forked workers inherit it ready-made
     t0, last, docs, total = time.time(), 0.0, 0, 0
@@ -221,20 +231,19 @@ def prepare(args):
                 tokens = tokens[:args.max_tokens - total]
             writer.add(tokens)
             docs, total = docs + 1, total + len(tokens)
-            if time.time() - last > 0.5 or (args.max_tokens and total >= args.max_tokens):
+            done = args.max_tokens and total >= args.max_tokens
+            if time.time() - last > 0.5 or done:
                 last = time.time()
                 print(f"\rdocuments {docs:,} | tokens {total:,} | {total / (last - t0 + 1e-9):,.0f} tok/s | "
                       f"shards {len(writer.shards)}", end="", file=sys.stderr, flush=True)
-            if args.max_tokens and total >= args.max_tokens:
+            if done:
                 break
     writer.flush()
     manifest = {"source": f"{HUB_DATASET}:{args.name}" if not args.input else args.input,
                 "tokenizer": "tiktoken gpt2, <|endoftext|> (50256) before every document",
                 "documents": docs, "total_tokens": total, "shards": writer.shards, "args": run_args}
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(manifest_path + ".tmp", manifest_path)
-    os.remove(started)
+    write_json(os.path.join(args.out, "manifest.json"), manifest)  # last: marks the output complete
+    os.remove(os.path.join(args.out, "run.json"))
     dt = time.time() - t0
     print(f"\ndone: {docs:,} documents, {total:,} tokens in {len(writer.shards)} shards, {dt:.1f} s "
           f"({total / max(dt, 1e-9):,.0f} tok/s) -> {args.out}", file=sys.stderr)
