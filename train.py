@@ -284,7 +284,7 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
         total += loss.float() * rows.shape[0]
         count += rows.shape[0]
     gates = None
-    if raw.config.residual != "additive" and n_win:
+    if raw.config.residual != "additive" and windows:  # a rank may hold no val window
         raw.record_gates = True
         with ctx:
             raw(rows[:, :-1].to(dev))
@@ -323,6 +323,8 @@ def train(cfg):
     ckpt_path, log_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "log.jsonl")
     ckpt = load_checkpoint(ckpt_path, mcfg) if cfg["resume"] else None
     train_shards, val = load_data(cfg)
+    if len(val) < T + 1:
+        raise ValueError(f"the val shard holds {len(val)} tokens, fewer than block_size + 1 = {T + 1}")
     torch.manual_seed(cfg["seed"])
     raw = GPT(mcfg).to(dev)
     opt = make_optimizer(raw, cfg, dev_type)
