@@ -29,9 +29,9 @@ SUBLAYERS = ("attn", "mlp")
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304     # GPT-2's 50257 padded to a multiple of 64
-    n_layer: int = 12
-    n_head: int = 6
-    head_dim: int = 128
+    n_layer: int = 12           # transformer blocks (each: attention + MLP sublayer)
+    n_head: int = 6             # attention heads
+    head_dim: int = 128         # width of one head
     n_embd: int = 768           # must equal n_head * head_dim
     block_size: int = 1024      # longest sequence (RoPE table size)
     residual: str = "delta"     # "additive" baseline, "delta" (Eq. 2.2), "write" (beta k v^T only)

@@ -489,6 +489,15 @@ def test_two_gloo_processes_equal_one_with_double_accumulation(shards, tmp_path)
     assert np.allclose(lt(ddp), lt(one), rtol=1e-5, atol=1e-6)
 
 
+def test_help_lists_every_key_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    for key in train.KEYS:
+        line = next(l for l in out.splitlines() if l.startswith(f"  --{key}="))
+        assert len(line.split(None, 1)) == 2, f"--{key} has no description"
+
+
 def test_training_errors(shards, tmp_path):
     with pytest.raises(ValueError, match="no \\*_train_\\*.bin"):
         train.main([*TRAIN_TINY, f"--data_dir={tmp_path / 'empty'}", f"--out_dir={tmp_path}"])

@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,23 +42,24 @@ max_steps = 100_000     # stop after this many optimizer steps
 decay_steps = 0         # length of the lr schedule; 0: max_steps (set it to stop early and resume later)
 lr = 1e-3               # peak learning rate (paper §4.1)
 min_lr = 1e-4           # final lr of the cosine decay (our choice: lr / 10; the paper gives none)
-warmup_steps = 2000
-weight_decay = 0.1      # on matrices only
-beta1, beta2 = 0.9, 0.95
-grad_clip = 1.0
+warmup_steps = 2000     # linear warm-up steps
+weight_decay = 0.1      # on parameters of 2+ dims (see make_optimizer)
+beta1 = 0.9             # AdamW betas
+beta2 = 0.95            # (AdamW second-moment decay)
+grad_clip = 1.0         # global gradient-norm clip
 eval_interval = 1000    # steps between val loss + gate audit
 val_tokens = 1_048_576  # fixed val budget: the first tokens of the val shard
-log_interval = 10
-ckpt_interval = 1000
+log_interval = 10       # steps between train log lines
+ckpt_interval = 1000    # steps between checkpoints (and one at the end)
 resume = False          # continue from out_dir/ckpt.pt
 compile = True          # torch.compile (CUDA only)
 device = "auto"         # auto | cpu | cuda
 peak_tflops = 0.0       # bf16 peak for MFU where the card is not in PEAK_TFLOPS
 sample_tokens = 64      # tokens generated at the end of training and in --mode=sample
-prompt = "The"
+prompt = "The"          # the sample's prompt
 bench_batch = 16        # --mode=bench micro-batch
 bench_steps = 20        # timed steps per variant
-bench_variants = "additive,delta,cc,tc,write"
+bench_variants = "additive,delta,cc,tc,write"  # comma-separated names from VARIANTS
 # the model: every GPTConfig field (ddl.py documents them)
 for _f in dataclasses.fields(GPTConfig):
     globals()[_f.name] = _f.default
@@ -83,13 +85,23 @@ KEYS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globa
         and k.islower()]
 
 
+def help_text(defaults):
+    """Every key, its default and the comment beside it here or in ddl.py's GPTConfig."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    notes = {}
+    for name in ("train.py", "ddl.py"):
+        with open(os.path.join(here, name), encoding="utf-8") as f:
+            notes.update(re.findall(r"^\s*(\w+)(?:: \w+)? = [^#\n]*#\s*(.*)$", f.read(), re.M))
+    return __doc__ + "\n".join(f"  --{k}={v!r}".ljust(36) + notes.get(k, "") for k, v in defaults.items())
+
+
 def parse_overrides(argv, defaults):
     """--key=value pairs typed from the defaults; --preset first, then the other keys."""
     cfg = dict(defaults)
     pairs = []
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__ + "\n".join(f"  --{k}={defaults[k]!r}" for k in defaults))
+            print(help_text(defaults))
             sys.exit(0)
         if arg == "--resume":
             arg = "--resume=true"
