@@ -1,15 +1,12 @@
 """
-FineWeb-Edu (or any local text) -> GPT-2 token shards for train.py.
+FineWeb-Edu (or any local text) -> GPT-2 token shards for train.py, as build-nanogpt's fineweb.py.
 
-    python prepare_data.py                               # FineWeb-Edu sample-10BT from the HF hub
+    python prepare_data.py                                     # FineWeb-Edu sample-10BT from the HF hub
     python prepare_data.py --input corpus/ --out data/local   # offline: .txt, .jsonl(.gz), .parquet
 
-Every document is preceded by the end-of-text token (50256) and tokenised with tiktoken's GPT-2
-encoding (ordinary encoding: "<|endoftext|>" inside a text is plain text). Shards use the llm.c /
-modded-nanogpt .bin layout: 256 little-endian int32 (magic 20240520, version 1, token count, zeros)
-then the uint16 tokens. The first --val_tokens tokens go to {prefix}_val_000000.bin, the rest to
-{prefix}_train_{k:06d}.bin. Shards are written to a temporary name and renamed when complete;
-manifest.json is written last and marks the output complete.
+Each document: the end-of-text token 50256, then tiktoken GPT-2's ordinary encoding of its text.
+Shards use the llm.c .bin layout (256 int32 header: magic, version, token count; uint16 tokens):
+first {prefix}_val_000000.bin (--val_tokens), then {prefix}_train_{k:06d}.bin (--shard_tokens each).
 """
 import argparse
 import gzip
@@ -75,17 +72,13 @@ def local_files(paths):
     return files
 
 
-def check_text(text, where):
-    if not isinstance(text, str):
-        raise ValueError(f"{where}: the text field is {type(text).__name__}, not a string")
-    return text
-
-
 def row_text(row, field, where):
     """The text of one JSON object / dataset row, with errors naming where it came from."""
     if not isinstance(row, dict) or field not in row:
         raise ValueError(f"{where}: no '{field}' field (see --text_field)")
-    return check_text(row[field], where)
+    if not isinstance(row[field], str):
+        raise ValueError(f"{where}: the text field is {type(row[field]).__name__}, not a string")
+    return row[field]
 
 
 def file_documents(path, text_field):
@@ -95,8 +88,9 @@ def file_documents(path, text_field):
             import pyarrow.parquet as pq
         except ImportError:
             raise SystemExit(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
-        for i, text in enumerate(pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()):
-            yield check_text(text, f"{path} row {i}"), f"{path} row {i}"
+        batches = pq.ParquetFile(path).iter_batches(columns=[text_field])  # streamed, row group by group
+        for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+            yield row_text(row, text_field, f"{path} row {i}"), f"{path} row {i}"
         return
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0

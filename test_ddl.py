@@ -309,6 +309,16 @@ def test_round_trip_split_sizes_and_header(tmp_path):
     assert header[:3].tolist() == [20240520, 1, 10] and not header[3:].any()
 
 
+def test_parquet_input(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    write_inputs(tmp_path / "in")
+    pq.write_table(pa.table({"text": DOCS, "n": list(range(5))}), tmp_path / "d.parquet", row_group_size=2)
+    run_prepare(tmp_path / "d.parquet", tmp_path / "pq", "--val_tokens", "8")
+    run_prepare(tmp_path / "in", tmp_path / "js", "--val_tokens", "8")
+    assert all_tokens(tmp_path / "pq").tolist() == all_tokens(tmp_path / "js").tolist()
+
+
 def test_same_bytes_with_one_and_two_workers(tmp_path):
     write_inputs(tmp_path / "in")
     for w in ("1", "2"):
