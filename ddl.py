@@ -338,8 +338,10 @@ class GPT(nn.Module):
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
         # checked in eager mode only: inside torch.compile it would cost a graph break and a sync
-        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{idx.min().item()}, {idx.max().item()}]")
+        if not torch.compiler.is_compiling() and idx.numel():
+            lo, hi = (t.item() for t in torch.aminmax(idx))  # one pass over idx
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{lo}, {hi}]")
         x = self.wte(idx)
         if cfg.d_v > 1:  # expanded state X in R^{d x d_v} per token (§2.2)
             if torch.is_autocast_enabled(x.device.type):
