@@ -137,6 +137,38 @@ def delta_update(X, k, v, beta):
     return X + k.unsqueeze(-1) * delta.to(X.dtype).unsqueeze(-2)
 
 
+class DeltaRule(torch.autograd.Function):
+    """The model's fast path for Eq. 2.2: the same function as delta_update, with a hand-written
+    backward. Left to autograd, torch.compile turns the rewrite's backward into several looped
+    reductions that re-read the d x d_v state about five times over; written out, it is one
+    reduction k^T G and one pass that writes dX and reduces dk. Tested against delta_update.
+
+    With r = k^T X, e = v - r, delta = beta e and X' = X + k delta^T, the gradients of G = dL/dX' are
+        g = k^T G,  dX = G - k (beta g)^T  (= A^T G, A symmetric),  dk = G delta - X (beta g),
+        dv = beta g,  dbeta = g . e.
+    Every reduction and every gradient is computed in fp32; dX is returned in X's dtype."""
+
+    @staticmethod
+    def forward(ctx, X, k, v, beta):
+        acc = torch.promote_types(X.dtype, torch.float32)
+        e = v.to(acc) - torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc)       # v - k^T X, (..., d_v)
+        b = beta.to(acc).unsqueeze(-1)
+        ctx.save_for_backward(X, k, b, e)
+        ctx.dtypes = (v.dtype, beta.dtype)
+        return X + k.unsqueeze(-1) * (b * e).to(X.dtype).unsqueeze(-2)
+
+    @staticmethod
+    def backward(ctx, G):
+        X, k, b, e = ctx.saved_tensors
+        acc = b.dtype
+        k32 = k.to(acc).unsqueeze(-1)
+        g = torch.sum(k32 * G, dim=-2, dtype=acc)                                # k^T G, (..., d_v)
+        bg = b * g
+        dX = (G.to(acc) - k32 * bg.unsqueeze(-2)).to(G.dtype)
+        dk = torch.sum(G.to(acc) * (b * e).unsqueeze(-2) - X.to(acc) * bg.unsqueeze(-2), dim=-1)
+        return dX, dk.to(k.dtype), bg.to(ctx.dtypes[0]), torch.sum(g * e, dim=-1).to(ctx.dtypes[1])
+
+
 def write_update(X, k, v, beta):
     """The write-only control (§5): X + beta k v^T, the delta rule without its erase term."""
     acc = torch.promote_types(X.dtype, torch.float32)
@@ -256,7 +288,7 @@ class ResidualBranch(nn.Module):
             return X + k_tilde
         k, v, beta = unit_direction(k_tilde, self.cfg.k_eps), self.value(c), self.beta(c)
         state = X if self.cfg.d_v > 1 else X.unsqueeze(-1)  # d_v = 1: the same rule on (d, 1)
-        rule = delta_update if self.cfg.residual == "delta" else write_update
+        rule = DeltaRule.apply if self.cfg.residual == "delta" else write_update
         new_state = rule(state, k, v, beta)
         if record or self.cfg.check_spectrum:
             e_pre = torch.sum(k.float().unsqueeze(-1) * state.float(), dim=-2) - v.float()
@@ -356,8 +388,11 @@ class GPT(nn.Module):
         x = F.rms_norm(x, (cfg.n_embd,), self.norm_f.to(x.dtype), eps=1e-5)
         if targets is None:
             return self.lm_head(x[:, [-1], :]).float(), None
-        logits = self.lm_head(x).float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        # the loss is computed in fp32, but the logits stay in the autocast dtype: an fp32 copy of
+        # the (B, T, vocab) logits would be written out and held through the backward (3.3 GB at
+        # 16 x 1024 tokens) although training reads only the loss
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()

@@ -104,6 +104,42 @@ def test_delta_update_gradcheck():
     assert torch.autograd.gradcheck(delta_update, [a.requires_grad_() for a in args])
 
 
+def test_delta_rule_equals_delta_update_with_its_gradients():
+    """The model's fast path (hand-written backward) computes the reference's function and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    X, kt = torch.randn(3, 5, 16, 4, dtype=torch.float64, generator=gen), torch.randn(3, 5, 16, dtype=torch.float64, generator=gen)
+    args = [X, unit_direction(kt, 1e-5), torch.randn(3, 5, 4, dtype=torch.float64, generator=gen),
+            torch.rand(3, 5, dtype=torch.float64, generator=gen) * 2]
+    G = torch.randn(3, 5, 16, 4, dtype=torch.float64, generator=gen)
+    results = []
+    for f in (ddl.DeltaRule.apply, delta_update):
+        ins = [a.clone().requires_grad_() for a in args]
+        out = f(*ins)
+        out.backward(G)
+        results.append([out] + [i.grad for i in ins])
+    for fast, ref in zip(*results):
+        assert torch.allclose(fast, ref, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(ddl.DeltaRule.apply, [a.clone().requires_grad_() for a in args])
+
+
+def test_delta_rule_in_bf16_is_as_accurate_as_the_issue_requires():
+    """bf16 state and k (as under autocast), fp32 v and beta: output and gradients within 1e-2 of float64."""
+    gen = torch.Generator().manual_seed(6)
+    X, G = torch.randn(2, 8, 256, 4, generator=gen), torch.randn(2, 8, 256, 4, generator=gen)
+    k = unit_direction(torch.randn(2, 8, 256, generator=gen), 1e-5)
+    v, beta = 4 * torch.rand(2, 8, 4, generator=gen), 2 * torch.rand(2, 8, generator=gen)
+    results = []
+    for f, ins in ((delta_update, [t.double() for t in (X, k, v, beta)]),
+                   (ddl.DeltaRule.apply, [X.bfloat16(), k.bfloat16(), v, beta])):
+        ins = [t.requires_grad_() for t in ins]
+        out = f(*ins)
+        out.backward(G.to(out.dtype))
+        results.append([out] + [i.grad for i in ins])
+    for ref, fast in zip(*results):
+        assert fast.dtype in (torch.bfloat16, torch.float32)
+        assert ((fast.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 def test_token_compressor_equals_convolution_then_read():
     """DDL-TC sums over d_v before shifting tokens; that must equal the conv-then-read definition."""
     tc = tiny_model(residual="delta", d_v=4, compressor="tc", conv_kernel=3).blocks[0].attn.compressor.double()
@@ -227,7 +263,7 @@ def test_check_spectrum_catches_a_broken_gate_and_a_broken_rule(monkeypatch):
     with pytest.raises(AssertionError, match="layer 1 mlp: beta outside"):
         m(idx)
     monkeypatch.undo()
-    monkeypatch.setattr(ddl, "delta_update", ddl.write_update)  # no erase term: Eq. 2.4 breaks
+    monkeypatch.setattr(ddl.DeltaRule, "apply", ddl.write_update)  # no erase term: Eq. 2.4 breaks
     with pytest.raises(AssertionError, match=r"layer 0 attn: e_post != \(1 - beta\) e_pre"):
         m(idx)
 
