@@ -135,12 +135,12 @@ def documents(args, files):
 
 def tokenize(item):
     text, where = item
+    # encode_ordinary's tokens (no special tokens recognised), returned straight as a numpy array;
+    # unlike encode_ordinary it refuses lone surrogates (from JSON escapes), which are not UTF-8
     try:
-        text.encode("utf-8")  # lone surrogates from JSON escapes are not valid UTF-8
+        body = tiktoken.get_encoding("gpt2").encode_to_numpy(text, allowed_special=set(), disallowed_special=())
     except UnicodeEncodeError:
         raise ValueError(f"{where}: text is not valid UTF-8") from None
-    # encode_ordinary's tokens (no special tokens recognised), returned straight as a numpy array
-    body = tiktoken.get_encoding("gpt2").encode_to_numpy(text, allowed_special=set(), disallowed_special=())
     tokens = np.empty(len(body) + 1, dtype=np.uint16)
     tokens[0], tokens[1:] = EOT, body
     return tokens

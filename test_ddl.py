@@ -104,6 +104,14 @@ def test_delta_update_gradcheck():
     assert torch.autograd.gradcheck(delta_update, [a.requires_grad_() for a in args])
 
 
+def output_and_grads(f, inputs, G):
+    """f(*inputs) and the gradients of its inputs under the upstream gradient G."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = f(*inputs)
+    out.backward(G.to(out.dtype))
+    return [out] + [t.grad for t in inputs]
+
+
 def test_delta_rule_equals_delta_update_with_its_gradients():
     """The model's fast path (hand-written backward) computes the reference's function and gradients."""
     gen = torch.Generator().manual_seed(5)
@@ -111,13 +119,7 @@ def test_delta_rule_equals_delta_update_with_its_gradients():
     args = [X, unit_direction(kt, 1e-5), torch.randn(3, 5, 4, dtype=torch.float64, generator=gen),
             torch.rand(3, 5, dtype=torch.float64, generator=gen) * 2]
     G = torch.randn(3, 5, 16, 4, dtype=torch.float64, generator=gen)
-    results = []
-    for f in (ddl.DeltaRule.apply, delta_update):
-        ins = [a.clone().requires_grad_() for a in args]
-        out = f(*ins)
-        out.backward(G)
-        results.append([out] + [i.grad for i in ins])
-    for fast, ref in zip(*results):
+    for fast, ref in zip(output_and_grads(ddl.DeltaRule.apply, args, G), output_and_grads(delta_update, args, G)):
         assert torch.allclose(fast, ref, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(ddl.DeltaRule.apply, [a.clone().requires_grad_() for a in args])
 
@@ -128,16 +130,11 @@ def test_delta_rule_in_bf16_is_as_accurate_as_the_issue_requires():
     X, G = torch.randn(2, 8, 256, 4, generator=gen), torch.randn(2, 8, 256, 4, generator=gen)
     k = unit_direction(torch.randn(2, 8, 256, generator=gen), 1e-5)
     v, beta = 4 * torch.rand(2, 8, 4, generator=gen), 2 * torch.rand(2, 8, generator=gen)
-    results = []
-    for f, ins in ((delta_update, [t.double() for t in (X, k, v, beta)]),
-                   (ddl.DeltaRule.apply, [X.bfloat16(), k.bfloat16(), v, beta])):
-        ins = [t.requires_grad_() for t in ins]
-        out = f(*ins)
-        out.backward(G.to(out.dtype))
-        results.append([out] + [i.grad for i in ins])
-    for ref, fast in zip(*results):
-        assert fast.dtype in (torch.bfloat16, torch.float32)
-        assert ((fast.double() - ref).norm() / ref.norm()).item() < 1e-2
+    ref = output_and_grads(delta_update, [t.double() for t in (X, k, v, beta)], G)
+    fast = output_and_grads(ddl.DeltaRule.apply, [X.bfloat16(), k.bfloat16(), v, beta], G)
+    for r, f in zip(ref, fast):
+        assert f.dtype in (torch.bfloat16, torch.float32)
+        assert ((f.double() - r).norm() / r.norm()).item() < 1e-2
 
 
 def test_token_compressor_equals_convolution_then_read():

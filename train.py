@@ -508,7 +508,7 @@ def bench(cfg):
     x, y = (torch.randint(0, cfg["vocab_size"], (B, T), generator=gen).to(dev) for _ in range(2))
     rows = []
     for n in names:
-        mcfg = GPTConfig(**{**{k: cfg[k] for k in MODEL_KEYS}, **VARIANTS[n]})
+        mcfg = model_config({**cfg, **VARIANTS[n]})
         torch.manual_seed(cfg["seed"])
         raw = GPT(mcfg).to(dev)
         opt = make_optimizer(raw, cfg, dev_type)
