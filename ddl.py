@@ -158,9 +158,9 @@ def delta_step_forward(X, k_tilde, v, beta, W, k_eps):
     return Xn, torch.sum(Xn.to(acc).unsqueeze(-1) * W.to(acc), dim=-2).to(X.dtype)
 
 
-def delta_step_backward(gX, gtaps, X, k_tilde, v, beta, W, k_eps):
-    """The gradients of delta_step_forward, recomputing k, e = v - k^T X and X' from the inputs
-    (so only the inputs are saved). With G = dL/dX' + sum_s W[..., s] dL/dtaps[..., s] and g = k^T G:
+def delta_step_backward(gX, gtaps, X, k_tilde, v, beta, W, Xn, k_eps):
+    """The gradients of delta_step_forward from its inputs and its output X' (saved anyway: it is the
+    next sublayer's input), recomputing k and e = v - k^T X. With G = dL/dX' + sum_s W[..., s] dL/dtaps[..., s] and g = k^T G:
         dX = G - k (beta g)^T  (= A^T G, A symmetric),  dk = G delta - X (beta g),  dv = beta g,
         dbeta = g . e,  dk~ = (dk - k (k . dk)) / sqrt(|k~|^2 + eps^2),  dW = sum_tokens X' dL/dtaps.
     All in fp32; dW is empty when W is None."""
@@ -173,8 +173,7 @@ def delta_step_backward(gX, gtaps, X, k_tilde, v, beta, W, k_eps):
     if W is not None:
         gt = gtaps.to(acc)
         G = G + torch.sum(W.to(acc) * gt.unsqueeze(-2), dim=-1)
-        Xn = (x + k.unsqueeze(-1) * delta.unsqueeze(-2)).to(X.dtype).to(acc)
-        dW = torch.sum((Xn.unsqueeze(-1) * gt.unsqueeze(-2)).flatten(0, -4), dim=0).to(W.dtype)
+        dW = torch.sum((Xn.to(acc).unsqueeze(-1) * gt.unsqueeze(-2)).flatten(0, -4), dim=0).to(W.dtype)
     g = torch.sum(k.unsqueeze(-1) * G, dim=-2)                                  # k^T G, (..., d_v)
     bg = b * g
     dX = (G - k.unsqueeze(-1) * bg.unsqueeze(-2)).to(X.dtype)
@@ -190,48 +189,58 @@ def delta_step_reference(X, k_tilde, v, beta, W, k_eps):
 
 
 @torch.library.custom_op("ddl::delta_step", mutates_args=())
-def delta_step(X: torch.Tensor, k_tilde: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-               W: Optional[torch.Tensor], k_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast path: delta_step_forward as one op, differentiable through delta_step_backward."""
+def delta_step_op(X: torch.Tensor, k_tilde: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                  W: Optional[torch.Tensor], k_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return delta_step_forward(X, k_tilde, v, beta, W, k_eps)
 
 
 @torch.library.custom_op("ddl::delta_step_grad", mutates_args=())
-def delta_step_grad(gX: torch.Tensor, gtaps: torch.Tensor, X: torch.Tensor, k_tilde: torch.Tensor,
-                    v: torch.Tensor, beta: torch.Tensor, W: Optional[torch.Tensor], k_eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return delta_step_backward(gX, gtaps, X, k_tilde, v, beta, W, k_eps)
+def delta_step_grad_op(gX: torch.Tensor, gtaps: torch.Tensor, X: torch.Tensor, k_tilde: torch.Tensor,
+                       v: torch.Tensor, beta: torch.Tensor, W: Optional[torch.Tensor], Xn: torch.Tensor, k_eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return delta_step_backward(gX, gtaps, X, k_tilde, v, beta, W, Xn, k_eps)
 
 
-@delta_step.register_fake
+@delta_step_op.register_fake
 def _(X, k_tilde, v, beta, W, k_eps):
     return torch.empty_like(X), X.new_empty(*X.shape[:-1], 0 if W is None else W.shape[-1])
 
 
-@delta_step_grad.register_fake
-def _(gX, gtaps, X, k_tilde, v, beta, W, k_eps):
+@delta_step_grad_op.register_fake
+def _(gX, gtaps, X, k_tilde, v, beta, W, Xn, k_eps):
     dW = X.new_empty(0) if W is None else torch.empty_like(W)
     return torch.empty_like(X), torch.empty_like(k_tilde), torch.empty_like(v), torch.empty_like(beta), dW
 
 
 def _delta_step_setup(ctx, inputs, output):
     X, k_tilde, v, beta, W, ctx.k_eps = inputs
-    ctx.save_for_backward(X, k_tilde, v, beta, W)
+    ctx.save_for_backward(X, k_tilde, v, beta, W, output[0] if W is not None else None)
 
 
-def _delta_step_backward(ctx, gX, gtaps):
-    X, k_tilde, v, beta, W = ctx.saved_tensors
-    gX = torch.zeros_like(X) if gX is None else gX  # the last sublayer's X' is only read, never kept
-    gtaps = torch.zeros(*X.shape[:-1], 0 if W is None else W.shape[-1], dtype=X.dtype, device=X.device) if gtaps is None else gtaps
-    dX, dkt, dv, dbeta, dW = delta_step_grad(gX, gtaps, X, k_tilde, v, beta, W, ctx.k_eps)
-    return dX, dkt, dv, dbeta, dW if W is not None else None, None
+def _delta_step_backward_with(grad_op):
+    def backward(ctx, gX, gtaps):
+        X, k_tilde, v, beta, W, Xn = ctx.saved_tensors
+        gX = torch.zeros_like(X) if gX is None else gX  # the last sublayer's X' is only read, never kept
+        if gtaps is None:
+            gtaps = torch.zeros(*X.shape[:-1], 0 if W is None else W.shape[-1], dtype=X.dtype, device=X.device)
+        Xn = X if Xn is None else Xn  # read only for dW
+        dX, dkt, dv, dbeta, dW = grad_op(gX, gtaps, X, k_tilde, v, beta, W, Xn, ctx.k_eps)
+        return dX, dkt, dv, dbeta, dW if W is not None else None, None
+    return backward
 
 
-delta_step.register_autograd(_delta_step_backward, setup_context=_delta_step_setup)
-if torch.cuda.is_available():  # CUDA tensors run the Triton kernels of the same two functions
+delta_step_op.register_autograd(_delta_step_backward_with(delta_step_grad_op), setup_context=_delta_step_setup)
+if torch.cuda.is_available():  # the same two functions as Triton kernels (ddl_triton.py)
     import ddl_triton
-    delta_step.register_kernel("cuda")(ddl_triton.delta_step_forward)
-    delta_step_grad.register_kernel("cuda")(ddl_triton.delta_step_backward)
+    ddl_triton.delta_step.register_autograd(_delta_step_backward_with(ddl_triton.delta_step_grad),
+                                            setup_context=_delta_step_setup)
+
+
+def delta_step(X, k_tilde, v, beta, W, k_eps):
+    """The model's fast path for one sublayer: delta_step_forward, differentiable through
+    delta_step_backward; the Triton op for CUDA tensors, the PyTorch op otherwise."""
+    op = ddl_triton.delta_step if X.is_cuda else delta_step_op
+    return op(X, k_tilde, v, beta, W, k_eps)
 
 
 def write_update(X, k, v, beta):

@@ -149,22 +149,23 @@ def test_delta_step_in_bf16_is_as_accurate_as_the_issue_requires():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
-@pytest.mark.parametrize("d_v,S,dtype", [(4, 1, torch.float32), (4, 3, torch.float32), (1, 0, torch.float32), (4, 1, torch.bfloat16)])
+@pytest.mark.parametrize("d_v,S,dtype", [(4, 1, torch.float32), (3, 4, torch.float32), (1, 0, torch.float32), (4, 1, torch.bfloat16)])
 def test_triton_kernels_equal_the_cpu_implementation(d_v, S, dtype):
     """ddl_triton's kernels (on the GPU, or in Triton's interpreter on a CPU) against delta_step_forward
-    and delta_step_backward, with d = 48 (not a power of 2: the masked lanes) and 37 tokens (not a
-    multiple of the tokens per program)."""
+    and delta_step_backward, with d = 48 and d_v = 3 (not powers of 2: the masked lanes) and 37 tokens (not
+    a multiple of the tokens per program)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ddl_triton = importlib.import_module("ddl_triton")
     (X, kt, v, beta, W), (gX, gt) = step_inputs(d_v, S, dtype=torch.float32, seed=7, shape=(37,), d=48)
     X, kt, gX, gt = (t.to(dev, dtype) for t in (X, kt, gX, gt))
     v, beta, W = (t.to(dev) if t is not None else None for t in (v, beta, W))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    fwd = zip(ddl_triton.delta_step_forward(X, kt, v, beta, W, 1e-5), ddl.delta_step_forward(X, kt, v, beta, W, 1e-5))
-    bwd = zip(ddl_triton.delta_step_backward(gX, gt, X, kt, v, beta, W, 1e-5),
-              ddl.delta_step_backward(gX, gt, X, kt, v, beta, W, 1e-5))
+    fwd = zip(ddl_triton.delta_step(X, kt, v, beta, W, 1e-5), ddl.delta_step_forward(X, kt, v, beta, W, 1e-5))
+    Xn = ddl.delta_step_forward(X, kt, v, beta, W, 1e-5)[0]
+    bwd = zip(ddl_triton.delta_step_grad(gX, gt, X, kt, v, beta, W, Xn, 1e-5),
+              ddl.delta_step_backward(gX, gt, X, kt, v, beta, W, Xn, 1e-5))
     for got, want in list(fwd) + list(bwd):
-        assert got.shape == want.shape and got.dtype == want.dtype
+        assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous()
         if want.numel():
             assert ((got.double() - want.double()).norm() / want.double().norm()).item() < tol
 
