@@ -16,7 +16,6 @@ SwiGLU, no biases, tied embedding and LM head.
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -138,109 +137,36 @@ def delta_update(X, k, v, beta):
     return X + k.unsqueeze(-1) * delta.to(X.dtype).unsqueeze(-2)
 
 
-# The model's fast path: one op per sublayer that normalises k, applies Eq. 2.2 and makes the next
-# compressor's read of the new state. It is a torch.library custom op with a hand-written backward:
-# on the GPU both directions are single Triton kernels (ddl_triton.py), which read the (d, d_v) state
-# of a token once and contiguously; on the CPU they are the two functions below. test_ddl.py checks
-# them against the reference (unit_direction, delta_update, read_taps under autograd) in float64.
+class DeltaRule(torch.autograd.Function):
+    """The model's fast path for Eq. 2.2: the same function as delta_update, with a hand-written
+    backward: one reduction k^T G and one pass that writes dX and reduces dk, every product in fp32
+    (autograd's backward rounds the bf16 products, and was 0.3-0.7 ms/step slower on an H100).
+    Tested against delta_update.
 
-def delta_step_forward(X, k_tilde, v, beta, W, k_eps):
-    """k = k~ / sqrt(|k~|^2 + eps^2) (§3.1), X' = X + beta k (v^T - k^T X) (Eq. 2.2) and the taps
-    read_taps(X', W) that the next compressor combines (none, an empty tensor, when W is None).
-    Every product in fp32; X' is rounded once to X's dtype and the taps are read from the rounded X'."""
-    acc = torch.promote_types(X.dtype, torch.float32)
-    kt, x = k_tilde.to(acc), X.to(acc)
-    k = kt * torch.rsqrt(torch.sum(kt * kt, dim=-1, keepdim=True) + k_eps * k_eps)
-    delta = beta.to(acc).unsqueeze(-1) * (v.to(acc) - torch.sum(k.unsqueeze(-1) * x, dim=-2))
-    Xn = (x + k.unsqueeze(-1) * delta.unsqueeze(-2)).to(X.dtype)
-    if W is None:
-        return Xn, X.new_empty(*X.shape[:-1], 0)
-    return Xn, torch.sum(Xn.to(acc).unsqueeze(-1) * W.to(acc), dim=-2).to(X.dtype)
+    With r = k^T X, e = v - r, delta = beta e and X' = X + k delta^T, the gradients of G = dL/dX' are
+        g = k^T G,  dX = G - k (beta g)^T  (= A^T G, A symmetric),  dk = G delta - X (beta g),
+        dv = beta g,  dbeta = g . e.
+    Every reduction and every gradient is computed in fp32; dX is returned in X's dtype."""
 
+    @staticmethod
+    def forward(ctx, X, k, v, beta):
+        acc = torch.promote_types(X.dtype, torch.float32)
+        e = v.to(acc) - torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc)       # v - k^T X, (..., d_v)
+        b = beta.to(acc).unsqueeze(-1)
+        ctx.save_for_backward(X, k, b, e)
+        ctx.dtypes = (v.dtype, beta.dtype)
+        return X + k.unsqueeze(-1) * (b * e).to(X.dtype).unsqueeze(-2)
 
-def delta_step_backward(gX, gtaps, X, k_tilde, v, beta, W, Xn, k_eps):
-    """The gradients of delta_step_forward from its inputs and its output X' (saved anyway: it is the
-    next sublayer's input), recomputing k and e = v - k^T X. With G = dL/dX' + sum_s W[..., s] dL/dtaps[..., s] and g = k^T G:
-        dX = G - k (beta g)^T  (= A^T G, A symmetric),  dk = G delta - X (beta g),  dv = beta g,
-        dbeta = g . e,  dk~ = (dk - k (k . dk)) / sqrt(|k~|^2 + eps^2),  dW = sum_tokens X' dL/dtaps.
-    All in fp32; dW is empty when W is None."""
-    acc = torch.promote_types(X.dtype, torch.float32)
-    kt, x = k_tilde.to(acc), X.to(acc)
-    rinv = torch.rsqrt(torch.sum(kt * kt, dim=-1, keepdim=True) + k_eps * k_eps)
-    k, b = kt * rinv, beta.to(acc).unsqueeze(-1)
-    e = v.to(acc) - torch.sum(k.unsqueeze(-1) * x, dim=-2)
-    delta, G, dW = b * e, gX.to(acc), X.new_empty(0)
-    if W is not None:
-        gt = gtaps.to(acc)
-        G = G + torch.sum(W.to(acc) * gt.unsqueeze(-2), dim=-1)
-        dW = torch.sum((Xn.to(acc).unsqueeze(-1) * gt.unsqueeze(-2)).flatten(0, -4), dim=0).to(W.dtype)
-    g = torch.sum(k.unsqueeze(-1) * G, dim=-2)                                  # k^T G, (..., d_v)
-    bg = b * g
-    dX = (G - k.unsqueeze(-1) * bg.unsqueeze(-2)).to(X.dtype)
-    dk = torch.sum(G * delta.unsqueeze(-2) - x * bg.unsqueeze(-2), dim=-1)
-    dkt = rinv * (dk - k * torch.sum(k * dk, dim=-1, keepdim=True))
-    return dX, dkt.to(k_tilde.dtype), bg.to(v.dtype), torch.sum(g * e, dim=-1).to(beta.dtype), dW
-
-
-def delta_step_reference(X, k_tilde, v, beta, W, k_eps):
-    """What delta_step computes, from the reference pieces under plain autograd (tests, bench check)."""
-    Xn = delta_update(X, unit_direction(k_tilde, k_eps), v, beta)
-    return Xn, (read_taps(Xn, W) if W is not None else X.new_empty(*X.shape[:-1], 0))
-
-
-@torch.library.custom_op("ddl::delta_step", mutates_args=())
-def delta_step_op(X: torch.Tensor, k_tilde: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                  W: Optional[torch.Tensor], k_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return delta_step_forward(X, k_tilde, v, beta, W, k_eps)
-
-
-@torch.library.custom_op("ddl::delta_step_grad", mutates_args=())
-def delta_step_grad_op(gX: torch.Tensor, gtaps: torch.Tensor, X: torch.Tensor, k_tilde: torch.Tensor,
-                       v: torch.Tensor, beta: torch.Tensor, W: Optional[torch.Tensor], Xn: torch.Tensor, k_eps: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return delta_step_backward(gX, gtaps, X, k_tilde, v, beta, W, Xn, k_eps)
-
-
-@delta_step_op.register_fake
-def _(X, k_tilde, v, beta, W, k_eps):
-    return torch.empty_like(X), X.new_empty(*X.shape[:-1], 0 if W is None else W.shape[-1])
-
-
-@delta_step_grad_op.register_fake
-def _(gX, gtaps, X, k_tilde, v, beta, W, Xn, k_eps):
-    dW = X.new_empty(0) if W is None else torch.empty_like(W)
-    return torch.empty_like(X), torch.empty_like(k_tilde), torch.empty_like(v), torch.empty_like(beta), dW
-
-
-def _delta_step_setup(ctx, inputs, output):
-    X, k_tilde, v, beta, W, ctx.k_eps = inputs
-    ctx.save_for_backward(X, k_tilde, v, beta, W, output[0] if W is not None else None)
-
-
-def _delta_step_backward_with(grad_op):
-    def backward(ctx, gX, gtaps):
-        X, k_tilde, v, beta, W, Xn = ctx.saved_tensors
-        gX = torch.zeros_like(X) if gX is None else gX  # the last sublayer's X' is only read, never kept
-        if gtaps is None:
-            gtaps = torch.zeros(*X.shape[:-1], 0 if W is None else W.shape[-1], dtype=X.dtype, device=X.device)
-        Xn = X if Xn is None else Xn  # read only for dW
-        dX, dkt, dv, dbeta, dW = grad_op(gX, gtaps, X, k_tilde, v, beta, W, Xn, ctx.k_eps)
-        return dX, dkt, dv, dbeta, dW if W is not None else None, None
-    return backward
-
-
-delta_step_op.register_autograd(_delta_step_backward_with(delta_step_grad_op), setup_context=_delta_step_setup)
-if torch.cuda.is_available():  # the same two functions as Triton kernels (ddl_triton.py)
-    import ddl_triton
-    ddl_triton.delta_step.register_autograd(_delta_step_backward_with(ddl_triton.delta_step_grad),
-                                            setup_context=_delta_step_setup)
-
-
-def delta_step(X, k_tilde, v, beta, W, k_eps):
-    """The model's fast path for one sublayer: delta_step_forward, differentiable through
-    delta_step_backward; the Triton op for CUDA tensors, the PyTorch op otherwise."""
-    op = ddl_triton.delta_step if X.is_cuda else delta_step_op
-    return op(X, k_tilde, v, beta, W, k_eps)
+    @staticmethod
+    def backward(ctx, G):
+        X, k, b, e = ctx.saved_tensors
+        acc = b.dtype
+        k32 = k.to(acc).unsqueeze(-1)
+        g = torch.sum(k32 * G, dim=-2, dtype=acc)                                # k^T G, (..., d_v)
+        bg = b * g
+        dX = (G.to(acc) - k32 * bg.unsqueeze(-2)).to(G.dtype)
+        dk = torch.sum(G.to(acc) * (b * e).unsqueeze(-2) - X.to(acc) * bg.unsqueeze(-2), dim=-1)
+        return dX, dk.to(k.dtype), bg.to(ctx.dtypes[0]), torch.sum(g * e, dim=-1).to(ctx.dtypes[1])
 
 
 def write_update(X, k, v, beta):
@@ -274,34 +200,18 @@ def causal_token_conv(x, weight):
     return sum(shift_tokens(x, s) * weight[..., s] for s in range(weight.shape[-1]))
 
 
-def read_taps(X, W):
-    """What a compressor reads from the state X (..., d, d_v): taps[..., i, s] = sum_j X[..., i, j] W[i, j, s]."""
-    return torch.sum(X.unsqueeze(-1) * W.to(X.dtype), dim=-2)
-
-
-class Compressor(nn.Module):
-    """Compresses the state X (..., d, d_v) to the width-d input of a sublayer (§3.2) in two steps:
-    read_taps with the compressor's weight W (d, d_v, S), then combine the S taps. The split lets the
-    fast path (delta_step) read the taps while it writes the new state."""
-    def forward(self, X):
-        return self.combine(read_taps(X, self.weight()))
-
-
-class ChannelCompressor(Compressor):
+class ChannelCompressor(nn.Module):
     """DDL-CC (§3.2): x_in[i] = sum_j c_ij X[i, j], a learned mix of the d_v channels per feature,
-    initialised to the channel mean. One tap: W = c."""
+    initialised to the channel mean."""
     def __init__(self, cfg):
         super().__init__()
         self.mix = nn.Parameter(torch.full((cfg.n_embd, cfg.d_v), 1.0 / cfg.d_v))
 
-    def weight(self):
-        return self.mix.unsqueeze(-1)
-
-    def combine(self, taps):
-        return taps.squeeze(-1)
+    def forward(self, X):
+        return torch.sum(X * self.mix.to(X.dtype), dim=-1)
 
 
-class TokenCompressor(Compressor):
+class TokenCompressor(nn.Module):
     """DDL-TC (§3.2, App. A.2): a short causal depthwise convolution over tokens for every (i, j)
     entry of X, then a learned read vector over d_v; initialised to identity and the mean."""
     def __init__(self, cfg):
@@ -311,13 +221,12 @@ class TokenCompressor(Compressor):
         self.conv = nn.Parameter(conv)
         self.read = nn.Parameter(torch.full((cfg.d_v,), 1.0 / cfg.d_v))
 
-    # x_in[t, i] = sum_s sum_j read_j conv_ijs X[t - s, i, j]. Reducing over d_v before shifting is the
-    # same sum, but shifts (B, T, d) taps instead of (B, T, d, d_v) copies of the state.
-    def weight(self):
-        return self.conv * self.read[:, None]                                 # (d, d_v, K)
-
-    def combine(self, taps):
-        return sum(shift_tokens(taps[..., s], s) for s in range(taps.shape[-1]))
+    def forward(self, X):
+        # x_in[t, i] = sum_s sum_j read_j conv_ijs X[t - s, i, j]. Reducing over d_v before shifting
+        # is the same sum, but shifts (B, T, d) tensors instead of (B, T, d, d_v) copies of the state.
+        w = (self.conv * self.read[:, None]).to(X.dtype)                     # (d, d_v, K)
+        taps = torch.sum(X.unsqueeze(-1) * w, dim=-2)                         # (B, T, d, K)
+        return sum(shift_tokens(taps[..., s], s) for s in range(w.shape[-1]))
 
 
 class EmbedConv(nn.Module):
@@ -371,34 +280,24 @@ class ResidualBranch(nn.Module):
         v = torch.sum(c.float().unsqueeze(-2) * self.W_v, dim=-1) + self.b_v
         return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
 
-    def forward(self, X, x_in, reader, record=False):
-        """X: the residual state; x_in: what this sublayer reads (the compressed state, X itself at
-        d_v = 1); reader: the compressor of the next sublayer or of the final norm (None at d_v = 1).
-        Returns the new state and what the next sublayer reads."""
+    def forward(self, X, record=False):
+        x_in = X if self.compressor is None else self.compressor(X)
         c = F.rms_norm(x_in, (x_in.shape[-1],), self.norm.to(x_in.dtype), eps=1e-5)
         k_tilde = self.f(c)
         if self.cfg.residual == "additive":
-            X = X + k_tilde
-            return X, X
-        v, beta = self.value(c), self.beta(c)
+            return X + k_tilde
+        k, v, beta = unit_direction(k_tilde, self.cfg.k_eps), self.value(c), self.beta(c)
         state = X if self.cfg.d_v > 1 else X.unsqueeze(-1)  # d_v = 1: the same rule on (d, 1)
-        W = reader.weight() if reader is not None else None
-        if self.cfg.residual == "delta":  # Eq. 2.2 and the next compressor's read, in one op
-            new_state, taps = delta_step(state, k_tilde, v, beta, W, self.cfg.k_eps)
-        else:
-            new_state = write_update(state, unit_direction(k_tilde, self.cfg.k_eps), v, beta)
-            taps = read_taps(new_state, W) if W is not None else None
+        rule = DeltaRule.apply if self.cfg.residual == "delta" else write_update
+        new_state = rule(state, k, v, beta)
         if record or self.cfg.check_spectrum:
-            k = unit_direction(k_tilde, self.cfg.k_eps)
             e_pre = torch.sum(k.float().unsqueeze(-1) * state.float(), dim=-2) - v.float()
             if record:
                 self.stats = dict(beta=beta.detach(), k_norm=k_tilde.detach().float().norm(dim=-1),
                                   e_pre=e_pre.detach().abs())
             if self.cfg.check_spectrum:
                 self.check_spectrum(k_tilde, k, v, beta, e_pre, new_state)
-        if reader is None:
-            return new_state.squeeze(-1), new_state.squeeze(-1)
-        return new_state, reader.combine(taps)
+        return new_state if self.cfg.d_v > 1 else new_state.squeeze(-1)
 
     def check_spectrum(self, k_tilde, k, v, beta, e_pre, new_state):
         """Prop. 2.1 and Eq. 2.4 in fp32: |k| = 1 where |k~| >> eps_k, 0 < beta < 2 and
@@ -421,12 +320,13 @@ class ResidualBranch(nn.Module):
 
 
 class Block(nn.Module):
-    """A transformer layer: the attention and the MLP sublayer, each with its residual interface.
-    GPT.forward runs the sublayers in order, handing each the next one's compressor."""
     def __init__(self, cfg, layer):
         super().__init__()
         self.attn = ResidualBranch(cfg, "attn", layer)
         self.mlp = ResidualBranch(cfg, "mlp", layer)
+
+    def forward(self, X, record=False):
+        return self.mlp(self.attn(X, record), record)
 
 
 # ----------------------------------------------------------------------------- the GPT
@@ -481,12 +381,11 @@ class GPT(nn.Module):
                 # half the memory and traffic; every reduction over it still runs in fp32
                 x = x.to(torch.get_autocast_dtype(x.device.type))
             x = self.embed_conv(x) if self.embed_conv is not None else x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
-        branches = [b for block in self.blocks for b in (block.attn, block.mlp)]
-        readers = [b.compressor for b in branches[1:]] + [self.readout]
-        x_in = branches[0].compressor(x) if cfg.d_v > 1 else x
-        for branch, reader in zip(branches, readers):
-            x, x_in = branch(x, x_in, reader, self.record_gates)
-        x = F.rms_norm(x_in, (cfg.n_embd,), self.norm_f.to(x_in.dtype), eps=1e-5)
+        for block in self.blocks:
+            x = block(x, self.record_gates)
+        if self.readout is not None:
+            x = self.readout(x)
+        x = F.rms_norm(x, (cfg.n_embd,), self.norm_f.to(x.dtype), eps=1e-5)
         if targets is None:
             return self.lm_head(x[:, [-1], :]).float(), None
         # the loss is computed in fp32, but the logits stay in the autocast dtype: an fp32 copy of

@@ -1,8 +1,6 @@
 """Tests for ddl.py, prepare_data.py and train.py: CPU, offline, deterministic.
 In CI the GPT-2 vocabulary comes from TIKTOKEN_CACHE_DIR (see .ci/run)."""
 import gzip
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -13,9 +11,6 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-
-if not torch.cuda.is_available():  # ddl_triton's kernels run in Triton's interpreter (read when triton loads)
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import ddl
 import prepare_data
@@ -109,65 +104,37 @@ def test_delta_update_gradcheck():
     assert torch.autograd.gradcheck(delta_update, [a.requires_grad_() for a in args])
 
 
-def step_inputs(d_v, S, dtype=torch.float64, seed=5, shape=(3, 5), d=16):
-    """Random X, k~, v, beta, W (None when S = 0) for delta_step, and upstream gradients for X', taps."""
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*shape, *s, dtype=dtype, generator=gen)
-    X, kt, v, beta = r(d, d_v), r(d), 4 * torch.rand(*shape, d_v, dtype=dtype, generator=gen), 2 * torch.rand(*shape, dtype=dtype, generator=gen)
-    W = torch.randn(d, d_v, S, dtype=dtype, generator=gen) if S else None
-    return [X, kt, v, beta, W], (r(d, d_v), r(d, S))
+def output_and_grads(f, inputs, G):
+    """f(*inputs) and the gradients of its inputs under the upstream gradient G."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = f(*inputs)
+    out.backward(G.to(out.dtype))
+    return [out] + [t.grad for t in inputs]
 
 
-def outputs_and_grads(f, inputs, grads, k_eps=1e-5):
-    """f(*inputs, k_eps), then the gradients of every tensor input under the upstream grads."""
-    inputs = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    outs = f(*inputs, k_eps)
-    torch.autograd.backward([o for o in outs if o.numel()], [g.to(o.dtype) for o, g in zip(outs, grads) if o.numel()])
-    return list(outs) + [t.grad for t in inputs if t is not None]
+def test_delta_rule_equals_delta_update_with_its_gradients():
+    """The model's fast path (hand-written backward) computes the reference's function and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    X, kt = torch.randn(3, 5, 16, 4, dtype=torch.float64, generator=gen), torch.randn(3, 5, 16, dtype=torch.float64, generator=gen)
+    args = [X, unit_direction(kt, 1e-5), torch.randn(3, 5, 4, dtype=torch.float64, generator=gen),
+            torch.rand(3, 5, dtype=torch.float64, generator=gen) * 2]
+    G = torch.randn(3, 5, 16, 4, dtype=torch.float64, generator=gen)
+    for fast, ref in zip(output_and_grads(ddl.DeltaRule.apply, args, G), output_and_grads(delta_update, args, G)):
+        assert torch.allclose(fast, ref, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(ddl.DeltaRule.apply, [a.clone().requires_grad_() for a in args])
 
 
-@pytest.mark.parametrize("d_v,S", [(1, 0), (4, 0), (4, 1), (4, 3)])
-def test_delta_step_equals_the_reference_with_its_gradients(d_v, S):
-    """The fast path (hand-written backward; S = 0: no compressor read, 1: CC, 3: TC) computes the
-    reference's function and gradients of X, k~, v, beta and W, in float64."""
-    inputs, grads = step_inputs(d_v, S)
-    for fast, ref in zip(outputs_and_grads(ddl.delta_step, inputs, grads), outputs_and_grads(ddl.delta_step_reference, inputs, grads)):
-        assert fast.shape == ref.shape and torch.allclose(fast, ref, rtol=1e-10, atol=1e-12)
-    if S == 3:
-        assert torch.autograd.gradcheck(lambda *a: ddl.delta_step(*a, 1e-5), [t.clone().requires_grad_() for t in inputs])
-
-
-def test_delta_step_in_bf16_is_as_accurate_as_the_issue_requires():
-    """bf16 state and k~ (as under autocast), fp32 v, beta and W: outputs and gradients within 1e-2 of float64."""
-    inputs, grads = step_inputs(4, 1, dtype=torch.float32, seed=6, shape=(2, 8), d=256)
-    ref = outputs_and_grads(ddl.delta_step_reference, [t.double() for t in inputs], grads)
-    X, kt, v, beta, W = inputs
-    fast = outputs_and_grads(ddl.delta_step, [X.bfloat16(), kt.bfloat16(), v, beta, W], grads)
+def test_delta_rule_in_bf16_is_as_accurate_as_the_issue_requires():
+    """bf16 state and k (as under autocast), fp32 v and beta: output and gradients within 1e-2 of float64."""
+    gen = torch.Generator().manual_seed(6)
+    X, G = torch.randn(2, 8, 256, 4, generator=gen), torch.randn(2, 8, 256, 4, generator=gen)
+    k = unit_direction(torch.randn(2, 8, 256, generator=gen), 1e-5)
+    v, beta = 4 * torch.rand(2, 8, 4, generator=gen), 2 * torch.rand(2, 8, generator=gen)
+    ref = output_and_grads(delta_update, [t.double() for t in (X, k, v, beta)], G)
+    fast = output_and_grads(ddl.DeltaRule.apply, [X.bfloat16(), k.bfloat16(), v, beta], G)
     for r, f in zip(ref, fast):
         assert f.dtype in (torch.bfloat16, torch.float32)
         assert ((f.double() - r).norm() / r.norm()).item() < 1e-2
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
-@pytest.mark.parametrize("d_v,S,dtype", [(4, 1, torch.float32), (3, 4, torch.float32), (1, 0, torch.float32), (4, 1, torch.bfloat16)])
-def test_triton_kernels_equal_the_cpu_implementation(d_v, S, dtype):
-    """ddl_triton's kernels (on the GPU, or in Triton's interpreter on a CPU) against delta_step_forward
-    and delta_step_backward, with d = 48 and d_v = 3 (not powers of 2: the masked lanes) and 37 tokens (not
-    a multiple of the tokens per program)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ddl_triton = importlib.import_module("ddl_triton")
-    (X, kt, v, beta, W), (gX, gt) = step_inputs(d_v, S, dtype=torch.float32, seed=7, shape=(37,), d=48)
-    X, kt, gX, gt = (t.to(dev, dtype) for t in (X, kt, gX, gt))
-    v, beta, W = (t.to(dev) if t is not None else None for t in (v, beta, W))
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    fwd = zip(ddl_triton.delta_step(X, kt, v, beta, W, 1e-5), ddl.delta_step_forward(X, kt, v, beta, W, 1e-5))
-    Xn = ddl.delta_step_forward(X, kt, v, beta, W, 1e-5)[0]
-    bwd = zip(ddl_triton.delta_step_grad(gX, gt, X, kt, v, beta, W, Xn, 1e-5),
-              ddl.delta_step_backward(gX, gt, X, kt, v, beta, W, Xn, 1e-5))
-    for got, want in list(fwd) + list(bwd):
-        assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous()
-        if want.numel():
-            assert ((got.double() - want.double()).norm() / want.double().norm()).item() < tol
 
 
 def test_token_compressor_equals_convolution_then_read():
@@ -189,7 +156,7 @@ def test_token_compressor_equals_convolution_then_read():
 def test_expanded_state_uses_the_autocast_dtype():
     m = tiny_model(residual="delta", d_v=4)
     seen = []
-    m.blocks[0].attn.register_forward_hook(lambda mod, inp, out: seen.append(out[0].dtype))
+    m.blocks[0].attn.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = m(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -205,8 +172,7 @@ def test_model_d_v_1_is_the_scalar_rule():
     k = unit_direction(br.f(c), 1e-5)
     v, beta = br.value(c)[..., 0], br.beta(c)
     want = x + (beta * (v - (k * x).sum(-1)))[..., None] * k
-    for out in br(x, x, None):  # the new state, and what the next sublayer reads
-        assert torch.allclose(out, want, atol=1e-6)
+    assert torch.allclose(br(x), want, atol=1e-6)
 
 
 # ============================================================================ the model
@@ -294,11 +260,7 @@ def test_check_spectrum_catches_a_broken_gate_and_a_broken_rule(monkeypatch):
     with pytest.raises(AssertionError, match="layer 1 mlp: beta outside"):
         m(idx)
     monkeypatch.undo()
-
-    def write_step(X, k_tilde, v, beta, W, k_eps):  # no erase term: Eq. 2.4 breaks
-        Xn = ddl.write_update(X, unit_direction(k_tilde, k_eps), v, beta)
-        return Xn, ddl.read_taps(Xn, W)
-    monkeypatch.setattr(ddl, "delta_step", write_step)
+    monkeypatch.setattr(ddl.DeltaRule, "apply", ddl.write_update)  # no erase term: Eq. 2.4 breaks
     with pytest.raises(AssertionError, match=r"layer 0 attn: e_post != \(1 - beta\) e_pre"):
         m(idx)
 

@@ -471,29 +471,24 @@ def matmul_peak_tflops(dev):
 
 
 def check_fast_path(dev, use_compile):
-    """The model's fused rewrite (delta_step; on CUDA its Triton kernels, compiled as the benchmark
-    runs them) against the reference composition in float64 on fresh random inputs, for d_v = 1 and
-    for d_v = 4 with a CC (1 tap) and a TC (4 taps) read, in bf16 and fp32: both outputs and the
-    gradients of X, k~, v, beta and W. Prints the largest relative error and fails beyond 1e-2 (bf16)
-    / 1e-5 (fp32)."""
-    from ddl import delta_step, delta_step_reference
-    fast = torch.compile(delta_step) if use_compile else delta_step
+    """The model's rewrite (DeltaRule, compiled on CUDA as the benchmark runs it) against the reference
+    delta_update in float64, on fresh random inputs in bf16 and fp32: the output and the gradients of
+    X, k, v, beta. Prints the largest relative error and fails beyond 1e-2 (bf16) / 1e-5 (fp32)."""
+    from ddl import DeltaRule, delta_update
+    fast = torch.compile(DeltaRule.apply) if use_compile else DeltaRule.apply
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
-        err = 0.0
-        for d_v, S in ((1, 0), (4, 1), (4, 4)):
-            X, kt = torch.randn(8, 256, 768, d_v, device=dev), torch.randn(8, 256, 768, device=dev)
-            v, beta = 4 * torch.rand(8, 256, d_v, device=dev), 2 * torch.rand(8, 256, device=dev)
-            W = torch.randn(768, d_v, S, device=dev) if S else None
-            grads = torch.randn(8, 256, 768, d_v, device=dev), torch.randn(8, 256, 768, S, device=dev)
-            runs = []
-            for f, ins in ((delta_step_reference, [t.double() if t is not None else None for t in (X, kt, v, beta, W)]),
-                           (fast, [X.to(dtype), kt.to(dtype), v, beta, W])):
-                ins = [t.detach().requires_grad_() if t is not None else None for t in ins]
-                outs = f(*ins, 1e-5)
-                torch.autograd.backward([o for o in outs if o.numel()], [g.to(o.dtype) for o, g in zip(outs, grads) if o.numel()])
-                runs.append([o for o in outs if o.numel()] + [t.grad for t in ins if t is not None])
-            err = max([err] + [((b.double() - a).norm() / a.norm()).item() for a, b in zip(*runs)])
-        print(f"fast path (outputs and gradients) vs float64 reference, {dtype}: max relative error {err:.2e} (limit {tol:.0e})")
+        X, kt, G = torch.randn(8, 256, 768, 4, device=dev), torch.randn(8, 256, 768, device=dev), torch.randn(8, 256, 768, 4, device=dev)
+        k = kt / kt.norm(dim=-1, keepdim=True)
+        v, beta = 4 * torch.rand(8, 256, 4, device=dev), 2 * torch.rand(8, 256, device=dev)
+        errs = []
+        for f, ins in ((delta_update, [t.double() for t in (X, k, v, beta)]),
+                       (fast, [X.to(dtype), k.to(dtype), v, beta])):
+            ins = [t.detach().requires_grad_() for t in ins]
+            out = f(*ins)
+            out.backward(G.to(out.dtype))
+            errs.append([out] + [t.grad for t in ins])
+        err = max(((b.double() - a).norm() / a.norm()).item() for a, b in zip(*errs))
+        print(f"fast path (output and 4 gradients) vs float64 reference, {dtype}: max relative error {err:.2e} (limit {tol:.0e})")
         if not err <= tol:
             raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
 
