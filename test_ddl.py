@@ -520,9 +520,10 @@ def test_resume_is_exact(shards, tmp_path):
 def test_two_gloo_processes_equal_one_with_double_accumulation(shards, tmp_path):
     common = [*TRAIN_TINY, f"--data_dir={shards}", "--max_steps=4", "--decay_steps=4", "--total_batch=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(HERE, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
-                   check=True, env=env, capture_output=True, timeout=240)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     train.main([*common, f"--out_dir={tmp_path / 'one'}"])
     read = lambda d: [json.loads(line) for line in open(tmp_path / d / "log.jsonl")]
     ddp, one = read("ddp"), read("one")

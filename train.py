@@ -432,6 +432,7 @@ def train(cfg):
     if master and cfg["sample_tokens"]:
         print("sample:", sample(raw, cfg, dev, ctx))
     if world > 1:
+        dist.barrier()  # tear down together: a rank leaving while another still talks aborted gloo runs
         dist.destroy_process_group()
 
 
