@@ -15,7 +15,7 @@ the block, the GPT. Backbone (paper §3, §4.1): Llama-style, pre-norm RMSNorm, 
 SwiGLU, no biases, tied embedding and LM head.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -26,30 +26,38 @@ COMPRESSORS = ("cc", "tc")
 SUBLAYERS = ("attn", "mlp")
 
 
+def setting(default, help):
+    """A config field with its one-line description (train.py --help prints it)."""
+    return field(default=default, metadata=dict(help=help))
+
+
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304     # GPT-2's 50257 padded to a multiple of 64
-    n_layer: int = 12           # transformer blocks (each: attention + MLP sublayer)
-    n_head: int = 6             # attention heads
-    head_dim: int = 128         # width of one head
-    n_embd: int = 768           # must equal n_head * head_dim
-    block_size: int = 1024      # longest sequence (RoPE table size)
-    residual: str = "delta"     # "additive" baseline, "delta" (Eq. 2.2), "write" (beta k v^T only)
-    d_v: int = 1                # value channels of the residual state X in R^{d x d_v} (§2.2)
-    compressor: str = "cc"      # d_v > 1: "cc" channel mixing, "tc" token convolution (§3.2)
-    embed_conv: bool = True     # d_v > 1: EC, causal token convolution expanding the embedding
-    conv_kernel: int = 4        # taps of the EC and TC causal convolutions
-    beta_init: float = 1.0      # beta at initialisation, in [0, 2]
-    k_eps: float = 1e-5         # epsilon_k of k = k~ / sqrt(|k~|^2 + eps^2) (§3.1)
-    v_scale: float = 4.0        # v = v_scale * sigmoid(W_v c + b_v); 0 means plain linear v = W_v c + b_v
-    check_spectrum: bool = False  # assert Prop. 2.1 / Eq. 2.4 numerically during forward (slow)
+    vocab_size: int = setting(50304, "GPT-2's 50257 padded to a multiple of 64")
+    n_layer: int = setting(12, "transformer blocks (each: attention + MLP sublayer)")
+    n_head: int = setting(6, "attention heads")
+    head_dim: int = setting(128, "width of one head")
+    n_embd: int = setting(768, "model width d; must equal n_head * head_dim")
+    block_size: int = setting(1024, "longest sequence (RoPE table size)")
+    residual: str = setting("delta", "additive (baseline) | delta (Eq. 2.2) | write (beta k v^T only, §5)")
+    d_v: int = setting(1, "value channels of the residual state X in R^{d x d_v} (§2.2)")
+    compressor: str = setting("cc", "d_v > 1: cc (channel mixing) | tc (token convolution), §3.2")
+    embed_conv: bool = setting(True, "d_v > 1: EC, a causal token convolution expanding the embedding")
+    conv_kernel: int = setting(4, "taps of the EC and TC causal convolutions")
+    beta_init: float = setting(1.0, "beta at initialisation, in [0, 2]")
+    k_eps: float = setting(1e-5, "epsilon_k of k = k~ / sqrt(|k~|^2 + eps^2) (§3.1)")
+    v_scale: float = setting(4.0, "v = v_scale * sigmoid(W_v c + b_v); 0: plain linear v = W_v c + b_v")
+    check_spectrum: bool = setting(False, "assert Prop. 2.1 / Eq. 2.4 numerically in every forward (slow)")
 
     def __post_init__(self):
-        def need(ok, field, allowed):
+        def need(ok, name, allowed):
             if not ok:
-                raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
-        for f in ("vocab_size", "n_layer", "n_head", "head_dim", "block_size", "d_v", "conv_kernel"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an integer >= 1")
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+        for f in fields(self):  # bool is an int in Python: a type check must not let True pass as 1
+            value = getattr(self, f.name)
+            need(type(value) is f.type or (f.type is float and type(value) is int), f.name, f"must be a {f.type.__name__}")
+        for name in ("vocab_size", "n_layer", "n_head", "head_dim", "block_size", "d_v", "conv_kernel"):
+            need(getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(self.n_embd == self.n_head * self.head_dim, "n_embd",
              f"must equal n_head * head_dim = {self.n_head * self.head_dim}")
         need(self.head_dim % 2 == 0, "head_dim", "must be even for RoPE")
@@ -128,45 +136,18 @@ def delta_operator(k, beta):
     return eye - beta[..., None, None] * k[..., :, None] * k[..., None, :]
 
 
-def delta_update(X, k, v, beta):
-    """Eq. 2.2: X + beta k (v^T - k^T X) for X (..., d, d_v), k (..., d), v (..., d_v), beta (...).
-    The readout k^T X and the discrepancy are reduced in fp32 (or wider); X keeps its dtype."""
+def readout_error(X, k, v):
+    """e = k^T X - v^T, the readout error of Eq. 2.4 (one sign convention everywhere), (..., d_v).
+    Reduced in fp32 (or wider) whatever X's dtype."""
     acc = torch.promote_types(X.dtype, torch.float32)
-    readout = torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc)                 # k^T X, (..., d_v)
-    delta = beta.to(acc).unsqueeze(-1) * (v.to(acc) - readout)                  # (..., d_v)
-    return X + k.unsqueeze(-1) * delta.to(X.dtype).unsqueeze(-2)
+    return torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc) - v.to(acc)
 
 
-class DeltaRule(torch.autograd.Function):
-    """The model's fast path for Eq. 2.2: the same function as delta_update, with a hand-written
-    backward: one reduction k^T G and one pass that writes dX and reduces dk, every product in fp32
-    (autograd's backward rounds the bf16 products, and was 0.3-0.7 ms/step slower on an H100).
-    Tested against delta_update.
-
-    With r = k^T X, e = v - r, delta = beta e and X' = X + k delta^T, the gradients of G = dL/dX' are
-        g = k^T G,  dX = G - k (beta g)^T  (= A^T G, A symmetric),  dk = G delta - X (beta g),
-        dv = beta g,  dbeta = g . e.
-    Every reduction and every gradient is computed in fp32; dX is returned in X's dtype."""
-
-    @staticmethod
-    def forward(ctx, X, k, v, beta):
-        acc = torch.promote_types(X.dtype, torch.float32)
-        e = v.to(acc) - torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc)       # v - k^T X, (..., d_v)
-        b = beta.to(acc).unsqueeze(-1)
-        ctx.save_for_backward(X, k, b, e)
-        ctx.dtypes = (v.dtype, beta.dtype)
-        return X + k.unsqueeze(-1) * (b * e).to(X.dtype).unsqueeze(-2)
-
-    @staticmethod
-    def backward(ctx, G):
-        X, k, b, e = ctx.saved_tensors
-        acc = b.dtype
-        k32 = k.to(acc).unsqueeze(-1)
-        g = torch.sum(k32 * G, dim=-2, dtype=acc)                                # k^T G, (..., d_v)
-        bg = b * g
-        dX = (G.to(acc) - k32 * bg.unsqueeze(-2)).to(G.dtype)
-        dk = torch.sum(G.to(acc) * (b * e).unsqueeze(-2) - X.to(acc) * bg.unsqueeze(-2), dim=-1)
-        return dX, dk.to(k.dtype), bg.to(ctx.dtypes[0]), torch.sum(g * e, dim=-1).to(ctx.dtypes[1])
+def delta_update(X, k, v, beta):
+    """Eq. 2.2: X + beta k (v^T - k^T X) = X - beta k e^T, for X (..., d, d_v), k (..., d),
+    v (..., d_v), beta (...). The model runs this function; autograd derives its backward."""
+    e = readout_error(X, k, v)
+    return X - k.unsqueeze(-1) * (beta.to(e.dtype).unsqueeze(-1) * e).to(X.dtype).unsqueeze(-2)
 
 
 def write_update(X, k, v, beta):
@@ -202,7 +183,8 @@ def causal_token_conv(x, weight):
 
 class ChannelCompressor(nn.Module):
     """DDL-CC (§3.2): x_in[i] = sum_j c_ij X[i, j], a learned mix of the d_v channels per feature,
-    initialised to the channel mean."""
+    initialised to the channel mean. Departure: the authors' CC is a short convolution along d_v
+    followed by a read vector; the paper's text describes a per-feature channel mix, which we follow."""
     def __init__(self, cfg):
         super().__init__()
         self.mix = nn.Parameter(torch.full((cfg.n_embd, cfg.d_v), 1.0 / cfg.d_v))
@@ -213,7 +195,8 @@ class ChannelCompressor(nn.Module):
 
 class TokenCompressor(nn.Module):
     """DDL-TC (§3.2, App. A.2): a short causal depthwise convolution over tokens for every (i, j)
-    entry of X, then a learned read vector over d_v; initialised to identity and the mean."""
+    entry of X, then a learned read vector over d_v; initialised to identity and the mean
+    (departure: our choice of init, so that TC starts as CC's channel mean)."""
     def __init__(self, cfg):
         super().__init__()
         conv = torch.zeros(cfg.n_embd, cfg.d_v, cfg.conv_kernel)
@@ -253,34 +236,36 @@ class ResidualBranch(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.n_embd))
         self.f = CausalSelfAttention(cfg) if sublayer == "attn" else SwiGLU(cfg)
         self.compressor = None
-        if cfg.d_v > 1:
+        if cfg.d_v > 1:  # departure: one compressor per sublayer (the authors' code shares one per block)
             self.compressor = ChannelCompressor(cfg) if cfg.compressor == "cc" else TokenCompressor(cfg)
         if cfg.residual != "additive":
             # v's projection W_v (d_v x d), initialised like the other matrices, and b_v = 0
             self.W_v = nn.Parameter(torch.randn(cfg.d_v, cfg.n_embd) * (0.5 / math.sqrt(cfg.n_embd)))
             self.b_v = nn.Parameter(torch.zeros(cfg.d_v))
-            # beta = 2 sigmoid(w.c + b) with w = 0 and b = logit(beta_init / 2): every token starts
-            # at exactly beta_init (the authors' global init perturbs w; we start it at zero).
+            # beta = 2 sigmoid(w.c + b) with w = 0 and b = logit(beta_init / 2): every token starts at
+            # exactly beta_init. Departure: the authors' global init perturbs w; we start it at zero.
             p = min(max(cfg.beta_init / 2, 1e-6), 1 - 1e-6)
             self.w_beta = nn.Parameter(torch.zeros(cfg.n_embd))
             self.b_beta = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
-        self.stats = None  # filled with detached tensors when GPT.record_gates is on
+        self.record = False  # set by GPT.record_gates(): keep this forward's gate statistics in .stats
+        self.stats = None
 
     # beta and v are written as fp32 elementwise products summed over d, not as matmuls: they stay
     # in fp32 under autocast, and torch.compile fuses them into the kernel that computes c, where
     # (d -> 1) and (d -> d_v) matrix products would each be a separate, nearly empty GEMM launch.
     def beta(self, c):
-        """beta = 2 sigmoid(w_beta . c + b_beta) in (0, 2), in fp32."""
+        """beta = 2 sigmoid(w_beta . c + b_beta) in (0, 2), in fp32 (§2.2)."""
         return 2 * torch.sigmoid(torch.sum(c.float() * self.w_beta, dim=-1) + self.b_beta)
 
     def value(self, c):
         """v in R^{d_v}, in fp32. The paper's text writes v = W_v c; the authors' code (and ours by
         default) bounds it as v = v_scale * sigmoid(W_v c + b_v), v_scale = 4; v_scale = 0 gives the
-        plain linear form."""
+        plain linear form. Departure: v reads the normalised input c, as beta does (the authors' code
+        feeds v the un-normalised compressed input)."""
         v = torch.sum(c.float().unsqueeze(-2) * self.W_v, dim=-1) + self.b_v
         return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
 
-    def forward(self, X, record=False):
+    def forward(self, X):
         x_in = X if self.compressor is None else self.compressor(X)
         c = F.rms_norm(x_in, (x_in.shape[-1],), self.norm.to(x_in.dtype), eps=1e-5)
         k_tilde = self.f(c)
@@ -288,30 +273,27 @@ class ResidualBranch(nn.Module):
             return X + k_tilde
         k, v, beta = unit_direction(k_tilde, self.cfg.k_eps), self.value(c), self.beta(c)
         state = X if self.cfg.d_v > 1 else X.unsqueeze(-1)  # d_v = 1: the same rule on (d, 1)
-        rule = DeltaRule.apply if self.cfg.residual == "delta" else write_update
+        rule = delta_update if self.cfg.residual == "delta" else write_update
         new_state = rule(state, k, v, beta)
-        if record or self.cfg.check_spectrum:
-            e_pre = torch.sum(k.float().unsqueeze(-1) * state.float(), dim=-2) - v.float()
-            if record:
-                self.stats = dict(beta=beta.detach(), k_norm=k_tilde.detach().float().norm(dim=-1),
-                                  e_pre=e_pre.detach().abs())
-            if self.cfg.check_spectrum:
-                self.check_spectrum(k_tilde, k, v, beta, e_pre, new_state)
+        if self.record:
+            self.stats = dict(beta=beta.detach(), k_norm=k_tilde.detach().float().norm(dim=-1),
+                              e_pre=readout_error(state, k, v).detach().abs())
+        if self.cfg.check_spectrum:
+            self.check_spectrum(k_tilde, k, v, beta, state, new_state)
         return new_state if self.cfg.d_v > 1 else new_state.squeeze(-1)
 
-    def check_spectrum(self, k_tilde, k, v, beta, e_pre, new_state):
+    def check_spectrum(self, k_tilde, k, v, beta, state, new_state):
         """Prop. 2.1 and Eq. 2.4 in fp32: |k| = 1 where |k~| >> eps_k, 0 < beta < 2 and
         e_post = (1 - beta) e_pre (delta rule only). Raises AssertionError naming the quantity."""
         def fail(what):
             raise AssertionError(f"check_spectrum: {self.name}: {what}")
-        k32 = k.float()
         big = k_tilde.float().norm(dim=-1) > 100 * self.cfg.k_eps
-        if bool((((k32.norm(dim=-1) - 1).abs() > 1e-2) & big).any()):
+        if bool((((k.float().norm(dim=-1) - 1).abs() > 1e-2) & big).any()):
             fail("|k| != 1 where |k~| >> eps_k")
         if not bool(((beta > 0) & (beta < 2)).all()):
             fail(f"beta outside (0, 2): min {beta.min().item():.4g}, max {beta.max().item():.4g}")
         if self.cfg.residual == "delta":
-            e_post = torch.sum(k32.unsqueeze(-1) * new_state.float(), dim=-2) - v.float()
+            e_pre, e_post = readout_error(state.float(), k.float(), v), readout_error(new_state.float(), k.float(), v)
             want = (1 - beta.float()).unsqueeze(-1) * e_pre
             scale = 1e-3 if new_state.dtype == torch.float32 else 3e-2
             tol = scale * (1 + new_state.float().abs().amax(dim=(-2, -1), keepdim=True).squeeze(-1))
@@ -325,8 +307,8 @@ class Block(nn.Module):
         self.attn = ResidualBranch(cfg, "attn", layer)
         self.mlp = ResidualBranch(cfg, "mlp", layer)
 
-    def forward(self, X, record=False):
-        return self.mlp(self.attn(X, record), record)
+    def forward(self, X):
+        return self.mlp(self.attn(X))
 
 
 # ----------------------------------------------------------------------------- the GPT
@@ -344,7 +326,6 @@ class GPT(nn.Module):
         self.norm_f = nn.Parameter(torch.ones(cfg.n_embd))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
-        self.record_gates = False  # GPT.gate_stats() reads what the last forward recorded
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -364,16 +345,20 @@ class GPT(nn.Module):
         """Parameters, the tied embedding / LM head matrix counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    def check_ids(self, name, ids, low):
+        """Refuse ids outside [low, vocab_size): an index error deep inside the model names nothing."""
+        # eager mode only: inside torch.compile it would cost a graph break and a sync
+        if not torch.compiler.is_compiling() and ids.numel():
+            lo, hi = (t.item() for t in torch.aminmax(ids))  # one pass
+            if lo < low or hi >= self.config.vocab_size:
+                raise ValueError(f"{name} must lie in [{low}, {self.config.vocab_size}); got [{lo}, {hi}]")
+
     def forward(self, idx, targets=None):
         cfg = self.config
         B, T = idx.shape
-        if T > cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
-        # checked in eager mode only: inside torch.compile it would cost a graph break and a sync
-        if not torch.compiler.is_compiling() and idx.numel():
-            lo, hi = (t.item() for t in torch.aminmax(idx))  # one pass over idx
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{lo}, {hi}]")
+        if not 1 <= T <= cfg.block_size:
+            raise ValueError(f"sequence length {T} must lie in [1, block_size={cfg.block_size}]")
+        self.check_ids("token ids", idx, 0)
         x = self.wte(idx)
         if cfg.d_v > 1:  # expanded state X in R^{d x d_v} per token (§2.2)
             if torch.is_autocast_enabled(x.device.type):
@@ -382,12 +367,13 @@ class GPT(nn.Module):
                 x = x.to(torch.get_autocast_dtype(x.device.type))
             x = self.embed_conv(x) if self.embed_conv is not None else x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
         for block in self.blocks:
-            x = block(x, self.record_gates)
+            x = block(x)
         if self.readout is not None:
             x = self.readout(x)
         x = F.rms_norm(x, (cfg.n_embd,), self.norm_f.to(x.dtype), eps=1e-5)
         if targets is None:
             return self.lm_head(x[:, [-1], :]).float(), None
+        self.check_ids("targets", targets, -1)  # -1: ignored positions
         # the loss is computed in fp32, but the logits stay in the autocast dtype: an fp32 copy of
         # the (B, T, vocab) logits would be written out and held through the backward (3.3 GB at
         # 16 x 1024 tokens) although training reads only the loss
@@ -395,10 +381,16 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def record_gates(self, on=True):
+        """Make every residual branch keep its gate statistics from the next forwards (or stop)."""
+        for m in self.modules():
+            if isinstance(m, ResidualBranch):
+                m.record, m.stats = on, None
+
     @torch.no_grad()
     def gate_stats(self, bins=10):
         """The gate audit (§5): per layer and sublayer, statistics of beta, |k~| and
-        |e_pre| = |k^T X - v^T| from the last forward run with `record_gates = True`, and a
+        |e_pre| = |k^T X - v^T| from the last forward run after `record_gates()`, and a
         histogram of beta over [0, 2]."""
         if self.config.residual == "additive":
             raise ValueError("gate_stats: the additive baseline has no gate (residual='additive')")
@@ -407,7 +399,7 @@ class GPT(nn.Module):
             for name in SUBLAYERS:
                 s = getattr(block, name).stats
                 if s is None:
-                    raise RuntimeError("gate_stats: set model.record_gates = True and run a forward first")
+                    raise RuntimeError("gate_stats: call model.record_gates() and run a forward first")
                 row = dict(layer=i, sublayer=name,
                            beta_hist=torch.histc(s["beta"].float(), bins=bins, min=0, max=2).long().tolist())
                 for key in ("beta", "k_norm", "e_pre"):
@@ -418,13 +410,27 @@ class GPT(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens continuations of idx (B, T), nanoGPT style (no KV cache)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+        """Sample max_new_tokens continuations of idx (B, T), nanoGPT style (no KV cache).
+        temperature 0 is greedy; top_k keeps the k likeliest ids; n_vocab limits sampling to ids
+        below it: the tokenizer's own vocabulary, without the padding ids it cannot decode."""
+        n_vocab = self.config.vocab_size if n_vocab is None else n_vocab
+        for name, value, ok, allowed in (("temperature", temperature, temperature >= 0, ">= 0"),
+                                         ("top_k", top_k, top_k is None or top_k >= 1, ">= 1 or None"),
+                                         ("n_vocab", n_vocab, 1 <= n_vocab <= self.config.vocab_size,
+                                          f"in [1, {self.config.vocab_size}]")):
+            if not ok:
+                raise ValueError(f"generate: {name}={value!r} is invalid: must be {allowed}")
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :] / max(temperature, 1e-6)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1)], dim=1)
+            logits = logits[:, -1, :n_vocab]
+            if temperature == 0 or top_k == 1:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
+            idx = torch.cat([idx, nxt], dim=1)
         return idx
