@@ -26,6 +26,11 @@ COMPRESSORS = ("cc", "tc")
 SUBLAYERS = ("attn", "mlp")
 
 
+class ConfigError(ValueError):
+    """A setting a user chose is not allowed; the message names the key, the value and what is.
+    train.py prints these as one line; every other exception keeps its traceback."""
+
+
 def setting(default, help):
     """A config field with its one-line description (train.py --help prints it)."""
     return field(default=default, metadata=dict(help=help))
@@ -52,7 +57,7 @@ class GPTConfig:
     def __post_init__(self):
         def need(ok, name, allowed):
             if not ok:
-                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+                raise ConfigError(f"GPTConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
         for f in fields(self):  # bool is an int in Python: a type check must not let True pass as 1
             value = getattr(self, f.name)
             need(type(value) is f.type or (f.type is float and type(value) is int), f.name, f"must be a {f.type.__name__}")
@@ -420,7 +425,7 @@ class GPT(nn.Module):
                                          ("n_vocab", n_vocab, 1 <= n_vocab <= self.config.vocab_size,
                                           f"in [1, {self.config.vocab_size}]")):
             if not ok:
-                raise ValueError(f"generate: {name}={value!r} is invalid: must be {allowed}")
+                raise ConfigError(f"generate: {name}={value!r} is invalid: must be {allowed}")
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :n_vocab]
