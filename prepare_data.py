@@ -25,6 +25,10 @@ HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 EXTENSIONS = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 
 
+class DataError(ValueError):
+    """The input or a shard is not usable; the message says which and why (one line, no traceback)."""
+
+
 def read_shard(path):
     """The uint16 tokens of a .bin shard (memory-mapped), after checking magic, version and size."""
     size = os.path.getsize(path)

@@ -6,9 +6,8 @@ Train a Deep Delta Learning GPT (ddl.py) on token shards (prepare_data.py), nano
     torchrun --standalone --nproc_per_node=8 train.py --preset=124m
     python train.py --preset=124m --resume              # continue out_dir/ckpt.pt exactly
     python train.py --mode=sample --out_dir=out         # generate from a checkpoint
-    python train.py --mode=bench                        # throughput of every variant vs the baseline
 
-Every setting below is a --key=value override, typed from its default; --help lists them.
+Every setting is a --key=value override of a default below or of ddl.GPTConfig's; --help lists them.
 """
 import dataclasses
 import difflib
@@ -16,53 +15,66 @@ import glob
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddl import GPT, GPTConfig
-from prepare_data import read_shard
+from ddl import GPT, ConfigError, GPTConfig, setting
+from prepare_data import DataError, read_shard
 
-# ----------------------------------------------------------------------------- defaults
-mode = "train"          # train | sample | bench
-preset = ""             # 124m | 353m | smoke: a named set of the values below
-out_dir = "out"         # ckpt.pt and log.jsonl
-data_dir = "data/fineweb_edu"  # {prefix}_train_*.bin and {prefix}_val_*.bin from prepare_data.py
-seed = 1337             # model init and data order
-batch_size = 16         # micro-batch, sequences per process per forward
-total_batch = 480       # sequences per optimizer step over all processes (gradient accumulation)
-max_steps = 100_000     # stop after this many optimizer steps
-decay_steps = 0         # length of the lr schedule; 0: max_steps (set it to stop early and resume later)
-lr = 1e-3               # peak learning rate (paper §4.1)
-min_lr = 1e-4           # final lr of the cosine decay (our choice: lr / 10; the paper gives none)
-warmup_steps = 2000     # linear warm-up steps
-weight_decay = 0.1      # on parameters of 2+ dims (see make_optimizer)
-beta1 = 0.9             # AdamW first-moment decay
-beta2 = 0.95            # AdamW second-moment decay
-grad_clip = 1.0         # global gradient-norm clip
-eval_interval = 1000    # steps between val loss + gate audit
-val_tokens = 1_048_576  # fixed val budget: the first tokens of the val shard
-log_interval = 10       # steps between train log lines
-ckpt_interval = 1000    # steps between checkpoints (and one at the end)
-resume = False          # continue from out_dir/ckpt.pt
-compile = True          # torch.compile (CUDA only)
-device = "auto"         # auto | cpu | cuda
-peak_tflops = 0.0       # bf16 peak for MFU where the card is not in PEAK_TFLOPS
-sample_tokens = 64      # tokens generated at the end of training and in --mode=sample
-prompt = "The"          # the sample's prompt
-bench_batch = 16        # --mode=bench micro-batch
-bench_steps = 20        # timed steps per variant
-bench_variants = "additive,delta,cc,tc,write"  # comma-separated names from VARIANTS
-# the model: every GPTConfig field (ddl.py documents them)
-for _f in dataclasses.fields(GPTConfig):
-    globals()[_f.name] = _f.default
+
+@dataclass
+class TrainConfig:
+    mode: str = setting("train", "train | sample")
+    preset: str = setting("", "124m | 353m | smoke: a named set of values, applied before the other keys")
+    out_dir: str = setting("out", "ckpt.pt and log.jsonl go here")
+    data_dir: str = setting("data/fineweb_edu", "{prefix}_train_*.bin and {prefix}_val_*.bin from prepare_data.py")
+    seed: int = setting(1337, "model init and data order")
+    batch_size: int = setting(16, "micro-batch: sequences per process per forward")
+    total_batch: int = setting(480, "sequences per optimizer step over all processes (gradient accumulation)")
+    max_steps: int = setting(100_000, "stop after this many optimizer steps")
+    decay_steps: int = setting(0, "length of the lr schedule; 0: max_steps (set it to stop early, resume later)")
+    lr: float = setting(1e-3, "peak learning rate (paper §4.1)")
+    min_lr: float = setting(1e-4, "final lr of the cosine decay (our choice, lr / 10; the paper gives none)")
+    warmup_steps: int = setting(2000, "linear warm-up steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on parameters of 2+ dims only")
+    beta1: float = setting(0.9, "AdamW first-moment decay")
+    beta2: float = setting(0.95, "AdamW second-moment decay")
+    grad_clip: float = setting(1.0, "global gradient-norm clip")
+    eval_interval: int = setting(1000, "steps between val loss + gate audit")
+    val_tokens: int = setting(1_048_576, "val budget: the first tokens of the val shard, whole windows")
+    log_interval: int = setting(10, "steps between train log lines")
+    ckpt_interval: int = setting(1000, "steps between checkpoints (and one at the end)")
+    resume: bool = setting(False, "continue from out_dir/ckpt.pt")
+    compile: bool = setting(True, "torch.compile (CUDA only)")
+    device: str = setting("auto", "auto | cpu | cuda")
+    peak_tflops: float = setting(0.0, "bf16 peak per GPU for MFU where the card is not in PEAK_TFLOPS")
+    sample_tokens: int = setting(64, "tokens generated at the end of training and in --mode=sample")
+    prompt: str = setting("The", "the sample's prompt")
+
+    def __post_init__(self):
+        def need(ok, key, allowed):
+            if not ok:
+                raise ConfigError(f"--{key}={getattr(self, key)!r}: {allowed}")
+        for key in ("batch_size", "total_batch", "eval_interval", "log_interval", "ckpt_interval", "val_tokens"):
+            need(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("seed", "max_steps", "decay_steps", "warmup_steps", "sample_tokens", "weight_decay", "peak_tflops"):
+            need(getattr(self, key) >= 0, key, "must be >= 0")
+        need(self.mode in ("train", "sample"), "mode", "allowed: train, sample (the benchmark is bench.py)")
+        need(self.device in ("auto", "cpu", "cuda"), "device", "allowed: auto, cpu, cuda")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.min_lr <= self.lr, "min_lr", f"must lie in [0, lr={self.lr!r}]")
+        need(self.grad_clip > 0, "grad_clip", "must be > 0")
+        for key in ("beta1", "beta2"):
+            need(0 <= getattr(self, key) < 1, key, "must lie in [0, 1)")
+
 
 PRESETS = {
     "124m": dict(n_layer=12, n_head=6, head_dim=128, n_embd=768, block_size=1024),
@@ -72,77 +84,47 @@ PRESETS = {
                   warmup_steps=20, eval_interval=50, val_tokens=4096, log_interval=20, ckpt_interval=200,
                   compile=False, out_dir="out-smoke"),
 }
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16
-VARIANTS = {  # --mode=bench
-    "additive": dict(residual="additive", d_v=1),
-    "delta": dict(residual="delta", d_v=1),
-    "cc": dict(residual="delta", d_v=4, compressor="cc", embed_conv=True),
-    "tc": dict(residual="delta", d_v=4, compressor="tc", embed_conv=True),
-    "write": dict(residual="write", d_v=4, compressor="cc", embed_conv=True),
-}
-MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
-KEYS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (bool, int, float, str))
-        and k.islower()]
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16, per GPU
 
 
-def help_text(defaults):
-    """Every key, its default and the comment beside it here or in ddl.py's GPTConfig."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    notes = {}
-    for name in ("train.py", "ddl.py"):
-        with open(os.path.join(here, name), encoding="utf-8") as f:
-            notes.update(re.findall(r"^\s*(\w+)(?:: \w+)? = [^#\n]*#\s*(.*)$", f.read(), re.M))
-    return __doc__ + "\n".join(f"  --{k}={v!r}".ljust(36) + notes.get(k, "") for k, v in defaults.items())
+# ----------------------------------------------------------------------------- settings
+
+def usage(kinds):
+    return __doc__ + "\n".join(f"  --{f.name}={f.default!r}".ljust(36) + " " + f.metadata["help"]
+                               for kind in kinds for f in dataclasses.fields(kind))
 
 
-def parse_overrides(argv, defaults):
-    """--key=value pairs typed from the defaults; --preset first, then the other keys."""
-    cfg = dict(defaults)
-    pairs = []
+def parse_value(key, text, kind):
+    """text as the field's type: true/false/1/0 for a bool, int(), float() or the string itself."""
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        raise ConfigError(f"--{key}={text!r}: expected a {kind.__name__}") from None
+
+
+def parse_args(argv, kinds=(TrainConfig, GPTConfig)):
+    """One instance of each dataclass in kinds from --key=value overrides of their defaults; the
+    preset's values come first, then the keys given."""
+    fields = {f.name: (kind, f.type) for kind in kinds for f in dataclasses.fields(kind)}
+    given = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help_text(defaults))
+            print(usage(kinds))
             sys.exit(0)
-        if arg == "--resume":
-            arg = "--resume=true"
-        key, eq, value = arg[2:].partition("=")
+        key, eq, text = arg[2:].partition("=") if arg != "--resume" else ("resume", "=", "true")
         if not arg.startswith("--") or not eq:
-            raise ValueError(f"argument {arg!r} is not of the form --key=value")
-        if key not in defaults:
-            near = difflib.get_close_matches(key, list(defaults), n=3)
-            raise ValueError(f"unknown key --{key}" + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else ""))
-        pairs.append((key, value))
-    for key, value in sorted(pairs, key=lambda kv: kv[0] != "preset"):
-        default = defaults[key]
-        try:
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                cfg[key] = value.lower() in ("true", "1")
-            else:
-                cfg[key] = type(default)(value)
-        except ValueError:
-            raise ValueError(f"--{key}={value!r}: expected a {type(default).__name__} like {default!r}") from None
-        if key == "preset":
-            if value not in PRESETS:
-                raise ValueError(f"--preset={value!r}: allowed: {', '.join(PRESETS)}")
-            cfg.update(PRESETS[value])
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    """Stop early, naming the key, on values the loop cannot run with."""
-    minimum = dict(batch_size=1, total_batch=1, eval_interval=1, log_interval=1, ckpt_interval=1, val_tokens=1,
-                   bench_batch=1, bench_steps=1, max_steps=0, decay_steps=0, warmup_steps=0, sample_tokens=0)
-    for key, low in minimum.items():
-        if cfg[key] < low:
-            raise ValueError(f"--{key}={cfg[key]!r}: must be >= {low}")
-    for key, allowed in (("mode", ("train", "sample", "bench")), ("device", ("auto", "cpu", "cuda"))):
-        if cfg[key] not in allowed:
-            raise ValueError(f"--{key}={cfg[key]!r}: allowed: {', '.join(allowed)}")
-    if not 0 <= cfg["min_lr"] <= cfg["lr"]:
-        raise ValueError(f"--min_lr={cfg['min_lr']!r}: must lie in [0, lr={cfg['lr']!r}]")
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=3)
+            raise ConfigError(f"unknown key --{key}" + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else ""))
+        given[key] = parse_value(key, text, fields[key][1])
+    preset = given.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"--preset={preset!r}: allowed: {', '.join(PRESETS)}")
+    values = {**PRESETS.get(preset, {}), **given}
+    return [kind(**{k: v for k, v in values.items() if fields[k][0] is kind}) for kind in kinds]
 
 
 # ----------------------------------------------------------------------------- data
@@ -154,8 +136,8 @@ class TokenStream:
     def __init__(self, shards, T, B, seed, rank=0, world=1):
         self.shards, self.T, self.B, self.seed, self.rank, self.world = shards, T, B, seed, rank, world
         if all((len(s) - 1) // T < world * B for s in shards):
-            raise ValueError(f"the train shards hold too few tokens for batch_size={B} x block_size={T} "
-                             f"x {world} processes")
+            raise DataError(f"the train shards hold too few tokens for batch_size={B} x block_size={T} "
+                            f"x {world} processes")
         self.epoch, self.shard, self.window = 0, 0, 0
         self._plan()
 
@@ -175,8 +157,7 @@ class TokenStream:
         tokens = self.shards[self.order[self.shard]]
         idx = self.windows[self.window:self.window + self.B]
         self.window += self.B
-        rows = np.stack([tokens[i * self.T:(i + 1) * self.T + 1] for i in idx]).astype(np.int64)
-        x = torch.from_numpy(rows)
+        x = torch.from_numpy(np.stack([tokens[i * self.T:(i + 1) * self.T + 1] for i in idx]).astype(np.int64))
         return x[:, :-1], x[:, 1:]
 
     def state(self):
@@ -188,13 +169,16 @@ class TokenStream:
         self.window = s["window"]
 
 
-def load_data(cfg):
+def load_data(cfg, preset):
     """(train shards, val tokens); the smoke preset falls back to this repository's own text."""
-    train = sorted(glob.glob(os.path.join(cfg["data_dir"], "*_train_*.bin")))
-    val = sorted(glob.glob(os.path.join(cfg["data_dir"], "*_val_*.bin")))
+    if os.path.exists(os.path.join(cfg.data_dir, "run.json")):
+        raise DataError(f"--data_dir={cfg.data_dir}: prepare_data.py did not finish there (run.json is left): "
+                        "rerun it to complete the shards")
+    train = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
+    val = sorted(glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin")))
     if train and val:
         return [read_shard(p) for p in train], read_shard(val[0])
-    if cfg["preset"] == "smoke":
+    if preset == "smoke":
         import tiktoken
         enc, here = tiktoken.get_encoding("gpt2"), os.path.dirname(os.path.abspath(__file__))
         tokens = []
@@ -202,31 +186,58 @@ def load_data(cfg):
             with open(path, encoding="utf-8") as f:
                 tokens += [50256] + enc.encode_ordinary(f.read())
         tokens = np.array(tokens, dtype=np.uint16)
-        cut = len(tokens) * 9 // 10
-        return [tokens[:cut]], tokens[cut:]
-    raise ValueError(f"--data_dir={cfg['data_dir']}: no *_train_*.bin and *_val_*.bin shards there; "
-                     "make them with prepare_data.py (or use --preset=smoke)")
+        return [tokens[:len(tokens) * 9 // 10]], tokens[len(tokens) * 9 // 10:]
+    raise DataError(f"--data_dir={cfg.data_dir}: no *_train_*.bin and *_val_*.bin shards there; "
+                    "make them with prepare_data.py (or use --preset=smoke)")
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- the model and its step
 
 def lr_at(step, cfg):
-    """Linear warm-up, then cosine decay from lr to min_lr over decay_steps (or max_steps)."""
-    if step < cfg["warmup_steps"]:
-        return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
-    decay = cfg["decay_steps"] or cfg["max_steps"]
-    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, decay - cfg["warmup_steps"]))
-    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+    """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps (or max_steps)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay = cfg.decay_steps or cfg.max_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, decay - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def make_optimizer(model, cfg, device_type):
     """AdamW, fused on CUDA. Weight decay on every parameter of 2 or more dims: the matrices, and
     also W_v and the compressor / EC weights; none on norm gains, biases and w_beta."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+
+def build(cfg, mcfg, dev):
+    """The model seeded from cfg.seed, its compiled form on CUDA (else itself) and its optimizer:
+    what train.py and bench.py both run."""
+    torch.manual_seed(cfg.seed)
+    raw = GPT(mcfg).to(dev)
+    model = torch.compile(raw) if cfg.compile and dev.type == "cuda" else raw
+    return raw, model, make_optimizer(raw, cfg, dev.type)
+
+
+def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
+    """One optimizer step over accum micro-batches; returns the mean loss and the gradient norm as
+    device tensors (no sync). Under DDP gradients are all-reduced on the last micro-batch only."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss_sum = 0.0
+    for micro in range(accum):
+        x, y = (t.to(raw.wte.weight.device, non_blocking=True) for t in next_batch())
+        last = not isinstance(model, DDP) or micro == accum - 1
+        with nullcontext() if last else model.no_sync():
+            with ctx:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum = loss_sum + loss.detach() / accum
+    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, norm
 
 
 def flops_per_token(model, T):
@@ -236,56 +247,71 @@ def flops_per_token(model, T):
     return 6 * model.num_params() + 12 * c.n_layer * T * c.n_embd
 
 
-def ddl_flops_per_token(c):
-    """The DDL rewrite's extra training FLOPs per token (the paper reports none): 3x the forward's
-    elementwise work, per sublayer about 10 d d_v (compression, readout k^T X, rewrite, v) and
-    4 d (k's norm, beta); the TC compressor adds 2 d d_v per extra tap."""
-    if c.residual == "additive":
-        return 0
-    per_sublayer = 10 * c.n_embd * c.d_v + 4 * c.n_embd
-    if c.d_v > 1 and c.compressor == "tc":
-        per_sublayer += 2 * c.n_embd * c.d_v * (c.conv_kernel - 1)
-    return 3 * 2 * c.n_layer * per_sublayer
-
-
-def model_config(cfg):
-    return GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        return None
-
+# ----------------------------------------------------------------------------- checkpoints and log
 
 def save_atomic(obj, path):
+    """torch.save to a temporary name, then rename: a crash mid-write leaves the old file intact."""
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, mcfg=None):
-    """The checkpoint at path, refusing a missing / unreadable file or (given mcfg) another model config."""
+def load_checkpoint(path, needs=("model", "model_config")):
+    """The checkpoint at path, refusing a missing or unreadable file and one without the keys needed."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path}: {e}") from None
-    diff = {k: (v, getattr(mcfg, k)) for k, v in ckpt["model_config"].items() if mcfg and getattr(mcfg, k) != v}
-    if diff:
-        raise ValueError(f"checkpoint {path} was made with another model config "
-                         + ", ".join(f"{k}={a!r} (asked: {b!r})" for k, (a, b) in diff.items()))
+        raise ConfigError(f"cannot load checkpoint {path}: {e}") from None
+    missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(f"{path} is not a checkpoint of this train.py: it has no {', '.join(missing)}")
     return ckpt
+
+
+def resume_changes(ckpt, cfg, mcfg, world):
+    """What differs from the checkpoint's run. A model config, data, seed or process count of another
+    run is refused (the weights or the data order would not continue); other settings may change."""
+    diff = {k: (v, getattr(mcfg, k)) for k, v in ckpt["model_config"].items() if getattr(mcfg, k) != v}
+    if diff:
+        raise ConfigError("checkpoint was made with another model config "
+                          + ", ".join(f"{k}={a!r} (asked: {b!r})" for k, (a, b) in diff.items()))
+    old, new = {**ckpt["config"], "world_size": ckpt["world_size"]}, {**dataclasses.asdict(cfg), "world_size": world}
+    for key in ("data_dir", "seed", "world_size"):
+        if old[key] != new[key]:
+            raise ConfigError(f"--resume: the checkpoint's {key} was {old[key]!r}, now {new[key]!r}; "
+                              "the data order would not continue: resume with the same value")
+    return {k: [old.get(k), v] for k, v in new.items() if k != "resume" and old.get(k) != v}
+
+
+class RunLog:
+    """out_dir/log.jsonl, one JSON record per line, written by rank 0. A new run starts it empty; a
+    resumed run keeps the `keep` records its checkpoint saw and drops those written after it."""
+    def __init__(self, path, master, keep=0):
+        self.path, self.master, self.records = path, master, keep
+        if master:
+            lines = open(path).readlines() if keep and os.path.exists(path) else []
+            with open(path + ".tmp", "w") as f:
+                f.writelines(lines[:keep])
+            os.replace(path + ".tmp", path)
+            if len(lines) > keep:
+                print(f"dropped the {len(lines) - keep} log records written after the checkpoint", flush=True)
+
+    def __call__(self, rec, line=None):
+        if self.master:
+            if line:
+                print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self.records += 1
 
 
 # ----------------------------------------------------------------------------- training
 
 @torch.no_grad()
 def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
-    """Mean loss over the first val_tokens of the val shard, the same tokens every time, and the
-    gate audit of one val batch."""
-    T, B = cfg["block_size"], cfg["batch_size"]
-    n_win = min(cfg["val_tokens"], len(val) - 1) // T
+    """Mean loss over the first val_tokens // block_size whole windows of the val shard, the same
+    tokens every time, and the gate audit of one val batch."""
+    T, B = raw.config.block_size, cfg.batch_size
+    n_win = min(cfg.val_tokens, len(val) - 1) // T
     total, count = torch.zeros((), device=dev), torch.zeros((), device=dev)
     windows = list(range(rank, n_win, world))
     model.eval()
@@ -297,22 +323,26 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
         count += rows.shape[0]
     gates = None
     if raw.config.residual != "additive" and windows:  # a rank may hold no val window
-        raw.record_gates = True
+        raw.record_gates()
         with ctx:
             raw(rows[:, :-1].to(dev))
-        gates, raw.record_gates = raw.gate_stats(), False
+        gates = raw.gate_stats()
+        raw.record_gates(False)
     model.train()
     if world > 1:
         dist.all_reduce(total)
         dist.all_reduce(count)
-    return (total / count.clamp(min=1)).item(), gates
+    return (total / count).item(), gates
 
 
 def setup(cfg):
     """Process group (torchrun), device and autocast context."""
     ddp = "RANK" in os.environ
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
-    dev_type = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device='cuda': this torch finds no CUDA device (CPU-only build or no GPU); "
+                          "use --device=cpu or auto")
+    dev_type = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(f"cuda:{local}" if dev_type == "cuda" else "cpu")
     if dev_type == "cuda":
         torch.cuda.set_device(dev)
@@ -320,116 +350,119 @@ def setup(cfg):
     if ddp:
         dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev_type == "cuda" else nullcontext()
-    return rank, world, dev, dev_type, ctx
+    return rank, world, dev, ctx
 
 
-def train(cfg):
-    rank, world, dev, dev_type, ctx = setup(cfg)
-    master = rank == 0
-    B, T = cfg["batch_size"], cfg["block_size"]
-    if cfg["total_batch"] % (B * world):
-        raise ValueError(f"--total_batch={cfg['total_batch']} must be a multiple of batch_size x processes "
-                         f"= {B * world}")
-    accum = cfg["total_batch"] // (B * world)
-    mcfg = model_config(cfg)
-    ckpt_path, log_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "log.jsonl")
-    ckpt = load_checkpoint(ckpt_path, mcfg) if cfg["resume"] else None
-    train_shards, val = load_data(cfg)
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite: training stops, the last checkpoint stays."""
+
+
+def train(cfg, mcfg):
+    rank, world, dev, ctx = setup(cfg)
+    B, T = cfg.batch_size, mcfg.block_size
+    if cfg.total_batch % (B * world):
+        raise ConfigError(f"--total_batch={cfg.total_batch} must be a multiple of batch_size x processes = {B * world}")
+    if cfg.val_tokens < T:
+        raise ConfigError(f"--val_tokens={cfg.val_tokens}: must be >= block_size={T} (one whole val window)")
+    accum, ckpt_path = cfg.total_batch // (B * world), os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, ("model", "optimizer", "step", "config", "model_config", "data", "rng",
+                                       "world_size", "log_records")) if cfg.resume else None
+    changed = resume_changes(ckpt, cfg, mcfg, world) if ckpt else None
+    train_shards, val = load_data(cfg, cfg.preset)
     if len(val) < T + 1:
-        raise ValueError(f"the val shard holds {len(val)} tokens, fewer than block_size + 1 = {T + 1}")
-    torch.manual_seed(cfg["seed"])
-    raw = GPT(mcfg).to(dev)
-    opt = make_optimizer(raw, cfg, dev_type)
-    stream = TokenStream(train_shards, T, B, cfg["seed"], rank, world)
-    step = 0
+        raise DataError(f"the val shard holds {len(val)} tokens, fewer than block_size + 1 = {T + 1}")
+    raw, model, opt = build(cfg, mcfg, dev)
+    stream, step = TokenStream(train_shards, T, B, cfg.seed, rank, world), 0
     if ckpt:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         stream.load_state(ckpt["data"])
-        step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
-    model = torch.compile(raw) if cfg["compile"] and dev_type == "cuda" else raw
+        step = ckpt["step"]
     if world > 1:
-        model = DDP(model, device_ids=[dev.index] if dev_type == "cuda" else None)
-    fpt = flops_per_token(raw, T)
-    name = torch.cuda.get_device_name(dev) if dev_type == "cuda" else "cpu"
-    peak = cfg["peak_tflops"] or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), rank == 0, ckpt["log_records"] if ckpt else 0)
+    log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
+             git_commit=git_commit(), torch=torch.__version__, device=name, world_size=world, grad_accum=accum,
+             params=raw.num_params(), resumed_from=step if ckpt else None, changed=changed),
+        f"{name} x{world} | {raw.num_params():,} params | accum {accum} | {cfg.total_batch * T:,} tokens/step"
+        + (f" | resumed at step {step}, changed: {changed or 'nothing'}" if ckpt else ""))
+    # the first step whose loss or gradient norm was not finite (-1: none) stays on the device; it is
+    # read only where the loop syncs anyway (log lines) and before every checkpoint
+    bad_step = torch.full((), -1, dtype=torch.long, device=dev)
 
-    def log(rec, line=None):
-        if master:
-            if line:
-                print(line, flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        if not ckpt and os.path.exists(log_path):
-            os.remove(log_path)
-    log(dict(type="config", config=cfg, git_commit=git_commit(), torch=torch.__version__, device=name,
-             world_size=world, grad_accum=accum, params=raw.num_params(), resumed_from=step if ckpt else None),
-        f"{name} x{world} | {raw.num_params():,} params | accum {accum} | {cfg['total_batch'] * T:,} tokens/step")
+    def check_finite():
+        if (bad := bad_step.item()) >= 0:
+            log(dict(type="diverged", step=bad))
+            raise Diverged(f"the loss or gradient norm is not finite at step {bad}: training stopped, "
+                           f"{ckpt_path} is left as it was; lower --lr or lengthen --warmup_steps")
 
     def checkpoint():
-        if master:
-            save_atomic(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step, config=cfg,
-                             model_config=dataclasses.asdict(mcfg), data=stream.state(),
-                             rng=dict(cpu=torch.get_rng_state())), ckpt_path)
+        check_finite()  # never a checkpoint of non-finite weights
+        if rank == 0:
+            save_atomic(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step, world_size=world,
+                             config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
+                             data=stream.state(), rng=dict(cpu=torch.get_rng_state()), log_records=log.records),
+                        ckpt_path)
 
     def run_eval():
-        t0 = time.time()
         vloss, gates = evaluate(model, raw, val, cfg, ctx, dev, rank, world)
         log(dict(type="val", step=step, loss=vloss, ppl=math.exp(vloss)),
             f"step {step:6d} | val loss {vloss:.4f} | ppl {math.exp(vloss):.2f}")
         if gates:
             log(dict(type="gates", step=step, gates=gates))
-        return time.time() - t0
 
-    # the clock: training time only, without the first step (compilation) and without evaluations
-    first, t_mark, step_mark, train_time = step + 1, None, step, 0.0
-    while step < cfg["max_steps"]:
-        if step % cfg["eval_interval"] == 0:
-            if dev_type == "cuda":
-                torch.cuda.synchronize(dev)  # charge the pending training work to training
-            eval_s = run_eval()
-            t_mark = t_mark and t_mark + eval_s
+    # the clock counts training only: it starts after the first step (compilation), pauses for evals
+    t0, timed, train_time = None, 0, 0.0
+    while step < cfg.max_steps:
+        if step % cfg.eval_interval == 0:
+            sync()
+            if t0 is not None:
+                train_time += time.perf_counter() - t0
+            run_eval()
+            if t0 is not None:
+                t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss_sum = torch.zeros((), device=dev)
-        for micro in range(accum):
-            x, y = stream.next_batch()
-            sync = world == 1 or micro == accum - 1
-            with nullcontext() if sync else model.no_sync():  # all-reduce only on the last micro-step
-                with ctx:
-                    _, loss = model(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
-                (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
+        loss, norm = train_step(model, raw, opt, stream.next_batch, accum, lr, cfg, ctx)
         if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        if step == first or step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
-            lval, now = loss_sum.item(), time.time()  # .item() syncs the device before the clock
-            # the first step holds compilation: it is logged untimed and the clock starts after it
-            ms = (now - t_mark) * 1000 / (step - step_mark) if t_mark else float("nan")
-            train_time += (now - t_mark) if t_mark else 0.0
-            t_mark, step_mark = now, step
-            tps = cfg["total_batch"] * T / (ms / 1000)
-            mfu = fpt * tps / (peak * 1e12) if peak else None
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        step += 1
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss + norm), step, bad_step)
+        if t0 is None:
+            sync()
+            t0 = time.perf_counter()
+        else:
+            timed += 1
+        if timed == 0 or step % cfg.log_interval == 0 or step == cfg.max_steps:
+            lval, elapsed = loss.item(), train_time + time.perf_counter() - t0  # .item() syncs first
+            ms = 1000 * elapsed / timed if timed else None
+            tps = cfg.total_batch * T / (ms / 1000) if ms else None
+            mfu = flops_per_token(raw, T) * tps / world / (peak * 1e12) if ms and peak else None  # per GPU
             log(dict(type="train", step=step, loss=lval, lr=lr, grad_norm=norm.item(), ms_per_step=ms,
-                     tokens_per_s=tps, mfu=mfu, train_time_s=train_time),
+                     tokens_per_s=tps, mfu=mfu, train_time_s=elapsed),
                 f"step {step:6d} | loss {lval:.4f} | lr {lr:.2e} | norm {norm.item():.3f} | "
-                + (f"{ms:7.1f} ms | {tps:,.0f} tok/s" if ms == ms else "first step, untimed")
-                + (f" | mfu {100 * mfu:.1f}%" if mfu and mfu == mfu else ""))
-        if step % cfg["ckpt_interval"] == 0 or step == cfg["max_steps"]:
+                + (f"{ms:7.1f} ms | {tps:,.0f} tok/s" if ms else "first step, untimed")
+                + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+            check_finite()
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             checkpoint()
     run_eval()
-    if dev_type == "cuda" and master:
+    if dev.type == "cuda" and rank == 0:
         print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
-    if master and cfg["sample_tokens"]:
+    if rank == 0 and cfg.sample_tokens:
         print("sample:", sample(raw, cfg, dev, ctx))
     if world > 1:
         dist.barrier()  # tear down together: a rank leaving while another still talks aborted gloo runs
@@ -437,139 +470,30 @@ def train(cfg):
 
 
 def sample(model, cfg, dev, ctx):
+    """A continuation of cfg.prompt, restricted to the ids tiktoken can decode (no vocabulary padding)."""
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
-    torch.manual_seed(cfg["seed"])
-    idx = torch.tensor([[50256] + enc.encode_ordinary(cfg["prompt"])], device=dev)
+    torch.manual_seed(cfg.seed)
+    idx = torch.tensor([[enc.eot_token] + enc.encode_ordinary(cfg.prompt)], device=dev)
     with ctx:
-        out = model.generate(idx, cfg["sample_tokens"], temperature=0.8, top_k=200)
+        out = model.generate(idx, cfg.sample_tokens, temperature=0.8, top_k=200, n_vocab=enc.n_vocab)
     return enc.decode(out[0, 1:].tolist())
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-def time_ms(fn, steps, dev):
-    """Median wall time of fn in ms over steps calls after 3 warm-up calls (compilation), with the
-    device synchronised before every clock read."""
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
-
-
-def matmul_peak_tflops(dev):
-    """Measured dense bf16 matmul rate (8192^3 on random data; fp32 512^3 on a CPU, for the code path)."""
-    n, dtype = (8192, torch.bfloat16) if dev.type == "cuda" else (512, torch.float32)
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    return 2 * n ** 3 / time_ms(lambda: a @ b, 10, dev) / 1e9
-
-
-def check_fast_path(dev, use_compile):
-    """The model's rewrite (DeltaRule, compiled on CUDA as the benchmark runs it) against the reference
-    delta_update in float64, on fresh random inputs in bf16 and fp32: the output and the gradients of
-    X, k, v, beta. Prints the largest relative error and fails beyond 1e-2 (bf16) / 1e-5 (fp32)."""
-    from ddl import DeltaRule, delta_update
-    fast = torch.compile(DeltaRule.apply) if use_compile else DeltaRule.apply
-    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
-        X, kt, G = torch.randn(8, 256, 768, 4, device=dev), torch.randn(8, 256, 768, device=dev), torch.randn(8, 256, 768, 4, device=dev)
-        k = kt / kt.norm(dim=-1, keepdim=True)
-        v, beta = 4 * torch.rand(8, 256, 4, device=dev), 2 * torch.rand(8, 256, device=dev)
-        errs = []
-        for f, ins in ((delta_update, [t.double() for t in (X, k, v, beta)]),
-                       (fast, [X.to(dtype), k.to(dtype), v, beta])):
-            ins = [t.detach().requires_grad_() for t in ins]
-            out = f(*ins)
-            out.backward(G.to(out.dtype))
-            errs.append([out] + [t.grad for t in ins])
-        err = max(((b.double() - a).norm() / a.norm()).item() for a, b in zip(*errs))
-        print(f"fast path (output and 4 gradients) vs float64 reference, {dtype}: max relative error {err:.2e} (limit {tol:.0e})")
-        if not err <= tol:
-            raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
-
-
-def bench(cfg):
-    """Training and inference throughput of every variant at the configured size, in one process,
-    against the additive baseline; prints one table and returns its rows."""
-    _, _, dev, dev_type, ctx = setup(cfg)
-    B, T = cfg["bench_batch"], cfg["block_size"]
-    names = cfg["bench_variants"].split(",")
-    for n in names:
-        if n not in VARIANTS:
-            raise ValueError(f"--bench_variants: unknown variant {n!r}; allowed: {', '.join(VARIANTS)}")
-    peak = matmul_peak_tflops(dev)
-    check_fast_path(dev, cfg["compile"] and dev_type == "cuda")
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    x, y = (torch.randint(0, cfg["vocab_size"], (B, T), generator=gen).to(dev) for _ in range(2))
-    rows = []
-    for n in names:
-        mcfg = model_config({**cfg, **VARIANTS[n]})
-        torch.manual_seed(cfg["seed"])
-        raw = GPT(mcfg).to(dev)
-        opt = make_optimizer(raw, cfg, dev_type)
-        model = torch.compile(raw) if cfg["compile"] and dev_type == "cuda" else raw
-
-        def train_step():
-            with ctx:
-                _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        def infer_step():
-            with torch.no_grad(), ctx:
-                model(x, y)
-
-        if dev_type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        train_ms = time_ms(train_step, cfg["bench_steps"], dev)
-        mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev_type == "cuda" else float("nan")
-        infer_ms = time_ms(infer_step, cfg["bench_steps"], dev)
-        fpt = flops_per_token(raw, T)
-        rows.append(dict(variant=n, params=raw.num_params(), flops_per_token=fpt + ddl_flops_per_token(mcfg),
-                         train_ms=train_ms, train_tps=B * T / train_ms * 1000, infer_tps=B * T / infer_ms * 1000,
-                         mem_gib=mem, mfu=fpt * B * T / train_ms * 1000 / (peak * 1e12)))
-        del raw, opt, model
-        torch._dynamo.reset()  # a fresh compile cache per variant, so none hits the recompile limit
-    base = next((r for r in rows if r["variant"] == "additive"), rows[0])
-    name = torch.cuda.get_device_name(dev) if dev_type == "cuda" else "cpu"
-    print(f"\n{name} | matmul peak {peak:.0f} TFLOP/s | micro-batch {B} x {T} | compile "
-          f"{cfg['compile'] and dev_type == 'cuda'} | ratios against {base['variant']}")
-    print(f"{'variant':9} {'params':>12} {'GFLOP/tok':>9} {'ms/step':>8} {'train tok/s':>12} {'ratio':>6} "
-          f"{'infer tok/s':>12} {'ratio':>6} {'mem GiB':>8} {'ratio':>6} {'MFU':>6}")
-    for r in rows:
-        print(f"{r['variant']:9} {r['params']:12,} {r['flops_per_token'] / 1e9:9.3f} {r['train_ms']:8.1f} "
-              f"{r['train_tps']:12,.0f} {r['train_tps'] / base['train_tps']:6.3f} {r['infer_tps']:12,.0f} "
-              f"{r['infer_tps'] / base['infer_tps']:6.3f} {r['mem_gib']:8.2f} {r['mem_gib'] / base['mem_gib']:6.3f} "
-              f"{100 * r['mfu']:5.1f}%")
-    return rows
-
-
 def main(argv):
-    defaults = {k: globals()[k] for k in KEYS}
-    cfg = parse_overrides(argv, defaults)
-    if cfg["mode"] == "train":
-        train(cfg)
-    elif cfg["mode"] == "sample":
-        _, _, dev, _, ctx = setup(cfg)
-        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+    cfg, mcfg = parse_args(argv)
+    if cfg.mode == "train":
+        train(cfg, mcfg)
+    else:
+        _, _, dev, ctx = setup(cfg)
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         model = GPT(GPTConfig(**ckpt["model_config"])).to(dev)
         model.load_state_dict(ckpt["model"])
         print(sample(model.eval(), cfg, dev, ctx))
-    else:
-        bench(cfg)
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:
+    except (ConfigError, DataError, Diverged) as e:  # what a user can act on; anything else keeps its traceback
         sys.exit(f"train.py: error: {e}")

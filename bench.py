@@ -1,0 +1,161 @@
+"""
+Throughput of every DDL variant against the additive baseline, in one process on one device.
+
+    python bench.py --preset=124m                       # the table of docs/performance.md, one GPU
+    python bench.py --preset=124m --bench_variants=additive,cc --bench_batch=32
+    python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
+
+First the measured bf16 matmul peak and a check of the model's rewrite as it runs (Eq. 2.2 under
+autocast and torch.compile) against the float64 reference; then, per variant, full training steps
+(train.py's build and train_step: forward, backward, clip, AdamW) and inference forwards on a fixed
+random batch, median of bench_steps after 3 warm-up calls. Takes train.py's and GPTConfig's keys too.
+"""
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ddl import ConfigError, GPTConfig, delta_update, setting
+from train import TrainConfig, build, flops_per_token, parse_args, setup, train_step
+
+VARIANTS = {
+    "additive": dict(residual="additive", d_v=1),
+    "delta": dict(residual="delta", d_v=1),
+    "cc": dict(residual="delta", d_v=4, compressor="cc", embed_conv=True),
+    "tc": dict(residual="delta", d_v=4, compressor="tc", embed_conv=True),
+    "write": dict(residual="write", d_v=4, compressor="cc", embed_conv=True),
+}
+
+
+@dataclass
+class BenchConfig:
+    bench_batch: int = setting(16, "micro-batch of the timed steps")
+    bench_steps: int = setting(20, "timed steps per variant")
+    bench_variants: str = setting(",".join(VARIANTS), "comma-separated, from " + ", ".join(VARIANTS))
+
+    def __post_init__(self):
+        for key in ("bench_batch", "bench_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key}={getattr(self, key)!r}: must be >= 1")
+        for name in self.bench_variants.split(","):
+            if name not in VARIANTS:
+                raise ConfigError(f"--bench_variants: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
+
+
+def time_ms(fn, steps, dev):
+    """Median wall time of fn in ms over steps calls after 3 warm-up calls (compilation), with the
+    device synchronised before every clock read."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times))
+
+
+def matmul_peak_tflops(dev):
+    """Measured dense matmul rate: bf16 8192^3 on a GPU, fp32 512^3 on a CPU."""
+    n, dtype = (8192, torch.bfloat16) if dev.type == "cuda" else (512, torch.float32)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    return 2 * n ** 3 / time_ms(lambda: a @ b, 10, dev) / 1e9
+
+
+def check_fast_path(dev, use_compile):
+    """Eq. 2.2 as the model runs it (compiled on CUDA, state in bf16 or fp32, v and beta in fp32)
+    against delta_update in float64 on random inputs: the output and the gradients of X, k, v,
+    beta. Prints the largest relative error; fails beyond 1e-2 (bf16) / 1e-5 (fp32)."""
+    rule = torch.compile(delta_update) if use_compile else delta_update
+    gen = torch.Generator().manual_seed(0)
+    X, kt, G = (torch.randn(*s, generator=gen).to(dev) for s in ((8, 256, 768, 4), (8, 256, 768), (8, 256, 768, 4)))
+    k = kt / kt.norm(dim=-1, keepdim=True)
+    v, beta = 4 * torch.rand(8, 256, 4, generator=gen).to(dev), 2 * torch.rand(8, 256, generator=gen).to(dev)
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        results = []
+        for f, ins in ((delta_update, [t.double() for t in (X, k, v, beta)]), (rule, [X.to(dtype), k.to(dtype), v, beta])):
+            ins = [t.detach().requires_grad_() for t in ins]
+            out = f(*ins)
+            out.backward(G.to(out.dtype))
+            results.append([out] + [t.grad for t in ins])
+        err = max(((b.double() - a).norm() / a.norm()).item() for a, b in zip(*results))
+        print(f"Eq. 2.2 as run vs float64 reference (output, 4 gradients), {dtype}: max relative error "
+              f"{err:.2e} (limit {tol:.0e})")
+        if not err <= tol:
+            raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
+
+
+def check_cpu_memory(mcfg, B, d_v):
+    """On a CPU, refuse a size that would not fit in memory (the out-of-memory killer gives no message).
+    A rough upper estimate: parameters with gradients and AdamW state, fp32 logits for the loss and
+    its gradient, and about 40 saved fp32 activations of width d x d_v per layer and token."""
+    n = B * mcfg.block_size
+    need = (16 * 12 * mcfg.n_layer * mcfg.n_embd ** 2 + 16 * mcfg.vocab_size * mcfg.n_embd
+            + n * 8 * mcfg.vocab_size + n * 160 * mcfg.n_layer * mcfg.n_embd * d_v)
+    have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise ConfigError(f"bench on a CPU at this size needs about {need / 2**30:.0f} GiB and {have / 2**30:.0f} GiB "
+                          "are free: use --preset=smoke, a smaller --bench_batch or a GPU")
+
+
+def bench(cfg, mcfg, bcfg):
+    """Training and inference throughput of each variant at mcfg's size against the additive
+    baseline (or the first variant); prints one table and returns its rows."""
+    _, _, dev, ctx = setup(cfg)
+    B, T = bcfg.bench_batch, mcfg.block_size
+    names = bcfg.bench_variants.split(",")
+    if dev.type == "cpu":
+        check_cpu_memory(mcfg, B, max(VARIANTS[n]["d_v"] for n in names))
+    peak = matmul_peak_tflops(dev)
+    check_fast_path(dev, cfg.compile and dev.type == "cuda")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, y = (torch.randint(0, mcfg.vocab_size, (B, T), generator=gen).to(dev) for _ in range(2))
+    rows = []
+    for n in names:
+        raw, model, opt = build(cfg, replace(mcfg, **VARIANTS[n]), dev)
+
+        def infer():
+            with torch.no_grad(), ctx:
+                model(x, y)
+
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        train_ms = time_ms(lambda: train_step(model, raw, opt, lambda: (x, y), 1, cfg.lr, cfg, ctx), bcfg.bench_steps, dev)
+        mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+        infer_ms = time_ms(infer, bcfg.bench_steps, dev)
+        fpt = flops_per_token(raw, T)
+        rows.append(dict(variant=n, params=raw.num_params(), train_ms=train_ms, train_tps=B * T / train_ms * 1000,
+                         infer_tps=B * T / infer_ms * 1000, mem_gib=mem, mfu=fpt * B * T / train_ms / 1e9 / peak))
+        del raw, opt, model
+        torch._dynamo.reset()  # a fresh compile cache per variant, so none hits the recompile limit
+    print_table(rows, dev, peak, B, T, cfg.compile and dev.type == "cuda")
+    return rows
+
+
+def print_table(rows, dev, peak, B, T, compiled):
+    base = next((r for r in rows if r["variant"] == "additive"), rows[0])
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    unit = "bf16" if dev.type == "cuda" else "fp32"
+    print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile {compiled} | "
+          f"ratios against {base['variant']}")
+    print(f"{'variant':9} {'params':>12} {'ms/step':>8} {'train tok/s':>12} {'ratio':>6} {'infer tok/s':>12} "
+          f"{'ratio':>6} {'mem GiB':>8} {'ratio':>6} {'MFU':>6}")
+    for r in rows:
+        mem = f"{r['mem_gib']:8.2f} {r['mem_gib'] / base['mem_gib']:6.3f}" if r["mem_gib"] else f"{'n/a':>8} {'':6}"
+        print(f"{r['variant']:9} {r['params']:12,} {r['train_ms']:8.1f} {r['train_tps']:12,.0f} "
+              f"{r['train_tps'] / base['train_tps']:6.3f} {r['infer_tps']:12,.0f} {r['infer_tps'] / base['infer_tps']:6.3f} "
+              f"{mem} {100 * r['mfu']:5.1f}%")
+
+
+if __name__ == "__main__":
+    try:
+        bench(*parse_args(sys.argv[1:], (TrainConfig, GPTConfig, BenchConfig)))
+    except ConfigError as e:
+        sys.exit(f"bench.py: error: {e}")
