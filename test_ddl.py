@@ -326,6 +326,27 @@ def test_round_trip_split_sizes_and_header(tmp_path):
     assert header[:3].tolist() == [20240520, 1, 10] and not header[3:].any()
 
 
+def test_document_order_kept_by_two_workers_with_short_and_long_documents(tmp_path):
+    # 16 long documents, then short and long ones alternating: a worker that finishes a short document or
+    # a light chunk early must not move it ahead (imap_unordered, or any reordering of chunks, would)
+    docs = [f"long {i}" + " x" * 5000 for i in range(16)]
+    docs += [str(i) if i % 2 else f"long {i}" + " x" * 5000 for i in range(16, 48)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "100", "--workers", "2")
+    assert all_tokens(tmp_path / "out").tolist() == eot_tokens(docs)
+
+
+def test_prepare_max_tokens_is_exact(tmp_path):
+    write_inputs(tmp_path / "in")
+    want = eot_tokens(DOCS)
+    for cap in (37, len(eot_tokens(DOCS[:2])) + 1):  # inside a document; the first token of the third
+        m = run_prepare(tmp_path / "in", tmp_path / str(cap), "--val_tokens", "10", "--shard_tokens", "8",
+                        "--max_tokens", str(cap))
+        assert all_tokens(tmp_path / str(cap)).tolist() == want[:cap]
+        assert m["total_tokens"] == cap and m["documents"] == want[:cap].count(50256)
+
+
 def test_parquet_input(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -441,6 +462,37 @@ def test_read_shard_refuses_truncated_and_foreign_files(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(prepare_data.DataError, match=message):
             prepare_data.read_shard(tmp_path / name)
+
+
+class FullDisk:
+    """A file that takes the first `room` bytes written to it, then fails as a full disk would."""
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        self.f.write(data[:self.room])
+        if len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+
+    def writelines(self, chunks):
+        for chunk in chunks:
+            self.write(chunk)
+
+
+def test_shard_write_dying_mid_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, "open", lambda path, mode="r": FullDisk(open(path, mode), 1024), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_data.write_shard(str(tmp_path / "s.bin"), np.arange(100, dtype=np.uint16))
+    assert not (tmp_path / "s.bin").exists()
+    assert [(f.name, f.stat().st_size) for f in tmp_path.iterdir()] == [("s.bin.tmp", 1024)]  # died after the header
 
 
 def test_interrupted_run_leaves_no_partial_shard_and_reruns_identically(tmp_path, monkeypatch):
