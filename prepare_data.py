@@ -1,18 +1,19 @@
-"""
-FineWeb-Edu (or any local text) -> GPT-2 token shards for train.py, as build-nanogpt's fineweb.py.
+"""FineWeb-Edu (or any local text) -> GPT-2 token shards for train.py, as build-nanogpt's fineweb.py.
 
     python prepare_data.py                                     # FineWeb-Edu sample-10BT from the HF hub
     python prepare_data.py --input corpus/ --out data/local   # offline: .txt, .jsonl(.gz), .parquet
 
-Each document: the end-of-text token 50256, then tiktoken GPT-2's ordinary encoding of its text.
-Shards use the llm.c .bin layout (256 int32 header: magic, version, token count; uint16 tokens):
-first {prefix}_val_000000.bin (--val_tokens), then {prefix}_train_{k:06d}.bin (--shard_tokens each).
+Each document (a .txt file, a JSON line, a parquet row): the end-of-text token 50256, then tiktoken GPT-2's
+ordinary encoding of its UTF-8 text as stored. Shards use llm.c's .bin layout (256 int32 header: magic, version,
+token count; uint16 tokens): {prefix}_val_000000.bin holds the input's first --val_tokens (to hold out a file,
+name it first), then {prefix}_train_{k:06d}.bin. run.json marks an unfinished output, manifest.json a complete one.
 """
 import argparse
 import gzip
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 
@@ -26,176 +27,146 @@ EXTENSIONS = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 
 
 class DataError(ValueError):
-    """The input or a shard is not usable; the message says which and why (one line, no traceback)."""
+    """A problem with the user's input, options or shards: reported in one line, without a traceback."""
 
 
 def read_shard(path):
     """The uint16 tokens of a .bin shard (memory-mapped), after checking magic, version and size."""
-    size = os.path.getsize(path)
-    if size < 4 * HEADER_INTS:
-        raise ValueError(f"{path}: {size} bytes is shorter than the {4 * HEADER_INTS}-byte shard header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != MAGIC:
-        raise ValueError(f"{path}: magic {header[0]} is not {MAGIC}: not a token shard")
-    if header[1] != VERSION:
-        raise ValueError(f"{path}: shard version {header[1]} is not supported (expected {VERSION})")
-    n = int(header[2])
-    if size != 4 * HEADER_INTS + 2 * n:
-        raise ValueError(f"{path}: header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) but the file "
-                         f"has {size} bytes: truncated or corrupt")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
+    size, head = os.path.getsize(path), 4 * HEADER_INTS
+    if size < head:
+        raise DataError(f"{path}: {size} bytes is shorter than the {head}-byte shard header")
+    magic, version, n = np.fromfile(path, dtype="<i4", count=3).tolist()
+    if (magic, version) != (MAGIC, VERSION):
+        raise DataError(f"{path}: magic {magic}, version {version} (expected {MAGIC}, {VERSION}): not a token shard")
+    if size != head + 2 * n:
+        raise DataError(f"{path}: header says {n} tokens ({head + 2 * n} bytes), the file has {size}: corrupt")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=head, shape=(n,))
 
 
-def write_shard(path, tokens):
-    """Write atomically: a temporary name, then os.replace, so no partial file has the final name."""
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
+def write_atomic(path, *chunks):
+    """Write bytes-like chunks under a temporary name, then os.replace: no partial file has the final name."""
     with open(path + ".tmp", "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
+        f.writelines(chunks)
     os.replace(path + ".tmp", path)
 
 
-# ----------------------------------------------------------------------------- sources
+def write_shard(path, tokens):
+    header = np.array([MAGIC, VERSION, len(tokens)] + [0] * (HEADER_INTS - 3), dtype="<i4")
+    write_atomic(path, header, tokens.astype("<u2", copy=False))  # numpy arrays are written without a copy
+
 
 def local_files(paths):
     """The input files, folders walked in sorted order; missing paths and other extensions refused."""
     files = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs)
-            files += [f for f in found if f.endswith(EXTENSIONS)]
-        elif not os.path.exists(p):
-            raise ValueError(f"--input: {p} does not exist")
-        elif not p.endswith(EXTENSIONS):
-            raise ValueError(f"--input: {p} has an unsupported extension (allowed: {', '.join(EXTENSIONS)})")
-        else:
+            files += sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if f.endswith(EXTENSIONS))
+        elif os.path.exists(p) and p.endswith(EXTENSIONS):
             files.append(p)
+        else:
+            why = "has an unsupported extension" if os.path.exists(p) else "does not exist"
+            raise DataError(f"--input: {p} {why} (allowed: {', '.join(EXTENSIONS)}, or folders of them)")
     if not files:
-        raise ValueError(f"--input: no {', '.join(EXTENSIONS)} files found in {paths}")
+        raise DataError(f"--input: no {', '.join(EXTENSIONS)} files found in {paths}")
     return files
 
 
 def row_text(row, field, where):
     """The text of one JSON object / dataset row, with errors naming where it came from."""
     if not isinstance(row, dict) or field not in row:
-        raise ValueError(f"{where}: no '{field}' field (see --text_field)")
+        raise DataError(f"{where}: no '{field}' field (see --text_field)")
     if not isinstance(row[field], str):
-        raise ValueError(f"{where}: the text field is {type(row[field]).__name__}, not a string")
+        raise DataError(f"{where}: the text field is {type(row[field]).__name__}, not a string")
     return row[field]
 
 
 def file_documents(path, text_field):
-    """Yield (text, where) from one file; errors name the file and line."""
+    """Yield (text, where, path) from one local file; errors name the file and line (or row)."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise SystemExit(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
+            raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
         batches = pq.ParquetFile(path).iter_batches(columns=[text_field])  # streamed, row group by group
         for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
-            yield row_text(row, text_field, f"{path} row {i}"), f"{path} row {i}"
+            yield row_text(row, text_field, f"{path} row {i}"), f"{path} row {i}", path
         return
-    opener = gzip.open if path.endswith(".gz") else open
-    lineno = 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for lineno, data in enumerate([f.read()] if path.endswith(".txt") else f, 1):  # a .txt is one document
+            try:
+                text, where = data.decode("utf-8"), f"{path} line {lineno}"
+            except UnicodeDecodeError as e:
+                bad = lineno + data.count(b"\n", 0, e.start)
+                raise DataError(f"{path} line {bad}: not valid UTF-8 (byte {data[e.start]:#x})") from None
             if path.endswith(".txt"):
-                yield f.read(), path
-                return
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+                yield text, path, path
+            elif text.strip():
                 try:
-                    row = json.loads(line)
+                    row = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-                yield row_text(row, text_field, f"{path} line {lineno}"), f"{path} line {lineno}"
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} after line {lineno}: not valid UTF-8") from None
-
-
-def load_hub(name):
-    """FineWeb-Edu rows streamed from the Hugging Face hub (needs `datasets`)."""
-    try:
-        import datasets
-    except ImportError:
-        raise SystemExit("downloading FineWeb-Edu needs the datasets package: pip install datasets "
-                         "(or use --input with local files)")
-    return datasets.load_dataset(HUB_DATASET, name=name, split="train", streaming=True)
+                    raise DataError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
+                yield row_text(row, text_field, where), where, path
 
 
 def documents(args, files):
-    if args.input:
-        for path in files:
-            yield from file_documents(path, args.text_field)
-    else:
-        for i, row in enumerate(load_hub(args.name)):
-            where = f"{HUB_DATASET}:{args.name} row {i}"
-            yield row_text(row, args.text_field, where), where
+    """Yield (text, where, source) in input order; source: the input file, or the hub dataset (streamed)."""
+    for path in files or []:
+        yield from file_documents(path, args.text_field)
+    if not args.input:
+        try:
+            import datasets
+        except ImportError:
+            raise DataError("FineWeb-Edu from the hub needs `pip install datasets` (or use --input)") from None
+        source = f"{HUB_DATASET}:{args.name}"
+        for i, row in enumerate(datasets.load_dataset(HUB_DATASET, name=args.name, split="train", streaming=True)):
+            yield row_text(row, args.text_field, f"{source} row {i}"), f"{source} row {i}", source
 
-
-# ----------------------------------------------------------------------------- tokenisation
 
 def tokenize(item):
-    text, where = item
-    # encode_ordinary's tokens (no special tokens recognised), returned straight as a numpy array;
-    # unlike encode_ordinary it refuses lone surrogates (from JSON escapes), which are not UTF-8
-    try:
+    """(source, tokens) of one document (text, where, source): EOT, then the text's ordinary encoding."""
+    text, where, source = item
+    try:  # encode_ordinary's tokens as numpy; unlike encode_ordinary it refuses lone surrogates (not UTF-8)
         body = tiktoken.get_encoding("gpt2").encode_to_numpy(text, allowed_special=set(), disallowed_special=())
     except UnicodeEncodeError:
-        raise ValueError(f"{where}: text is not valid UTF-8") from None
-    tokens = np.empty(len(body) + 1, dtype=np.uint16)
-    tokens[0], tokens[1:] = EOT, body
-    return tokens
+        raise DataError(f"{where}: text is not valid UTF-8") from None
+    return source, np.concatenate([[EOT], body]).astype(np.uint16)
 
 
 class ShardWriter:
-    """Fills fixed-size buffers and writes val, then train shards; memory is one shard."""
-    def __init__(self, out, prefix, val_tokens, shard_tokens):
-        self.out, self.prefix, self.shard_tokens = out, prefix, shard_tokens
-        self.split, self.index, self.shards, self.fill = "val" if val_tokens else "train", 0, [], 0
-        self.buf = np.empty(val_tokens or shard_tokens, dtype=np.uint16)
+    """Cuts the token stream into the val shard, then train shards; val_sources: tokens each source gave val."""
+    def __init__(self, args):
+        self.args, self.shards, self.val_sources, self.fill = args, [], {}, 0
+        self.split = "val" if args.val_tokens else "train"
+        self.buf = np.empty(args.val_tokens or args.shard_tokens, dtype=np.uint16)
 
-    def add(self, tokens):
+    def add(self, tokens, source):
         while len(tokens):
             n = min(len(tokens), len(self.buf) - self.fill)
-            self.buf[self.fill:self.fill + n] = tokens[:n]
-            self.fill, tokens = self.fill + n, tokens[n:]
+            if self.split == "val":
+                self.val_sources[source] = self.val_sources.get(source, 0) + n
+            self.buf[self.fill:self.fill + n], self.fill, tokens = tokens[:n], self.fill + n, tokens[n:]
             if self.fill == len(self.buf):
                 self.flush()
 
     def flush(self):
-        if self.fill == 0:
-            return
-        name = f"{self.prefix}_{self.split}_{self.index:06d}.bin"
-        write_shard(os.path.join(self.out, name), self.buf[:self.fill])
-        self.shards.append({"file": name, "split": self.split, "tokens": int(self.fill)})
-        if self.split == "val":
-            self.split, self.index = "train", 0
-            self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
-        else:
-            self.index += 1
-        self.fill = 0
-
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+        if self.fill:
+            name = f"{self.args.prefix}_{self.split}_{sum(s['split'] == self.split for s in self.shards):06d}.bin"
+            write_shard(os.path.join(self.args.out, name), self.buf[:self.fill])
+            self.shards.append({"file": name, "split": self.split, "tokens": self.fill})
+            print(f"wrote {name}: {self.fill:,} tokens", file=sys.stderr, flush=True)
+            self.split, self.fill, self.buf = "train", 0, np.empty(self.args.shard_tokens, dtype=np.uint16)
 
 
 def read_json(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The JSON object in path, or None if there is no such file."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
 
 
 def claim_output(out, run_args, force):
-    """Make `out` ready for this run. Returns the manifest if the same run is already complete;
-    otherwise clears an unfinished run of the same arguments (a restart from scratch) and marks
-    the folder with run.json. Shards of another run are refused unless force."""
+    """The manifest if the same run is complete in `out` (unless force); else clears `out` (another run's
+    output only with force) and marks it with run.json until manifest.json is written."""
     os.makedirs(out, exist_ok=True)
     manifest = read_json(os.path.join(out, "manifest.json"))
     if manifest and manifest["args"] == run_args and not force:
@@ -203,12 +174,10 @@ def claim_output(out, run_args, force):
     ours = read_json(os.path.join(out, "run.json")) == run_args
     existing = [f for f in os.listdir(out) if f.endswith((".bin", ".tmp")) or f == "manifest.json"]
     if existing and not (ours or force):
-        raise ValueError(f"--out {out} holds shards of a different run ({existing[0]}, ...): "
-                         "use --force to replace them, or another --out")
+        raise DataError(f"--out {out} holds another run's output ({existing[0]}...): --force replaces it")
     for f in existing:
         os.remove(os.path.join(out, f))
-    write_json(os.path.join(out, "run.json"), run_args)
-    return None
+    write_atomic(os.path.join(out, "run.json"), json.dumps(run_args).encode())
 
 
 def prepare(args):
@@ -217,62 +186,65 @@ def prepare(args):
     run_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("workers", "force")}
     manifest = claim_output(args.out, run_args, args.force)
     if manifest:
-        print(f"{args.out} is already complete ({manifest['total_tokens']:,} tokens); --force to redo",
-              file=sys.stderr)
+        print(f"{args.out} is already complete ({manifest['total_tokens']:,} tokens); --force to redo", file=sys.stderr)
         return manifest
-    writer = ShardWriter(args.out, args.prefix, args.val_tokens, args.shard_tokens)
+    writer, t0, docs, total = ShardWriter(args), time.time(), 0, 0
     tiktoken.get_encoding("gpt2")  # load the BPE once here: forked workers inherit it ready-made
-    t0, last, docs, total = time.time(), 0.0, 0, 0
-    with mp.Pool(args.workers) as pool:
-        for tokens in pool.imap(tokenize, documents(args, files), chunksize=16):
-            if args.max_tokens:
-                tokens = tokens[:args.max_tokens - total]
-            writer.add(tokens)
+    # Ctrl-C signals every process of the group: the workers ignore it, the main process handles it
+    with mp.Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        for source, tokens in pool.imap(tokenize, documents(args, files), chunksize=16):
+            tokens = tokens[:args.max_tokens - total] if args.max_tokens else tokens
+            writer.add(tokens, source)
             docs, total = docs + 1, total + len(tokens)
-            done = args.max_tokens and total >= args.max_tokens
-            if time.time() - last > 0.5 or done:
-                last = time.time()
-                print(f"\rdocuments {docs:,} | tokens {total:,} | {total / (last - t0 + 1e-9):,.0f} tok/s | "
-                      f"shards {len(writer.shards)}", end="", file=sys.stderr, flush=True)
-            if done:
+            if args.max_tokens and total >= args.max_tokens:
                 break
+    if total <= args.val_tokens:
+        raise DataError(f"the input gave {total:,} tokens: --val_tokens={args.val_tokens} leaves none to train on")
     writer.flush()
-    manifest = {"source": f"{HUB_DATASET}:{args.name}" if not args.input else args.input,
-                "tokenizer": "tiktoken gpt2, <|endoftext|> (50256) before every document",
-                "documents": docs, "total_tokens": total, "shards": writer.shards, "args": run_args}
-    write_json(os.path.join(args.out, "manifest.json"), manifest)  # last: marks the output complete
+    manifest = dict(source=args.input or f"{HUB_DATASET}:{args.name}", documents=docs, total_tokens=total,
+                    tokenizer="tiktoken gpt2 ordinary encoding, <|endoftext|> (50256) before every document",
+                    shards=writer.shards, val_sources=writer.val_sources, args=run_args)
+    write_atomic(os.path.join(args.out, "manifest.json"), json.dumps(manifest, indent=1).encode())  # last
     os.remove(os.path.join(args.out, "run.json"))
-    dt = time.time() - t0
-    print(f"\ndone: {docs:,} documents, {total:,} tokens in {len(writer.shards)} shards, {dt:.1f} s "
-          f"({total / max(dt, 1e-9):,.0f} tok/s) -> {args.out}", file=sys.stderr)
+    print(f"done: {docs:,} documents, {total:,} tokens in {len(writer.shards)} shards, "
+          f"{total / (time.time() - t0):,.0f} tok/s -> {args.out}", file=sys.stderr)
+    if len(writer.val_sources) > 1:
+        print(f"note: the val shard drew from {len(writer.val_sources)} input files (tokens from each: "
+              f"{writer.val_sources}); to hold out the first one alone, lower --val_tokens", file=sys.stderr)
     return manifest
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", help="local files or folders (.txt, .jsonl, .jsonl.gz, .parquet); "
-                                              "default: FineWeb-Edu from the hub")
-    p.add_argument("--name", default="sample-10BT", help="FineWeb-Edu config, e.g. sample-100BT")
-    p.add_argument("--out", default=None, help="output folder (default data/fineweb_edu or data/local)")
-    p.add_argument("--prefix", default=None, help="shard name prefix (default fineweb_edu or local)")
-    p.add_argument("--text_field", default="text", help="JSON / parquet field holding the text")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokeniser processes")
-    p.add_argument("--val_tokens", type=int, default=10_485_760, help="tokens in the val shard (first)")
-    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per train shard")
-    p.add_argument("--max_tokens", type=int, default=0, help="stop after this many tokens (0: all)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--input", nargs="+", help="local files or folders (default: FineWeb-Edu from the hub)")
+    p.add_argument("--name", default="sample-10BT", help="FineWeb-Edu config (default: %(default)s)")
+    p.add_argument("--out", help="output folder (default: data/fineweb_edu, or data/local with --input)")
+    p.add_argument("--prefix", help="shard name prefix (default: fineweb_edu, or local with --input)")
+    p.add_argument("--text_field", default="text", help="JSON / parquet field of the text (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokeniser processes (default: %(default)s)")
+    p.add_argument("--val_tokens", type=int, default=10_485_760, help="val shard tokens (default: %(default)s)")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="train shard tokens (default: %(default)s)")
+    p.add_argument("--max_tokens", type=int, default=0, help="stop after this many tokens (default: %(default)s: all)")
+    p.add_argument("--force", action="store_true", help="redo the output, even a complete one or another run's")
     args = p.parse_args(argv)
     default = "local" if args.input else "fineweb_edu"
-    args.out = args.out or os.path.join("data", default)
-    args.prefix = args.prefix or default
+    args.out, args.prefix = args.out or os.path.join("data", default), args.prefix or default
     for field, low in (("workers", 1), ("shard_tokens", 1), ("val_tokens", 0), ("max_tokens", 0)):
         if getattr(args, field) < low:
-            raise ValueError(f"--{field}={getattr(args, field)} is invalid: must be >= {low}")
+            raise DataError(f"--{field}={getattr(args, field)} is invalid: must be >= {low}")
     return args
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """User errors (DataError) and Ctrl-C end in one line; any other error keeps its traceback."""
     try:
-        prepare(parse_args())
-    except ValueError as e:
+        prepare(parse_args(argv))
+    except DataError as e:
         sys.exit(f"prepare_data.py: error: {e}")
+    except KeyboardInterrupt:
+        print("prepare_data.py: interrupted: the output is incomplete; rerun to restart from scratch", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
