@@ -5,9 +5,11 @@ import gzip
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ import bench
 import ddl
 import prepare_data
 import train
-from ddl import GPT, GPTConfig, delta_operator, delta_update, unit_direction
+from ddl import GPT, ConfigError, GPTConfig, delta_operator, delta_update, unit_direction
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(vocab_size=97, n_layer=2, n_head=2, head_dim=8, n_embd=16, block_size=32)
@@ -760,3 +762,195 @@ def test_smoke_preset_trains_on_the_repository_text_and_samples(tmp_path, capsys
     train.main(["--mode=sample", f"--out_dir={out}", "--prompt=def", "--sample_tokens=6", "--device=cpu"])
     text = capsys.readouterr().out
     assert text.startswith("def") and len(tiktoken.get_encoding("gpt2").encode_ordinary(text.strip())) >= 3
+
+
+# ---------------------------------------------------------------------------- train.py against oracles
+
+def train_cfg(**kw):
+    return train.TrainConfig(**{"device": "cpu", **kw})
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    """Linear warm-up reaches lr at step warmup_steps - 1; cosine from lr (step warmup_steps) to min_lr
+    (step decay_steps), then flat. Expected values written out."""
+    cfg = train_cfg(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110, max_steps=200)
+    want = {0: 1e-4, 4: 5e-4, 9: 1e-3, 10: 1e-3, 60: 5.5e-4, 35: 1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2,
+            110: 1e-4, 150: 1e-4, 199: 1e-4}
+    for step, lr in want.items():
+        assert train.lr_at(step, cfg) == pytest.approx(lr, rel=1e-12), step
+    cfg = train_cfg(lr=1e-3, min_lr=0.0, warmup_steps=0, decay_steps=0, max_steps=100)  # decay_steps 0: max_steps
+    assert train.lr_at(0, cfg) == pytest.approx(1e-3) and train.lr_at(50, cfg) == pytest.approx(5e-4)
+    assert train.lr_at(100, cfg) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_weight_decay_only_on_matrices_by_name():
+    m = tiny_model(residual="delta", d_v=4, compressor="cc", embed_conv=True)
+    opt = train.make_optimizer(m, train_cfg(weight_decay=0.1), "cpu")
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    want = {"wte.weight", "embed_conv.weight", "readout.mix"}
+    for i in range(2):
+        for s, mats in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
+            want |= {f"blocks.{i}.{s}.compressor.mix", f"blocks.{i}.{s}.W_v"} | {f"blocks.{i}.{s}.f.{w}.weight" for w in mats}
+    assert decayed == want
+    assert plain == {n for n, _ in m.named_parameters()} - want
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_gradient_accumulation_equals_one_batch_of_the_same_tokens():
+    """Two micro-batches of 3 with accumulation give the update of one batch of 6: with plain SGD
+    (no clipping at this size) the parameters after the step must agree, and the returned loss is the mean."""
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randint(0, 97, (6, 12), generator=gen), torch.randint(0, 97, (6, 12), generator=gen)
+    cfg = train_cfg(grad_clip=1e9)
+    results = []
+    for accum, batches in ((2, [(x[:3], y[:3]), (x[3:], y[3:])]), (1, [(x, y)])):
+        m = tiny_model(residual="delta", d_v=4, compressor="tc")
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        it = iter(batches)
+        loss, _ = train.train_step(m, m, opt, lambda: next(it), accum, 0.5, cfg, nullcontext())
+        results.append((loss.item(), [p.detach().clone() for p in m.parameters()]))
+    (la, pa), (lb, pb) = results
+    assert la == pytest.approx(lb, rel=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(pa, pb)) < 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(pa, tiny_model(residual="delta", d_v=4, compressor="tc").parameters())) > 1e-3
+
+
+def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
+    m = tiny_model(residual="delta", d_v=2, compressor="cc").eval()
+    T = m.config.block_size
+    val = np.random.default_rng(3).integers(0, 97, 8 * T).astype(np.uint16)
+    cfg = train_cfg(val_tokens=5 * T + 3, batch_size=2)  # 5 whole windows, not 6 (the shard holds 7)
+    got, gates = train.evaluate(m, m, val, cfg, nullcontext(), torch.device("cpu"), 0, 1)
+    windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(5)]
+    with torch.no_grad():
+        want = sum(m(w[:, :-1], w[:, 1:])[1].item() for w in windows) / 5
+    assert got == pytest.approx(want, rel=1e-6)
+    assert len(gates) == 4
+
+
+def test_checkpoint_write_that_dies_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_atomic({"step": 1}, path)
+    real_save = torch.save
+
+    def dying_save(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(10)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        train.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+
+
+# ---------------------------------------------------------------------------- train.py: failures a user can hit
+
+def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    real_step, calls = train.train_step, []
+
+    def poisoned(model, raw, *args):
+        calls.append(1)
+        if len(calls) == 5:  # step 5's weights go non-finite
+            with torch.no_grad():
+                raw.wte.weight[0, 0] = float("nan")
+        return real_step(model, raw, *args)
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(train.Diverged, match="not finite at step 5"):
+        run_train(shards, tmp_path / "nan", "--max_steps=8", "--ckpt_interval=2", "--log_interval=3")
+    ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    log = [json.loads(line) for line in open(tmp_path / "nan" / "log.jsonl")]
+    assert log[-1] == {"type": "diverged", "step": 5}
+
+
+def test_resume_after_a_crash_continues_the_log_without_duplicates(shards, tmp_path, monkeypatch):
+    args = ("--max_steps=7", "--decay_steps=7", "--ckpt_interval=3", "--eval_interval=2")
+    straight = run_train(shards, tmp_path / "a", *args)
+    real_lr = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, cfg: real_lr(step, cfg) if step < 5 else 1 / 0)  # dies in step 6
+    with pytest.raises(ZeroDivisionError):
+        run_train(shards, tmp_path / "b", *args)
+    monkeypatch.undo()
+    crashed = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert max(r["step"] for r in crashed if "step" in r) == 5  # records after the step-3 checkpoint exist
+    resumed = run_train(shards, tmp_path / "b", *args, "--resume")
+    key = lambda log: [(r["type"], r["step"], r["loss"]) for r in log if r["type"] in ("train", "val")]
+    assert key(resumed) == key(straight)
+    assert [r["type"] for r in resumed].count("config") == 2 and resumed[-1]["type"] == "gates"
+
+
+def test_resume_allows_and_records_a_new_batch_size_and_refuses_other_data(shards, tmp_path):
+    run_train(shards, tmp_path / "r", "--max_steps=2")
+    log = run_train(shards, tmp_path / "r", "--max_steps=3", "--batch_size=4", "--resume")
+    config = [r for r in log if r["type"] == "config"][-1]
+    assert config["resumed_from"] == 2 and config["changed"]["batch_size"] == [2, 4]
+    for flag, key in ((f"--data_dir={tmp_path / 'r'}", "data_dir"), ("--seed=5", "seed")):
+        with pytest.raises(ConfigError, match=f"checkpoint's {key} was"):
+            train.main([*TRAIN_TINY, f"--data_dir={shards}", f"--out_dir={tmp_path / 'r'}", "--max_steps=4",
+                        "--resume", flag])
+    torch.save({"model": {}}, tmp_path / "r" / "ckpt.pt")
+    with pytest.raises(ConfigError, match="no optimizer, step, config, model_config"):
+        run_train(shards, tmp_path / "r", "--max_steps=4", "--resume")
+    with pytest.raises(ConfigError, match="it has no model_config"):
+        train.main(["--mode=sample", f"--out_dir={tmp_path / 'r'}", "--device=cpu"])
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--lr=-1", "--lr=-1.0: must be > 0"), ("--grad_clip=-1", "--grad_clip=-1.0: must be > 0"),
+    ("--weight_decay=-0.1", "--weight_decay=-0.1: must be >= 0"), ("--seed=-1", "--seed=-1: must be >= 0"),
+    ("--min_lr=0.1", "--min_lr=0.1: must lie in"), ("--beta2=1", "--beta2=1.0: must lie in"),
+    ("--val_tokens=8", "--val_tokens=8: must be >= block_size=16"), ("--embed_conv=no", "--embed_conv='no': expected a bool"),
+    ("--n_layer=2.5", "--n_layer='2.5': expected a int"), ("--resume=maybe", "--resume='maybe': expected a bool"),
+])
+def test_bad_settings_are_refused_naming_the_key(shards, tmp_path, flag, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_train(shards, tmp_path / "x", "--max_steps=1", flag)
+
+
+def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device='cuda': this torch finds no CUDA device"):
+        train.setup(train_cfg(device="cuda"))
+
+
+def test_sampling_never_emits_padding_ids(capsys):
+    """A model whose padding rows dominate the logits: unrestricted generation picks padding ids, which
+    tiktoken cannot decode; train.sample restricts to the 50257 real ids and decodes."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, head_dim=8, n_embd=16, block_size=16, residual="additive"))
+    with torch.no_grad():
+        m.wte.weight[50257:] = 50.0 * torch.randn(50304 - 50257, 16)
+    idx = torch.full((1, 1), 50256)
+    assert m.generate(idx, 4, top_k=5).max() >= 50257  # the restriction below is not vacuous
+    text = train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext())
+    assert isinstance(text, str) and text.startswith("Hi")
+
+
+def run_script(*argv, code=None):
+    cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, os.path.join(HERE, "train.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=120)
+
+
+def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path):
+    r = run_script("--lr=-1")
+    assert r.returncode == 1 and r.stderr == "train.py: error: --lr=-1.0: must be > 0\n"
+    # a ValueError from inside a (modified) model is not the user's setting: its traceback must show
+    code = ("import runpy, sys, ddl\n"
+            "def broken(self, idx, targets=None): raise ValueError('inside the model')\n"
+            "ddl.GPT.forward = broken\nsys.argv = ['train.py'] + sys.argv[1:]\n"
+            "runpy.run_path('train.py', run_name='__main__')")
+    r = run_script("--preset=smoke", "--device=cpu", "--max_steps=1", f"--out_dir={tmp_path}", code=code)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: inside the model" in r.stderr
+
+
+def test_bench_refuses_a_cpu_size_that_cannot_fit_and_prints_no_nan(monkeypatch, capsys):
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 2**20, "SC_PAGE_SIZE": 4096}[name])  # 4 GiB
+    cfg, mcfg, bcfg = train.parse_args(["--preset=124m", "--device=cpu"], (train.TrainConfig, GPTConfig, bench.BenchConfig))
+    with pytest.raises(ConfigError, match="needs about .* GiB and 4 GiB are free: use --preset=smoke"):
+        bench.bench(cfg, mcfg, bcfg)

@@ -1,0 +1,102 @@
+"""Plot the small-scale runs: val loss against tokens and wall-clock, and the final gates' mean beta.
+
+    python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> docs/*.png
+    python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders, figures elsewhere
+
+Writes val_loss.png (mean over seeds, band min..max) and beta_heatmap.png (mean beta per layer
+and sublayer at the last gates record, mean over seeds). Needs matplotlib (optional dependency).
+"""
+import argparse
+import glob
+import json
+import os
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+LABELS = {"additive": "additive", "delta": "DDL d_v=1", "cc": "DDL-CC d_v=4 + EC",
+          "tc": "DDL-TC d_v=4 + EC", "write": "write-only d_v=4 (CC + EC)"}
+SUBLAYERS = ("attn", "mlp")
+
+
+def load_runs(pattern):
+    """{variant: [records of one seed, ...]}; a run folder is named <variant>-<seed>."""
+    runs = {}
+    for folder in sorted(glob.glob(os.path.join(pattern, "*") if os.path.isdir(pattern) else pattern)):
+        if os.path.isfile(os.path.join(folder, "log.jsonl")):
+            with open(os.path.join(folder, "log.jsonl")) as f:
+                variant = os.path.basename(os.path.normpath(folder)).rsplit("-", 1)[0]
+                runs.setdefault(variant, []).append([json.loads(line) for line in f])
+    return dict(sorted(runs.items(), key=lambda kv: list(LABELS).index(kv[0]) if kv[0] in LABELS else 99))
+
+
+def val_curve(records):
+    """Tokens (millions), training seconds and val losses of one run, without step 0 (loss ~10.9)."""
+    val = [r for r in records if r["type"] == "val" and r["step"] > 0]
+    train = [r for r in records if r["type"] == "train"]
+    steps = np.array([r["step"] for r in val])
+    seconds = np.interp(steps, [0] + [r["step"] for r in train], [0] + [r["train_time_s"] for r in train])
+    tokens_per_step = records[0]["config"]["total_batch"] * records[0]["model_config"]["block_size"]
+    return steps * tokens_per_step / 1e6, seconds, np.array([r["loss"] for r in val])
+
+
+def final_beta(records):
+    """Mean beta of the last gates record as a (layer, sublayer) array."""
+    gates = [r for r in records if r["type"] == "gates"][-1]["gates"]
+    beta = np.zeros((1 + max(g["layer"] for g in gates), len(SUBLAYERS)))
+    for g in gates:
+        beta[g["layer"], SUBLAYERS.index(g["sublayer"])] = g["beta_mean"]
+    return beta
+
+
+def plot_val_loss(runs, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
+    for variant, seeds in runs.items():
+        tokens, seconds, losses = (np.array(a) for a in zip(*map(val_curve, seeds)))
+        for ax, x in zip(axes, (tokens[0], seconds.mean(0))):  # wall-clock: mean over seeds
+            line, = ax.plot(x, losses.mean(0), marker="o", ms=3, label=LABELS.get(variant, variant))
+            ax.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
+    axes[0].set(xlabel="training tokens (millions)", ylabel="val loss", ylim=(4.9, 6.6))
+    axes[1].set(xlabel="training wall-clock (s, excluding compile step and evals)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, title="mean over seeds, band min..max", title_fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def plot_beta(runs, path):
+    gated = {v: s for v, s in runs.items() if any(r["type"] == "gates" for r in s[0])}
+    fig, axes = plt.subplots(1, len(gated), figsize=(2 * len(gated) + 1.2, 5), squeeze=False,
+                             sharey=True, layout="constrained")
+    for ax, (variant, seeds) in zip(axes[0], gated.items()):
+        beta = np.mean([final_beta(records) for records in seeds], axis=0)
+        image = ax.imshow(beta, cmap="coolwarm", vmin=0, vmax=2, aspect="auto")
+        for (i, j), b in np.ndenumerate(beta):
+            ax.text(j, i, f"{b:.1f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(SUBLAYERS)), SUBLAYERS)
+        ax.set_title(LABELS.get(variant, variant).replace(" d_v", "\nd_v"), fontsize=9)
+    axes[0][0].set(ylabel="layer", yticks=range(beta.shape[0]))
+    fig.suptitle("mean beta at the last gates record (mean over seeds)", fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="beta (0 identity, 1 projection, 2 reflection)")
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="?", default="runs", help="a folder of run folders, or a glob of run folders")
+    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output folder (docs/)")
+    args = p.parse_args()
+    runs = load_runs(args.runs)
+    if not runs:
+        raise SystemExit(f"no <variant>-<seed>/log.jsonl in {args.runs!r}")
+    os.makedirs(args.out, exist_ok=True)
+    plot_val_loss(runs, os.path.join(args.out, "val_loss.png"))
+    if any(r["type"] == "gates" for seeds in runs.values() for r in seeds[0]):
+        plot_beta(runs, os.path.join(args.out, "beta_heatmap.png"))
+    print("wrote the figures in", args.out)
+
+
+if __name__ == "__main__":
+    main()
