@@ -46,6 +46,117 @@ def random_unit(d, gen):
     return k / k.norm()
 
 
+# ---------------------------------------------------------------------------- independent oracles
+# Every formula below is written out from the paper / the docstrings with plain torch ops; the tests
+# compare ddl.py's modules against them on a model whose every parameter is random (scrambled()).
+
+F64 = torch.float64
+
+
+def scrambled(seed=0, **kw):
+    """A tiny float64 model with every parameter random and away from its init (gains != 1, mixes
+    != 1/d_v, taps != identity, beta gates and v projections random), so no bug hides at init."""
+    m = tiny_model(seed, **kw).double()
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=F64)
+            p.copy_(noise * 0.3 if p.dim() == 2 and not name.endswith("mix") else p + 0.5 * noise)
+    return m
+
+
+def o_rms(x, gain):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * gain
+
+
+def o_rope(x):
+    """x (B, T, H, D): the pair (x_i, x_{i+D/2}) at position t turns by t * 10000^(-2i/D)."""
+    T, D = x.shape[1], x.shape[-1]
+    out = torch.empty_like(x)
+    for i in range(D // 2):
+        angle = torch.arange(T, dtype=F64)[:, None] * 10000.0 ** (-2 * i / D)
+        a, b = x[..., i], x[..., i + D // 2]
+        out[..., i], out[..., i + D // 2] = a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()
+    return out
+
+
+def o_attn(a, x):
+    B, T, C = x.shape
+    W = a.c_attn.weight
+    q, k, v = ((x @ W[i * C:(i + 1) * C].T).view(B, T, a.n_head, a.head_dim) for i in range(3))
+    q, k = o_rms(o_rope(q), a.q_norm), o_rms(o_rope(k), a.k_norm)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(a.head_dim)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    p = scores.masked_fill(future, -math.inf).softmax(-1)
+    return torch.einsum("bhts,bshd->bthd", p, v).reshape(B, T, C) @ a.c_proj.weight.T
+
+
+def o_mlp(m, x):
+    h = math.floor(8 * x.shape[-1] / 3)
+    gate, up = x @ m.c_fc.weight[:h].T, x @ m.c_fc.weight[h:].T
+    return (gate * torch.sigmoid(gate) * up) @ m.c_proj.weight.T
+
+
+def o_compress(kind, comp, X):
+    """CC: x[i] = sum_j mix_ij X[i, j]. TC: x[t, i] = sum_s sum_j read_j conv_ijs X[t - s, i, j]."""
+    if kind == "cc":
+        return torch.einsum("btij,ij->bti", X, comp.mix)
+    out = torch.zeros(X.shape[:-1], dtype=X.dtype)
+    for t in range(X.shape[1]):
+        for s in range(min(t + 1, comp.conv.shape[-1])):
+            out[:, t] += (comp.conv[:, :, s] * comp.read * X[:, t - s]).sum(-1)
+    return out
+
+
+def o_embed_conv(ec, x):
+    """X[t, i, j] = sum_s w_ijs x[t - s, i]."""
+    out = torch.zeros(*x.shape, ec.weight.shape[1], dtype=x.dtype)
+    for t in range(x.shape[1]):
+        for s in range(min(t + 1, ec.weight.shape[-1])):
+            out[:, t] += ec.weight[:, :, s] * x[:, t - s, :, None]
+    return out
+
+
+def o_branch(br, X):
+    """One residual branch from its formulas; returns the new state and (beta, |k~|, |k^T X - v|)."""
+    cfg = br.cfg
+    c = o_rms(X if cfg.d_v == 1 else o_compress(cfg.compressor, br.compressor, X), br.norm)
+    f = o_attn(br.f, c) if br.name.endswith("attn") else o_mlp(br.f, c)
+    if cfg.residual == "additive":
+        return X + f, None
+    k = f / torch.sqrt((f * f).sum(-1, keepdim=True) + cfg.k_eps ** 2)
+    z = c @ br.W_v.T + br.b_v
+    v = z if cfg.v_scale == 0 else cfg.v_scale * torch.sigmoid(z)
+    beta = 2 * torch.sigmoid(c @ br.w_beta + br.b_beta)
+    S = X.reshape(*X.shape[:3], cfg.d_v)                                 # (B, T, d, d_v)
+    kX = torch.einsum("bti,btij->btj", k, S)                             # k^T X, (B, T, d_v)
+    bk = beta[..., None, None] * k[..., :, None]
+    if cfg.residual == "delta":
+        new = S + bk * (v - kX)[..., None, :]                            # X + beta k (v^T - k^T X)
+    else:
+        new = S + bk * v[..., None, :]                                   # X + beta k v^T
+    return new.reshape(X.shape), (beta, f.norm(dim=-1), (kX - v).abs())
+
+
+def o_logits(m, idx):
+    cfg = m.config
+    x = m.wte.weight[idx]
+    if cfg.d_v > 1:
+        x = o_embed_conv(m.embed_conv, x) if cfg.embed_conv else x[..., None].repeat(1, 1, 1, cfg.d_v)
+    for block in m.blocks:
+        x = o_branch(block.mlp, o_branch(block.attn, x)[0])[0]
+    if cfg.d_v > 1:
+        x = o_compress(cfg.compressor, m.readout, x)
+    return o_rms(x, m.norm_f) @ m.wte.weight.T
+
+
+def o_loss(logits, targets):
+    """Mean over the positions with targets != -1 of -log softmax(logits)[target]."""
+    logp = logits - torch.log(torch.exp(logits).sum(-1, keepdim=True))
+    keep = targets != -1
+    return -logp[keep].gather(-1, targets[keep][:, None]).mean()
+
+
 # ============================================================================ Prop. 2.1: the spectrum of A = I - beta k k^T
 
 @pytest.mark.parametrize("d", [2, 7, 64])
@@ -114,6 +225,45 @@ def test_eq_2_2_model_d_v_1_is_the_scalar_rule():
     assert torch.allclose(br(x), want, atol=1e-6)
 
 
+def test_eq_2_2_write_control_has_no_erase_term_and_readout_error_sign():
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(3, 7, 2, dtype=F64, generator=gen)
+    k = torch.randn(3, 7, dtype=F64, generator=gen)
+    v = torch.randn(3, 2, dtype=F64, generator=gen)
+    beta = torch.rand(3, dtype=F64, generator=gen) * 2
+    want = X + beta[:, None, None] * k[:, :, None] * v[:, None, :]
+    assert torch.allclose(ddl.write_update(X, k, v, beta), want, atol=1e-12)
+    assert torch.allclose(ddl.readout_error(X, k, v), torch.einsum("ni,nij->nj", k, X) - v, atol=1e-12)
+
+
+def test_eq_2_2_value_and_gate_projections():
+    """v = v_scale sigmoid(W_v c + b_v) (v_scale = 0: W_v c + b_v), beta = 2 sigmoid(w.c + b)."""
+    gen = torch.Generator().manual_seed(6)
+    c = torch.randn(2, 5, 16, dtype=F64, generator=gen)
+    for v_scale in (2.5, 0.0):
+        br = scrambled(residual="delta", d_v=4, v_scale=v_scale).blocks[1].mlp
+        z = c @ br.W_v.T + br.b_v
+        assert torch.allclose(br.value(c), 2.5 * torch.sigmoid(z) if v_scale else z, atol=1e-6)
+        assert torch.allclose(br.beta(c), 2 * torch.sigmoid(c @ br.w_beta + br.b_beta), atol=1e-6)
+
+
+BRANCH_CASES = [("additive", 1, "cc", 4.0), ("delta", 1, "cc", 2.5), ("write", 1, "cc", 0.0),
+                ("delta", 4, "cc", 2.5), ("delta", 4, "tc", 0.0), ("write", 4, "cc", 2.5), ("write", 4, "tc", 4.0)]
+
+
+@pytest.mark.parametrize("residual,d_v,compressor,v_scale", BRANCH_CASES)
+def test_eq_2_2_each_residual_kind_follows_its_own_formula(residual, d_v, compressor, v_scale):
+    """additive: X + F(c); delta: X + beta k (v^T - k^T X); write: X + beta k v^T, with
+    c = RMSNorm(compress(X)) * gain, k = F(c) / sqrt(|F(c)|^2 + eps^2), on random parameters."""
+    m = scrambled(residual=residual, d_v=d_v, compressor=compressor, v_scale=v_scale, k_eps=0.5, conv_kernel=3)
+    gen = torch.Generator().manual_seed(7)
+    for br in (m.blocks[0].attn, m.blocks[1].mlp):
+        X = torch.randn(2, 9, 16, d_v, dtype=F64, generator=gen)
+        X = X[..., 0] if d_v == 1 else X
+        want, _ = o_branch(br, X)
+        assert torch.allclose(br(X), want, rtol=1e-5, atol=1e-6), br.name
+
+
 # ============================================================================ §3.1: the unit direction k
 
 def test_section_3_1_unit_direction_is_the_eps_regularised_normalisation():
@@ -142,6 +292,24 @@ def test_section_3_2_token_compressor_equals_convolution_then_read():
             if t - s >= 0:
                 want[:, t] += (tc.conv[:, :, s] * X[:, t - s] * tc.read).sum(-1)
     assert torch.allclose(tc(X), want, atol=1e-12)
+
+
+def test_section_3_2_channel_compressor_mixes_the_d_v_channels_of_each_feature():
+    cc = scrambled(residual="delta", d_v=4, compressor="cc").blocks[0].attn.compressor
+    X = torch.randn(2, 5, 16, 4, dtype=F64, generator=torch.Generator().manual_seed(8))
+    want = torch.stack([sum(cc.mix[i, j] * X[:, :, i, j] for j in range(4)) for i in range(16)], dim=-1)
+    assert torch.allclose(cc(X), want, atol=1e-12)
+
+
+def test_app_a_2_embed_conv_is_a_causal_depthwise_token_convolution():
+    ec = scrambled(residual="delta", d_v=4, conv_kernel=3).embed_conv
+    x = torch.randn(2, 7, 16, dtype=F64, generator=torch.Generator().manual_seed(9))
+    want = torch.zeros(2, 7, 16, 4, dtype=F64)
+    for t in range(7):
+        for s in range(3):
+            if t - s >= 0:
+                want[:, t] += ec.weight[:, :, s] * x[:, t - s, :, None]
+    assert torch.allclose(ec(x), want, atol=1e-12)
 
 
 def test_app_a_2_expanded_state_uses_the_autocast_dtype():
@@ -254,9 +422,18 @@ def test_compiles_as_one_graph_when_check_spectrum_is_off():
     (dict(n_embd=20), "n_embd"), (dict(d_v=0), "d_v"), (dict(residual="sum"), "residual"),
     (dict(compressor="xx"), "compressor"), (dict(beta_init=2.5), "beta_init"), (dict(conv_kernel=0), "conv_kernel"),
     (dict(residual="additive", d_v=4), "d_v"), (dict(k_eps=0.0), "k_eps"), (dict(v_scale=-1.0), "v_scale"),
+    (dict(embed_conv="no"), "embed_conv"), (dict(n_layer=True), "n_layer"), (dict(d_v=2.0), "d_v"),
+    (dict(vocab_size=0), "vocab_size"), (dict(n_layer=0), "n_layer"), (dict(block_size=0), "block_size"),
+    (dict(n_head=4, head_dim=3, n_embd=12), "head_dim"), (dict(beta_init=-0.1), "beta_init"),
 ])
 def test_config_errors_name_the_field(kw, field):
-    with pytest.raises(ValueError, match=f"GPTConfig.{field}="):
+    with pytest.raises(ddl.ConfigError, match=f"GPTConfig.{field}="):
+        GPTConfig(**{**TINY, **kw})
+    assert issubclass(ddl.ConfigError, ValueError)
+
+
+def test_config_accepts_the_edges_of_its_ranges_and_ints_for_floats():
+    for kw in (dict(beta_init=0.0), dict(beta_init=2), dict(v_scale=0), dict(d_v=1, conv_kernel=1, n_layer=1)):
         GPTConfig(**{**TINY, **kw})
 
 
@@ -275,6 +452,204 @@ def test_generate_and_v_scale_zero_linear_form():
     assert torch.allclose(br.value(c), c @ br.W_v.T + br.b_v)
     out = m.generate(torch.zeros(2, 3, dtype=torch.long), 40, top_k=5)
     assert out.shape == (2, 43) and out.max() < 97  # longer than block_size: context is cropped
+
+
+def test_rope_turns_each_pair_by_position_times_base_10000():
+    cos, sin = ddl.rope_table(12, 8)
+    angles = torch.tensor([[t * 10000.0 ** (-2 * i / 8) for i in range(4)] for t in range(12)], dtype=F64)
+    assert torch.allclose(cos.double(), angles.cos(), atol=1e-6)
+    assert torch.allclose(sin.double(), angles.sin(), atol=1e-6)
+    x = torch.randn(2, 12, 3, 8, dtype=F64, generator=torch.Generator().manual_seed(10))
+    assert torch.allclose(ddl.apply_rope(x, cos, sin), o_rope(x), atol=1e-5)
+
+
+def test_attention_is_causal_softmax_of_rotated_qk_normed_heads():
+    """q, k, v from c_attn; RoPE on q and k; RMSNorm with the q_norm / k_norm gains; causal
+    softmax(q k^T / sqrt(D)) v; c_proj. The gains are random, so a dropped or swapped gain shows."""
+    a = scrambled(block_size=12).blocks[1].attn.f
+    x = torch.randn(2, 12, 16, dtype=F64, generator=torch.Generator().manual_seed(11))
+    assert torch.allclose(a(x), o_attn(a, x), rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_is_silu_of_gate_times_up():
+    m = scrambled().blocks[0].mlp.f
+    assert m.hidden == 42  # floor(8/3 * 16)
+    x = torch.randn(2, 5, 16, dtype=F64, generator=torch.Generator().manual_seed(12))
+    assert torch.allclose(m(x), o_mlp(m, x), atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_and_loss_equal_the_explicit_model(name):
+    """The whole forward (embedding, EC, blocks, readout, final RMSNorm, tied head) and the
+    cross-entropy, against the oracles, on a model with random parameters."""
+    m = scrambled(block_size=12, v_scale=2.5 if name.endswith("1") else 4.0, **VARIANTS[name])
+    assert m.lm_head.weight is m.wte.weight
+    gen = torch.Generator().manual_seed(13)
+    idx, targets = torch.randint(0, 97, (2, 10), generator=gen), torch.randint(0, 97, (2, 10), generator=gen)
+    want = o_logits(m, idx)
+    logits, loss = m(idx, targets)
+    assert torch.allclose(logits, want, rtol=1e-5, atol=1e-5)
+    assert loss.item() == pytest.approx(o_loss(want, targets).item(), rel=1e-6)
+    last, none = m(idx)  # without targets: the last position's logits only
+    assert none is None and last.shape == (2, 1, 97)
+    assert torch.allclose(last[:, 0].double(), want[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_errors_and_ignored_targets():
+    m = scrambled()
+    with pytest.raises(ValueError, match="sequence length 0"):
+        m(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 97\)"):
+        m(torch.tensor([[-1, 3]]))
+    idx = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(14))
+    for bad in (97, -2):
+        with pytest.raises(ValueError, match=r"targets must lie in \[-1, 97\)"):
+            m(idx, idx.clone().fill_(bad))
+    targets = idx.clone()
+    targets[0, :4] = -1
+    targets[1, 2] = -1
+    logits, loss = m(idx, targets)
+    assert loss.item() == pytest.approx(o_loss(o_logits(m, idx), targets).item(), rel=1e-6)
+
+
+def test_init_std_of_every_matrix_kind_and_identity_inits():
+    """At d = 256, L = 4 (depth factor 2): embedding 0.02, matrices and W_v 0.5/sqrt(d), output
+    projections 0.5/sqrt(d)/sqrt(L); gains 1, b_v 0, beta exactly beta_init, mixes 1/d_v, taps identity."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=256, n_layer=4, n_head=2, head_dim=128, n_embd=256, block_size=8,
+                      d_v=4, compressor="tc", beta_init=0.7))
+    std = lambda ts: torch.cat([t.detach().flatten() for t in ts]).std().item()
+    br = [b for blk in m.blocks for b in (blk.attn, blk.mlp)]
+    assert m.lm_head.weight is m.wte.weight
+    assert std([m.wte.weight]) == pytest.approx(0.02, rel=0.05)
+    assert std([b.f.c_attn.weight for b in br[::2]]) == pytest.approx(0.5 / 16, rel=0.05)
+    assert std([b.f.c_fc.weight for b in br[1::2]]) == pytest.approx(0.5 / 16, rel=0.05)
+    assert std([b.f.c_proj.weight for b in br[::2]]) == pytest.approx(0.5 / 16 / 2, rel=0.05)
+    assert std([b.f.c_proj.weight for b in br[1::2]]) == pytest.approx(0.5 / 16 / 2, rel=0.05)
+    assert std([b.W_v for b in br]) == pytest.approx(0.5 / 16, rel=0.05)
+    c = torch.randn(3, 256)
+    for b in br:
+        assert torch.equal(b.b_v, torch.zeros(4)) and torch.equal(b.norm, torch.ones(256))
+        assert torch.allclose(b.beta(c), torch.full((3,), 0.7), atol=1e-6)
+    for a in [b.f for b in br[::2]]:
+        assert torch.equal(a.q_norm, torch.ones(128)) and torch.equal(a.k_norm, torch.ones(128))
+    assert torch.equal(m.norm_f, torch.ones(256))
+    ident = torch.zeros(256, 4, 4)
+    ident[..., 0] = 1
+    for tc in [b.compressor for b in br] + [m.readout]:
+        assert torch.equal(tc.conv, ident) and torch.equal(tc.read, torch.full((4,), 0.25))
+    assert torch.equal(m.embed_conv.weight, ident)
+    cc = tiny_model(residual="delta", d_v=4, compressor="cc")
+    for comp in [cc.blocks[0].attn.compressor, cc.blocks[1].mlp.compressor, cc.readout]:
+        assert torch.equal(comp.mix, torch.full((16, 4), 0.25))
+
+
+def test_gate_stats_equal_a_hand_computation():
+    """beta min/mean/max and its 10-bin histogram over [0, 2], |k~| and |e_pre| = |k^T X - v|,
+    per layer and sublayer, from the inputs each branch saw."""
+    m = scrambled(residual="delta", d_v=4, compressor="tc", block_size=12)
+    inputs = {}
+    for blk in m.blocks:
+        for br in (blk.attn, blk.mlp):
+            br.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod.name, args[0]))
+    m.record_gates()
+    m(torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(15)))
+    rows = m.gate_stats()
+    assert len(rows) == 4
+    for row in rows:
+        br = getattr(m.blocks[row["layer"]], row["sublayer"])
+        beta, k_norm, e_pre = o_branch(br, inputs[br.name])[1]
+        assert beta.max() - beta.min() > 0.5  # a spread of gates, so the histogram is not one bin
+        hist = torch.bincount((beta / 0.2).floor().long().clamp(max=9).flatten(), minlength=10)
+        assert row["beta_hist"] == hist.tolist()
+        for key, t in (("beta", beta), ("k_norm", k_norm), ("e_pre", e_pre)):
+            got = [row[f"{key}_{s}"] for s in ("min", "mean", "max")]
+            assert got == pytest.approx([t.min().item(), t.mean().item(), t.max().item()], rel=1e-5, abs=1e-6), key
+    m.record_gates(False)
+    assert all(blk.attn.stats is None and not blk.mlp.record for blk in m.blocks)
+
+
+@pytest.mark.parametrize("factor", [1.05, 0.95])
+def test_check_spectrum_catches_a_five_percent_error_in_k(monkeypatch, factor):
+    m = scrambled(check_spectrum=True, residual="delta", d_v=4).float()
+    idx = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(18))
+    m(idx)  # passes as it is
+    real = ddl.unit_direction
+    monkeypatch.setattr(ddl, "unit_direction", lambda kt, eps: factor * real(kt, eps))
+    with pytest.raises(AssertionError, match=r"layer 0 attn: \|k\| != 1"):
+        m(idx)
+
+
+def test_check_spectrum_catches_a_gate_below_zero_and_a_contraction_off_by_ten_percent(monkeypatch):
+    m = scrambled(check_spectrum=True, residual="delta", d_v=4).float()
+    idx = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(19))
+    monkeypatch.setattr(m.blocks[0].mlp, "beta", lambda c: torch.full(c.shape[:-1], -0.5))
+    with pytest.raises(AssertionError, match="layer 0 mlp: beta outside"):
+        m(idx)
+    monkeypatch.undo()
+    real = ddl.delta_update
+    monkeypatch.setattr(ddl, "delta_update", lambda X, k, v, beta: real(X, k, v, 0.9 * beta))
+    with pytest.raises(AssertionError, match=r"layer 0 attn: e_post != \(1 - beta\) e_pre"):
+        m(idx)
+
+
+def fixed_logits_model(logits):
+    """A GPT whose next-token logits are `logits` (V,) at every step, whatever the input."""
+    m = tiny_model()
+    m.forward = lambda idx, targets=None: (logits.expand(idx.shape[0], 1, -1), None)
+    return m
+
+
+def test_generate_greedy_paths_equal_an_explicit_argmax_loop():
+    m = scrambled(block_size=8).float()
+    prompt = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(16))
+
+    def greedy(n_vocab):
+        idx = prompt
+        for _ in range(9):  # past block_size: the context is cropped to the last 8 tokens
+            idx = torch.cat([idx, m(idx[:, -8:])[0][:, -1, :n_vocab].argmax(-1, keepdim=True)], dim=1)
+        return idx
+    assert torch.equal(m.generate(prompt, 9, top_k=1), greedy(97))
+    assert torch.equal(m.generate(prompt, 9, temperature=0), greedy(97))
+    assert torch.equal(m.generate(prompt, 9, temperature=0, n_vocab=20), greedy(20))
+
+
+def test_generate_top_k_restricts_the_support_to_the_k_largest_logits():
+    m = scrambled(block_size=8).float()
+    prompt = torch.randint(0, 97, (64, 3), generator=torch.Generator().manual_seed(17))
+    torch.manual_seed(0)
+    out = m.generate(prompt, 3, temperature=3.0, top_k=3)
+    for t in range(3, 6):
+        top3 = m(out[:, :t])[0][:, -1].topk(3).indices
+        assert (top3 == out[:, t:t + 1]).any(-1).all()
+    # not trivially greedy: some draws are not the argmax
+    assert (out[:, 3:] != torch.stack([m(out[:, :t])[0][:, -1].argmax(-1) for t in range(3, 6)], 1)).any()
+
+
+def test_generate_divides_the_logits_by_the_temperature_within_top_k_and_n_vocab():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 9.0, 9.0])  # ids 5 and 6 lie beyond n_vocab = 5
+    m = fixed_logits_model(torch.cat([logits, torch.full((90,), -5.0)]))
+    prompt = torch.zeros(4000, 1, dtype=torch.long)
+    torch.manual_seed(0)
+    freq = lambda **kw: torch.bincount(m.generate(prompt, 1, n_vocab=5, **kw)[:, 1], minlength=97).float() / 4000
+    want = torch.zeros(97)
+    want[2:5] = torch.softmax(logits[2:5] / 2.0, dim=0)  # top_k = 3 of the first 5, temperature 2
+    assert torch.allclose(freq(temperature=2.0, top_k=3), want, atol=0.03)
+    want[2:5] = 1 / 3
+    assert torch.allclose(freq(temperature=1e6, top_k=3), want, atol=0.03)
+    want[:] = 0
+    want[4] = 1
+    assert torch.equal(freq(temperature=1e-3, top_k=3), want)
+    want[:5] = torch.softmax(logits[:5], dim=0)
+    assert torch.allclose(freq(), want, atol=0.03)
+    assert torch.allclose(freq(top_k=50), want, atol=0.03)  # top_k above n_vocab keeps all n_vocab ids
+
+
+@pytest.mark.parametrize("kw,name", [(dict(top_k=0), "top_k=0"), (dict(temperature=-1.0), "temperature=-1.0"),
+                                     (dict(n_vocab=0), "n_vocab=0"), (dict(n_vocab=98), "n_vocab=98")])
+def test_generate_refuses_bad_settings_naming_them(kw, name):
+    with pytest.raises(ddl.ConfigError, match=f"generate: {name} is invalid"):
+        tiny_model().generate(torch.zeros(1, 1, dtype=torch.long), 1, **kw)
 
 
 # ============================================================================ prepare_data.py
