@@ -1,18 +1,14 @@
-"""Plot the small-scale runs: val loss against tokens and wall-clock, and the final gates' mean beta.
+"""Plot the small-scale runs: val_loss.png (val loss against tokens and training wall-clock, mean over
+seeds with a min..max band) and beta_heatmap.png (mean beta per layer and sublayer, last gates record).
 
     python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> docs/*.png
-    python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders, figures elsewhere
-
-Writes val_loss.png (mean over seeds, band min..max) and beta_heatmap.png (mean beta per layer
-and sublayer at the last gates record, mean over seeds). Needs matplotlib (optional dependency).
+    python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders; needs matplotlib (optional)
 """
 import argparse
 import glob
 import json
 import os
 
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -29,17 +25,17 @@ def load_runs(pattern):
             with open(os.path.join(folder, "log.jsonl")) as f:
                 variant = os.path.basename(os.path.normpath(folder)).rsplit("-", 1)[0]
                 runs.setdefault(variant, []).append([json.loads(line) for line in f])
-    return dict(sorted(runs.items(), key=lambda kv: list(LABELS).index(kv[0]) if kv[0] in LABELS else 99))
+    return {v: runs[v] for v in [*LABELS, *sorted(runs)] if v in runs}  # LABELS' order first
 
 
 def val_curve(records):
-    """Tokens (millions), training seconds and val losses of one run, without step 0 (loss ~10.9)."""
+    """Tokens (millions), training seconds and val losses of one run, after step 0."""
     val = [r for r in records if r["type"] == "val" and r["step"] > 0]
     train = [r for r in records if r["type"] == "train"]
     steps = np.array([r["step"] for r in val])
     seconds = np.interp(steps, [0] + [r["step"] for r in train], [0] + [r["train_time_s"] for r in train])
-    tokens_per_step = records[0]["config"]["total_batch"] * records[0]["model_config"]["block_size"]
-    return steps * tokens_per_step / 1e6, seconds, np.array([r["loss"] for r in val])
+    tokens = steps * records[0]["config"]["total_batch"] * records[0]["model_config"]["block_size"]
+    return tokens / 1e6, seconds, np.array([r["loss"] for r in val])
 
 
 def final_beta(records):
@@ -58,9 +54,9 @@ def plot_val_loss(runs, path):
         for ax, x in zip(axes, (tokens[0], seconds.mean(0))):  # wall-clock: mean over seeds
             line, = ax.plot(x, losses.mean(0), marker="o", ms=3, label=LABELS.get(variant, variant))
             ax.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
-    axes[0].set(xlabel="training tokens (millions)", ylabel="val loss", ylim=(4.9, 6.6))
-    axes[1].set(xlabel="training wall-clock (s, excluding compile step and evals)")
-    for ax in axes:
+    axes[0].set(ylabel="val loss", ylim=(4.9, 6.6))  # leaves out step 0 (loss ~10.9)
+    for ax, xlabel in zip(axes, ("training tokens (millions)", "training seconds (no compile step, no evals)")):
+        ax.set(xlabel=xlabel)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, title="mean over seeds, band min..max", title_fontsize=8)
     fig.savefig(path, dpi=120)
@@ -68,6 +64,8 @@ def plot_val_loss(runs, path):
 
 def plot_beta(runs, path):
     gated = {v: s for v, s in runs.items() if any(r["type"] == "gates" for r in s[0])}
+    if not gated:
+        return
     fig, axes = plt.subplots(1, len(gated), figsize=(2 * len(gated) + 1.2, 5), squeeze=False,
                              sharey=True, layout="constrained")
     for ax, (variant, seeds) in zip(axes[0], gated.items()):
@@ -84,7 +82,7 @@ def plot_beta(runs, path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="?", default="runs", help="a folder of run folders, or a glob of run folders")
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output folder (docs/)")
     args = p.parse_args()
@@ -93,8 +91,7 @@ def main():
         raise SystemExit(f"no <variant>-<seed>/log.jsonl in {args.runs!r}")
     os.makedirs(args.out, exist_ok=True)
     plot_val_loss(runs, os.path.join(args.out, "val_loss.png"))
-    if any(r["type"] == "gates" for seeds in runs.values() for r in seeds[0]):
-        plot_beta(runs, os.path.join(args.out, "beta_heatmap.png"))
+    plot_beta(runs, os.path.join(args.out, "beta_heatmap.png"))
     print("wrote the figures in", args.out)
 
 
