@@ -156,6 +156,6 @@ def print_table(rows, dev, peak, B, T, compiled):
 
 if __name__ == "__main__":
     try:
-        bench(*parse_args(sys.argv[1:], (TrainConfig, GPTConfig, BenchConfig)))
+        bench(*parse_args(sys.argv[1:], (TrainConfig, GPTConfig, BenchConfig), __doc__))
     except ConfigError as e:
         sys.exit(f"bench.py: error: {e}")

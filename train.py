@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from ddl import GPT, ConfigError, GPTConfig, setting
 from prepare_data import DataError, read_shard
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     mode: str = setting("train", "train | sample")
     preset: str = setting("", "124m | 353m | smoke: a named set of values, applied before the other keys")
@@ -60,20 +59,18 @@ class TrainConfig:
     prompt: str = setting("The", "the sample's prompt")
 
     def __post_init__(self):
-        def need(ok, key, allowed):
-            if not ok:
-                raise ConfigError(f"--{key}={getattr(self, key)!r}: {allowed}")
-        for key in ("batch_size", "total_batch", "eval_interval", "log_interval", "ckpt_interval", "val_tokens"):
-            need(getattr(self, key) >= 1, key, "must be >= 1")
-        for key in ("seed", "max_steps", "decay_steps", "warmup_steps", "sample_tokens", "weight_decay", "peak_tflops"):
-            need(getattr(self, key) >= 0, key, "must be >= 0")
-        need(self.mode in ("train", "sample"), "mode", "allowed: train, sample (the benchmark is bench.py)")
-        need(self.device in ("auto", "cpu", "cuda"), "device", "allowed: auto, cpu, cuda")
-        need(self.lr > 0, "lr", "must be > 0")
-        need(0 <= self.min_lr <= self.lr, "min_lr", f"must lie in [0, lr={self.lr!r}]")
-        need(self.grad_clip > 0, "grad_clip", "must be > 0")
-        for key in ("beta1", "beta2"):
-            need(0 <= getattr(self, key) < 1, key, "must lie in [0, 1)")
+        v = self.__dict__
+        rules = [*((k, v[k] >= 1, "must be >= 1") for k in ("batch_size", "total_batch", "val_tokens", "eval_interval",
+                                                              "log_interval", "ckpt_interval")),
+                 *((k, v[k] >= 0, "must be >= 0") for k in ("seed", "max_steps", "decay_steps", "warmup_steps",
+                                                             "sample_tokens", "weight_decay", "peak_tflops")),
+                 *((k, 0 <= v[k] < 1, "must lie in [0, 1)") for k in ("beta1", "beta2")),
+                 ("lr", self.lr > 0, "must be > 0"), ("grad_clip", self.grad_clip > 0, "must be > 0"),
+                 ("min_lr", 0 <= self.min_lr <= self.lr, f"must lie in [0, lr={self.lr!r}]"),
+                 ("mode", self.mode in ("train", "sample"), "allowed: train, sample (the benchmark is bench.py)"),
+                 ("device", self.device in ("auto", "cpu", "cuda"), "allowed: auto, cpu, cuda")]
+        if bad := next((r for r in rules if not r[1]), None):
+            raise ConfigError(f"--{bad[0]}={v[bad[0]]!r}: {bad[2]}")
 
 
 PRESETS = {
@@ -85,33 +82,19 @@ PRESETS = {
                   compile=False, out_dir="out-smoke"),
 }
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16, per GPU
+CKPT_KEYS = ("model", "optimizer", "step", "config", "model_config", "data", "rng", "world_size", "log_records")
 
 
 # ----------------------------------------------------------------------------- settings
 
-def usage(kinds):
-    return __doc__ + "\n".join(f"  --{f.name}={f.default!r}".ljust(36) + " " + f.metadata["help"]
-                               for kind in kinds for f in dataclasses.fields(kind))
-
-
-def parse_value(key, text, kind):
-    """text as the field's type: true/false/1/0 for a bool, int(), float() or the string itself."""
-    try:
-        if kind is bool:
-            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
-        return kind(text)
-    except (KeyError, ValueError):
-        raise ConfigError(f"--{key}={text!r}: expected a {kind.__name__}") from None
-
-
-def parse_args(argv, kinds=(TrainConfig, GPTConfig)):
-    """One instance of each dataclass in kinds from --key=value overrides of their defaults; the
-    preset's values come first, then the keys given."""
-    fields = {f.name: (kind, f.type) for kind in kinds for f in dataclasses.fields(kind)}
+def parse_args(argv, kinds=(TrainConfig, GPTConfig), doc=__doc__):
+    """One instance of each dataclass in kinds from --key=value overrides of their defaults, typed from
+    them (a bool from true/false/1/0); the preset's values come first, then the keys given."""
+    fields = {f.name: (kind, f) for kind in kinds for f in dataclasses.fields(kind)}
     given = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(usage(kinds))
+            print(doc + "\n".join(f"  --{k}={f.default!r}".ljust(36) + " " + f.metadata["help"] for k, (_, f) in fields.items()))
             sys.exit(0)
         key, eq, text = arg[2:].partition("=") if arg != "--resume" else ("resume", "=", "true")
         if not arg.startswith("--") or not eq:
@@ -119,7 +102,11 @@ def parse_args(argv, kinds=(TrainConfig, GPTConfig)):
         if key not in fields:
             near = difflib.get_close_matches(key, list(fields), n=3)
             raise ConfigError(f"unknown key --{key}" + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else ""))
-        given[key] = parse_value(key, text, fields[key][1])
+        kind = fields[key][1].type
+        try:
+            given[key] = {"true": True, "1": True, "false": False, "0": False}[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            raise ConfigError(f"--{key}={text!r}: expected a {kind.__name__}") from None
     preset = given.get("preset", "")
     if preset and preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r}: allowed: {', '.join(PRESETS)}")
@@ -164,12 +151,11 @@ class TokenStream:
         return dict(epoch=self.epoch, shard=self.shard, window=self.window)
 
     def load_state(self, s):
-        self.epoch, self.shard = s["epoch"], s["shard"]
+        self.epoch, self.shard, self.window = s["epoch"], s["shard"], s["window"]
         self._plan()
-        self.window = s["window"]
 
 
-def load_data(cfg, preset):
+def load_data(cfg):
     """(train shards, val tokens); the smoke preset falls back to this repository's own text."""
     if os.path.exists(os.path.join(cfg.data_dir, "run.json")):
         raise DataError(f"--data_dir={cfg.data_dir}: prepare_data.py did not finish there (run.json is left): "
@@ -178,14 +164,11 @@ def load_data(cfg, preset):
     val = sorted(glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin")))
     if train and val:
         return [read_shard(p) for p in train], read_shard(val[0])
-    if preset == "smoke":
+    if cfg.preset == "smoke":
         import tiktoken
         enc, here = tiktoken.get_encoding("gpt2"), os.path.dirname(os.path.abspath(__file__))
-        tokens = []
-        for path in sorted(glob.glob(os.path.join(here, "*.py")) + glob.glob(os.path.join(here, "*.md"))):
-            with open(path, encoding="utf-8") as f:
-                tokens += [50256] + enc.encode_ordinary(f.read())
-        tokens = np.array(tokens, dtype=np.uint16)
+        files = sorted(glob.glob(os.path.join(here, "*.py")) + glob.glob(os.path.join(here, "*.md")))
+        tokens = np.array([t for p in files for t in [enc.eot_token] + enc.encode_ordinary(open(p).read())], np.uint16)
         return [tokens[:len(tokens) * 9 // 10]], tokens[len(tokens) * 9 // 10:]
     raise DataError(f"--data_dir={cfg.data_dir}: no *_train_*.bin and *_val_*.bin shards there; "
                     "make them with prepare_data.py (or use --preset=smoke)")
@@ -212,8 +195,7 @@ def make_optimizer(model, cfg, device_type):
 
 
 def build(cfg, mcfg, dev):
-    """The model seeded from cfg.seed, its compiled form on CUDA (else itself) and its optimizer:
-    what train.py and bench.py both run."""
+    """The model (seeded), its compiled form on CUDA (else itself) and its optimizer, as train and bench run them."""
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(dev)
     model = torch.compile(raw) if cfg.compile and dev.type == "cuda" else raw
@@ -241,10 +223,9 @@ def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
 
 
 def flops_per_token(model, T):
-    """Training FLOPs per token for MFU: 6N for the matrices (the tied embedding counted once, as the
-    LM head) plus 12 L T d for attention scores, the PaLM / nanoGPT estimate."""
-    c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * T * c.n_embd
+    """Training FLOPs per token for MFU, the PaLM / nanoGPT estimate: 6N for the matrices (the tied
+    embedding counted once, as the LM head) plus 12 L T d for attention scores."""
+    return 6 * model.num_params() + 12 * model.config.n_layer * T * model.config.n_embd
 
 
 # ----------------------------------------------------------------------------- checkpoints and log
@@ -261,71 +242,55 @@ def load_checkpoint(path, needs=("model", "model_config")):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {path}: {e}") from None
-    missing = [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
+    if missing := [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]:
         raise ConfigError(f"{path} is not a checkpoint of this train.py: it has no {', '.join(missing)}")
     return ckpt
 
 
 def resume_changes(ckpt, cfg, mcfg, world):
-    """What differs from the checkpoint's run. A model config, data, seed or process count of another
-    run is refused (the weights or the data order would not continue); other settings may change."""
-    diff = {k: (v, getattr(mcfg, k)) for k, v in ckpt["model_config"].items() if getattr(mcfg, k) != v}
-    if diff:
-        raise ConfigError("checkpoint was made with another model config "
-                          + ", ".join(f"{k}={a!r} (asked: {b!r})" for k, (a, b) in diff.items()))
-    old, new = {**ckpt["config"], "world_size": ckpt["world_size"]}, {**dataclasses.asdict(cfg), "world_size": world}
-    for key in ("data_dir", "seed", "world_size"):
+    """The settings that differ from the checkpoint's run, {key: [old, new]}. Another model config,
+    data_dir, seed or process count is refused: the weights or the data order would not continue."""
+    old = {**ckpt["config"], **ckpt["model_config"], "world_size": ckpt["world_size"]}
+    new = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "world_size": world}
+    for key in [*ckpt["model_config"], "data_dir", "seed", "world_size"]:
         if old[key] != new[key]:
-            raise ConfigError(f"--resume: the checkpoint's {key} was {old[key]!r}, now {new[key]!r}; "
-                              "the data order would not continue: resume with the same value")
+            raise ConfigError(f"--resume: the checkpoint's {key} was {old[key]!r}, asked: {new[key]!r}; "
+                              "resume with the same value")
     return {k: [old.get(k), v] for k, v in new.items() if k != "resume" and old.get(k) != v}
 
 
-class RunLog:
-    """out_dir/log.jsonl, one JSON record per line, written by rank 0. A new run starts it empty; a
-    resumed run keeps the `keep` records its checkpoint saw and drops those written after it."""
-    def __init__(self, path, master, keep=0):
-        self.path, self.master, self.records = path, master, keep
-        if master:
-            lines = open(path).readlines() if keep and os.path.exists(path) else []
-            with open(path + ".tmp", "w") as f:
-                f.writelines(lines[:keep])
-            os.replace(path + ".tmp", path)
-            if len(lines) > keep:
-                print(f"dropped the {len(lines) - keep} log records written after the checkpoint", flush=True)
-
-    def __call__(self, rec, line=None):
-        if self.master:
-            if line:
-                print(line, flush=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            self.records += 1
+def start_log(path, keep):
+    """log.jsonl emptied for a new run (keep = 0), or cut back to the `keep` records a resumed run's
+    checkpoint saw: what a crashed run logged after its checkpoint is logged again."""
+    lines = open(path).readlines() if keep and os.path.exists(path) else []
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines[:keep])
+    os.replace(path + ".tmp", path)
+    if len(lines) > keep:
+        print(f"dropped the {len(lines) - keep} log records written after the checkpoint")
 
 
 # ----------------------------------------------------------------------------- training
 
 @torch.no_grad()
 def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
-    """Mean loss over the first val_tokens // block_size whole windows of the val shard, the same
-    tokens every time, and the gate audit of one val batch."""
-    T, B = raw.config.block_size, cfg.batch_size
-    n_win = min(cfg.val_tokens, len(val) - 1) // T
+    """Mean loss over the first val_tokens // block_size whole windows of the val shard (the same
+    tokens every time), and the gate audit of one val batch."""
+    T = raw.config.block_size
+    windows = list(range(rank, min(cfg.val_tokens, len(val) - 1) // T, world))
     total, count = torch.zeros((), device=dev), torch.zeros((), device=dev)
-    windows = list(range(rank, n_win, world))
     model.eval()
-    for i in range(0, len(windows), B):
-        rows = torch.from_numpy(np.stack([val[w * T:(w + 1) * T + 1] for w in windows[i:i + B]]).astype(np.int64))
+    for i in range(0, len(windows), cfg.batch_size):
+        rows = np.stack([val[w * T:(w + 1) * T + 1] for w in windows[i:i + cfg.batch_size]]).astype(np.int64)
+        rows = torch.from_numpy(rows).to(dev)
         with ctx:
-            _, loss = model(rows[:, :-1].to(dev), rows[:, 1:].to(dev))
-        total += loss.float() * rows.shape[0]
-        count += rows.shape[0]
+            total += model(rows[:, :-1], rows[:, 1:])[1].float() * len(rows)
+        count += len(rows)
     gates = None
     if raw.config.residual != "additive" and windows:  # a rank may hold no val window
         raw.record_gates()
         with ctx:
-            raw(rows[:, :-1].to(dev))
+            raw(rows[:, :-1])
         gates = raw.gate_stats()
         raw.record_gates(False)
     model.train()
@@ -340,63 +305,71 @@ def setup(cfg):
     ddp = "RANK" in os.environ
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device='cuda': this torch finds no CUDA device (CPU-only build or no GPU); "
-                          "use --device=cpu or auto")
-    dev_type = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(f"cuda:{local}" if dev_type == "cuda" else "cpu")
-    if dev_type == "cuda":
+        raise ConfigError("--device='cuda': this torch finds no CUDA device (CPU-only build or no GPU)")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
     if ddp:
-        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev_type == "cuda" else nullcontext()
-    return rank, world, dev, ctx
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        return None
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, dev, torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
 
 class Diverged(RuntimeError):
     """The loss or the gradient norm stopped being finite: training stops, the last checkpoint stays."""
 
 
+def git_commit():
+    try:  # provenance for log.jsonl; None outside a git checkout or without git
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def train(cfg, mcfg):
     rank, world, dev, ctx = setup(cfg)
-    B, T = cfg.batch_size, mcfg.block_size
+    B, T, master = cfg.batch_size, mcfg.block_size, rank == 0
     if cfg.total_batch % (B * world):
         raise ConfigError(f"--total_batch={cfg.total_batch} must be a multiple of batch_size x processes = {B * world}")
     if cfg.val_tokens < T:
         raise ConfigError(f"--val_tokens={cfg.val_tokens}: must be >= block_size={T} (one whole val window)")
-    accum, ckpt_path = cfg.total_batch // (B * world), os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, ("model", "optimizer", "step", "config", "model_config", "data", "rng",
-                                       "world_size", "log_records")) if cfg.resume else None
+    accum = cfg.total_batch // (B * world)
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    ckpt = load_checkpoint(ckpt_path, CKPT_KEYS) if cfg.resume else None
     changed = resume_changes(ckpt, cfg, mcfg, world) if ckpt else None
-    train_shards, val = load_data(cfg, cfg.preset)
+    train_shards, val = load_data(cfg)
     if len(val) < T + 1:
         raise DataError(f"the val shard holds {len(val)} tokens, fewer than block_size + 1 = {T + 1}")
     raw, model, opt = build(cfg, mcfg, dev)
-    stream, step = TokenStream(train_shards, T, B, cfg.seed, rank, world), 0
+    stream, step, records = TokenStream(train_shards, T, B, cfg.seed, rank, world), 0, 0
     if ckpt:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         stream.load_state(ckpt["data"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        step = ckpt["step"]
+        step, records = ckpt["step"], ckpt["log_records"]
     if world > 1:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if rank == 0:
+    if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-    log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), rank == 0, ckpt["log_records"] if ckpt else 0)
-    log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
-             git_commit=git_commit(), torch=torch.__version__, device=name, world_size=world, grad_accum=accum,
+        start_log(log_path, records)
+
+    def log(rec, line=None):
+        nonlocal records
+        if master:
+            if line:
+                print(line, flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            records += 1
+
+    log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg), device=name,
+             torch=torch.__version__, git_commit=git_commit(), world_size=world, grad_accum=accum,
              params=raw.num_params(), resumed_from=step if ckpt else None, changed=changed),
         f"{name} x{world} | {raw.num_params():,} params | accum {accum} | {cfg.total_batch * T:,} tokens/step"
         + (f" | resumed at step {step}, changed: {changed or 'nothing'}" if ckpt else ""))
@@ -410,14 +383,6 @@ def train(cfg, mcfg):
             raise Diverged(f"the loss or gradient norm is not finite at step {bad}: training stopped, "
                            f"{ckpt_path} is left as it was; lower --lr or lengthen --warmup_steps")
 
-    def checkpoint():
-        check_finite()  # never a checkpoint of non-finite weights
-        if rank == 0:
-            save_atomic(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step, world_size=world,
-                             config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
-                             data=stream.state(), rng=dict(cpu=torch.get_rng_state()), log_records=log.records),
-                        ckpt_path)
-
     def run_eval():
         vloss, gates = evaluate(model, raw, val, cfg, ctx, dev, rank, world)
         log(dict(type="val", step=step, loss=vloss, ppl=math.exp(vloss)),
@@ -425,30 +390,27 @@ def train(cfg, mcfg):
         if gates:
             log(dict(type="gates", step=step, gates=gates))
 
-    # the clock counts training only: it starts after the first step (compilation), pauses for evals
-    t0, timed, train_time = None, 0, 0.0
+    # the clock counts training only: it restarts after this run's first step (compilation) and
+    # pauses for evaluations
+    first, t0, train_time = step + 1, time.perf_counter(), 0.0
     while step < cfg.max_steps:
         if step % cfg.eval_interval == 0:
             sync()
-            if t0 is not None:
-                train_time += time.perf_counter() - t0
+            train_time += time.perf_counter() - t0
             run_eval()
-            if t0 is not None:
-                t0 = time.perf_counter()
+            t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         loss, norm = train_step(model, raw, opt, stream.next_batch, accum, lr, cfg, ctx)
         if world > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         step += 1
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss + norm), step, bad_step)
-        if t0 is None:
+        if step == first:
             sync()
-            t0 = time.perf_counter()
-        else:
-            timed += 1
-        if timed == 0 or step % cfg.log_interval == 0 or step == cfg.max_steps:
+            t0, train_time = time.perf_counter(), 0.0
+        if step == first or step % cfg.log_interval == 0 or step == cfg.max_steps:
             lval, elapsed = loss.item(), train_time + time.perf_counter() - t0  # .item() syncs first
-            ms = 1000 * elapsed / timed if timed else None
+            ms = 1000 * elapsed / (step - first) if step > first else None
             tps = cfg.total_batch * T / (ms / 1000) if ms else None
             mfu = flops_per_token(raw, T) * tps / world / (peak * 1e12) if ms and peak else None  # per GPU
             log(dict(type="train", step=step, loss=lval, lr=lr, grad_norm=norm.item(), ms_per_step=ms,
@@ -458,11 +420,16 @@ def train(cfg, mcfg):
                 + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
             check_finite()
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            checkpoint()
+            check_finite()  # never a checkpoint of non-finite weights
+            if master:
+                save_atomic(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step, world_size=world,
+                                 config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
+                                 data=stream.state(), rng=dict(cpu=torch.get_rng_state()), log_records=records),
+                            ckpt_path)
     run_eval()
-    if dev.type == "cuda" and rank == 0:
+    if dev.type == "cuda" and master:
         print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
-    if rank == 0 and cfg.sample_tokens:
+    if master and cfg.sample_tokens:
         print("sample:", sample(raw, cfg, dev, ctx))
     if world > 1:
         dist.barrier()  # tear down together: a rank leaving while another still talks aborted gloo runs
@@ -483,13 +450,12 @@ def sample(model, cfg, dev, ctx):
 def main(argv):
     cfg, mcfg = parse_args(argv)
     if cfg.mode == "train":
-        train(cfg, mcfg)
-    else:
-        _, _, dev, ctx = setup(cfg)
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        model = GPT(GPTConfig(**ckpt["model_config"])).to(dev)
-        model.load_state_dict(ckpt["model"])
-        print(sample(model.eval(), cfg, dev, ctx))
+        return train(cfg, mcfg)
+    _, _, dev, ctx = setup(cfg)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    model = GPT(GPTConfig(**ckpt["model_config"])).to(dev)
+    model.load_state_dict(ckpt["model"])
+    print(sample(model.eval(), cfg, dev, ctx))
 
 
 if __name__ == "__main__":
