@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ddl import ConfigError, GPTConfig, delta_update, setting
-from train import TrainConfig, build, flops_per_token, parse_args, setup, train_step
+from train import TrainConfig, build, parse_args, setup, train_step
 
 VARIANTS = {
     "additive": dict(residual="additive", d_v=1),
@@ -28,7 +28,6 @@ VARIANTS = {
     "tc": dict(residual="delta", d_v=4, compressor="tc", embed_conv=True),
     "write": dict(residual="write", d_v=4, compressor="cc", embed_conv=True),
 }
-
 
 @dataclass
 class BenchConfig:
@@ -43,7 +42,6 @@ class BenchConfig:
         for name in self.bench_variants.split(","):
             if name not in VARIANTS:
                 raise ConfigError(f"--bench_variants: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
-
 
 def time_ms(fn, steps, dev):
     """Median wall time of fn in ms over steps calls after 3 warm-up calls (compilation), with the
@@ -60,13 +58,11 @@ def time_ms(fn, steps, dev):
         times.append((time.perf_counter() - t) * 1000)
     return float(np.median(times))
 
-
 def matmul_peak_tflops(dev):
     """Measured dense matmul rate: bf16 8192^3 on a GPU, fp32 512^3 on a CPU."""
     n, dtype = (8192, torch.bfloat16) if dev.type == "cuda" else (512, torch.float32)
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     return 2 * n ** 3 / time_ms(lambda: a @ b, 10, dev) / 1e9
-
 
 def check_fast_path(dev, use_compile):
     """Eq. 2.2 as the model runs it (compiled on CUDA, state in bf16 or fp32, v and beta in fp32)
@@ -90,7 +86,6 @@ def check_fast_path(dev, use_compile):
         if not err <= tol:
             raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
 
-
 def check_cpu_memory(mcfg, B, d_v):
     """On a CPU, refuse a size that would not fit in memory (the out-of-memory killer gives no message).
     A rough upper estimate: parameters with gradients and AdamW state, fp32 logits for the loss and
@@ -102,7 +97,6 @@ def check_cpu_memory(mcfg, B, d_v):
     if need > have:
         raise ConfigError(f"bench on a CPU at this size needs about {need / 2**30:.0f} GiB and {have / 2**30:.0f} GiB "
                           "are free: use --preset=smoke, a smaller --bench_batch or a GPU")
-
 
 def bench(cfg, mcfg, bcfg):
     """Training and inference throughput of each variant at mcfg's size against the additive
@@ -130,14 +124,13 @@ def bench(cfg, mcfg, bcfg):
         train_ms = time_ms(lambda: train_step(model, raw, opt, lambda: (x, y), 1, cfg.lr, cfg, ctx), bcfg.bench_steps, dev)
         mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         infer_ms = time_ms(infer, bcfg.bench_steps, dev)
-        fpt = flops_per_token(raw, T)
+        fpt = raw.flops_per_token(T)
         rows.append(dict(variant=n, params=raw.num_params(), train_ms=train_ms, train_tps=B * T / train_ms * 1000,
                          infer_tps=B * T / infer_ms * 1000, mem_gib=mem, mfu=fpt * B * T / train_ms / 1e9 / peak))
         del raw, opt, model
         torch._dynamo.reset()  # a fresh compile cache per variant, so none hits the recompile limit
     print_table(rows, dev, peak, B, T, cfg.compile and dev.type == "cuda")
     return rows
-
 
 def print_table(rows, dev, peak, B, T, compiled):
     base = next((r for r in rows if r["variant"] == "additive"), rows[0])
@@ -152,7 +145,6 @@ def print_table(rows, dev, peak, B, T, compiled):
         print(f"{r['variant']:9} {r['params']:12,} {r['train_ms']:8.1f} {r['train_tps']:12,.0f} "
               f"{r['train_tps'] / base['train_tps']:6.3f} {r['infer_tps']:12,.0f} {r['infer_tps'] / base['infer_tps']:6.3f} "
               f"{mem} {100 * r['mfu']:5.1f}%")
-
 
 if __name__ == "__main__":
     try:

@@ -25,16 +25,13 @@ RESIDUALS = ("additive", "delta", "write")
 COMPRESSORS = ("cc", "tc")
 SUBLAYERS = ("attn", "mlp")
 
-
 class ConfigError(ValueError):
     """A setting a user chose is not allowed; the message names the key, the value and what is.
     train.py prints these as one line; every other exception keeps its traceback."""
 
-
 def setting(default, help):
     """A config field with its one-line description (train.py --help prints it)."""
     return field(default=default, metadata=dict(help=help))
-
 
 @dataclass
 class GPTConfig:
@@ -74,7 +71,6 @@ class GPTConfig:
         need(self.k_eps > 0, "k_eps", "must be > 0")
         need(self.v_scale >= 0, "v_scale", "must be >= 0 (0 = plain linear v)")
 
-
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_table(block_size, head_dim, base=10000.0):
@@ -83,13 +79,11 @@ def rope_table(block_size, head_dim, base=10000.0):
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
-
 def apply_rope(x, cos, sin):
     """Rotate the two halves of every head vector; x is (B, T, H, D), cos/sin (T, D/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
 
 # ----------------------------------------------------------------------------- attention and MLP
 
@@ -118,7 +112,6 @@ class CausalSelfAttention(nn.Module):
                                            is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class SwiGLU(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -131,7 +124,6 @@ class SwiGLU(nn.Module):
         gate, up = self.c_fc(x).chunk(2, dim=-1)
         return self.c_proj(F.silu(gate) * up)
 
-
 # ----------------------------------------------------------------------------- the delta operator
 
 def delta_operator(k, beta):
@@ -140,13 +132,11 @@ def delta_operator(k, beta):
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
     return eye - beta[..., None, None] * k[..., :, None] * k[..., None, :]
 
-
 def readout_error(X, k, v):
     """e = k^T X - v^T, the readout error of Eq. 2.4 (one sign convention everywhere), (..., d_v).
     Reduced in fp32 (or wider) whatever X's dtype."""
     acc = torch.promote_types(X.dtype, torch.float32)
     return torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc) - v.to(acc)
-
 
 def delta_update(X, k, v, beta):
     """Eq. 2.2: X + beta k (v^T - k^T X) = X - beta k e^T, for X (..., d, d_v), k (..., d),
@@ -154,19 +144,16 @@ def delta_update(X, k, v, beta):
     e = readout_error(X, k, v)
     return X - k.unsqueeze(-1) * (beta.to(e.dtype).unsqueeze(-1) * e).to(X.dtype).unsqueeze(-2)
 
-
 def write_update(X, k, v, beta):
     """The write-only control (§5): X + beta k v^T, the delta rule without its erase term."""
     acc = torch.promote_types(X.dtype, torch.float32)
     return X + k.unsqueeze(-1) * (beta.to(acc).unsqueeze(-1) * v.to(acc)).to(X.dtype).unsqueeze(-2)
-
 
 def unit_direction(k_tilde, eps):
     """k = k~ / sqrt(|k~|^2 + eps^2), computed as in §3.1: RMSNorm with eps^2/d, then / sqrt(d),
     which never squares large activations in low precision."""
     d = k_tilde.shape[-1]
     return F.rms_norm(k_tilde, (d,), eps=eps * eps / d) * (1.0 / math.sqrt(d))
-
 
 # ----------------------------------------------------------------------------- the compressors
 
@@ -178,13 +165,11 @@ def shift_tokens(x, s):
         return torch.zeros_like(x)
     return F.pad(x[:, :-s], (0, 0) * (x.dim() - 2) + (s, 0))
 
-
 def causal_token_conv(x, weight):
     """Depthwise causal convolution over tokens: y[:, t] = sum_s weight[..., s] * x[:, t - s].
     x is (B, T, ...) and weight (..., K) broadcasts against x's trailing dims; tap 0 is the
     current token, so a weight of (1, 0, ..., 0) is the identity."""
     return sum(shift_tokens(x, s) * weight[..., s] for s in range(weight.shape[-1]))
-
 
 class ChannelCompressor(nn.Module):
     """DDL-CC (§3.2): x_in[i] = sum_j c_ij X[i, j], a learned mix of the d_v channels per feature,
@@ -196,7 +181,6 @@ class ChannelCompressor(nn.Module):
 
     def forward(self, X):
         return torch.sum(X * self.mix.to(X.dtype), dim=-1)
-
 
 class TokenCompressor(nn.Module):
     """DDL-TC (§3.2, App. A.2): a short causal depthwise convolution over tokens for every (i, j)
@@ -216,7 +200,6 @@ class TokenCompressor(nn.Module):
         taps = torch.sum(X.unsqueeze(-1) * w, dim=-2)                         # (B, T, d, K)
         return sum(shift_tokens(taps[..., s], s) for s in range(w.shape[-1]))
 
-
 class EmbedConv(nn.Module):
     """EC (App. A.2): expands the embedding (B, T, d) into the state (B, T, d, d_v) with a causal
     depthwise token convolution, identity-initialised so it starts as plain repetition."""
@@ -228,7 +211,6 @@ class EmbedConv(nn.Module):
 
     def forward(self, x):
         return causal_token_conv(x.unsqueeze(-1), self.weight.to(x.dtype))
-
 
 # ----------------------------------------------------------------------------- the block
 
@@ -305,7 +287,6 @@ class ResidualBranch(nn.Module):
             if bool(((e_post - want).abs() > tol).any()):
                 fail(f"e_post != (1 - beta) e_pre (Eq. 2.4), max error {(e_post - want).abs().max().item():.3g}")
 
-
 class Block(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
@@ -314,7 +295,6 @@ class Block(nn.Module):
 
     def forward(self, X):
         return self.mlp(self.attn(X))
-
 
 # ----------------------------------------------------------------------------- the GPT
 
@@ -349,6 +329,19 @@ class GPT(nn.Module):
     def num_params(self):
         """Parameters, the tied embedding / LM head matrix counted once."""
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token for MFU, the PaLM / nanoGPT estimate: 6N for the matrices (the tied
+        embedding counted once, as the LM head) plus 12 L T d for attention scores."""
+        return 6 * self.num_params() + 12 * self.config.n_layer * T * self.config.n_embd
+
+    def configure_optimizers(self, lr, weight_decay, betas, device_type):
+        """AdamW, fused on CUDA. Weight decay on every parameter of 2 or more dims: the matrices, and
+        also W_v and the compressor / EC weights; none on norm gains, biases and w_beta."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
     def check_ids(self, name, ids, low):
         """Refuse ids outside [low, vocab_size): an index error deep inside the model names nothing."""
@@ -413,6 +406,15 @@ class GPT(nn.Module):
                                 f"{key}_max": t.max().item()})
                 out.append(row)
         return out
+
+    @torch.no_grad()
+    def gate_audit(self, idx):
+        """gate_stats() of one forward of idx, recorded for that forward only."""
+        self.record_gates()
+        self(idx)
+        stats = self.gate_stats()
+        self.record_gates(False)
+        return stats
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):

@@ -25,10 +25,8 @@ EOT = 50256
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 EXTENSIONS = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 
-
 class DataError(ValueError):
     """A problem with the user's input, options or shards: reported in one line, without a traceback."""
-
 
 def read_shard(path):
     """The uint16 tokens of a .bin shard (memory-mapped), after checking magic, version and size."""
@@ -42,18 +40,15 @@ def read_shard(path):
         raise DataError(f"{path}: header says {n} tokens ({head + 2 * n} bytes), the file has {size}: corrupt")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=head, shape=(n,))
 
-
 def write_atomic(path, *chunks):
     """Write bytes-like chunks under a temporary name, then os.replace: no partial file has the final name."""
     with open(path + ".tmp", "wb") as f:
         f.writelines(chunks)
     os.replace(path + ".tmp", path)
 
-
 def write_shard(path, tokens):
     header = np.array([MAGIC, VERSION, len(tokens)] + [0] * (HEADER_INTS - 3), dtype="<i4")
     write_atomic(path, header, tokens.astype("<u2", copy=False))  # numpy arrays are written without a copy
-
 
 def local_files(paths):
     """The input files, folders walked in sorted order; missing paths and other extensions refused."""
@@ -70,7 +65,6 @@ def local_files(paths):
         raise DataError(f"--input: no {', '.join(EXTENSIONS)} files found in {paths}")
     return files
 
-
 def row_text(row, field, where):
     """The text of one JSON object / dataset row, with errors naming where it came from."""
     if not isinstance(row, dict) or field not in row:
@@ -78,7 +72,6 @@ def row_text(row, field, where):
     if not isinstance(row[field], str):
         raise DataError(f"{where}: the text field is {type(row[field]).__name__}, not a string")
     return row[field]
-
 
 def file_documents(path, text_field):
     """Yield (text, where, path) from one local file; errors name the file and line (or row)."""
@@ -107,7 +100,6 @@ def file_documents(path, text_field):
                     raise DataError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
                 yield row_text(row, text_field, where), where, path
 
-
 def documents(args, files):
     """Yield (text, where, source) in input order; source: the input file, or the hub dataset (streamed)."""
     for path in files or []:
@@ -121,7 +113,6 @@ def documents(args, files):
         for i, row in enumerate(datasets.load_dataset(HUB_DATASET, name=args.name, split="train", streaming=True)):
             yield row_text(row, args.text_field, f"{source} row {i}"), f"{source} row {i}", source
 
-
 def tokenize(item):
     """(source, tokens) of one document (text, where, source): EOT, then the text's ordinary encoding."""
     text, where, source = item
@@ -130,7 +121,6 @@ def tokenize(item):
     except UnicodeEncodeError:
         raise DataError(f"{where}: text is not valid UTF-8") from None
     return source, np.concatenate([[EOT], body]).astype(np.uint16)
-
 
 class ShardWriter:
     """Cuts the token stream into the val shard, then train shards; val_sources: tokens each source gave val."""
@@ -156,13 +146,11 @@ class ShardWriter:
             print(f"wrote {name}: {self.fill:,} tokens", file=sys.stderr, flush=True)
             self.split, self.fill, self.buf = "train", 0, np.empty(self.args.shard_tokens, dtype=np.uint16)
 
-
 def read_json(path):
     """The JSON object in path, or None if there is no such file."""
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-
 
 def claim_output(out, run_args, force):
     """The manifest if the same run is complete in `out` (unless force); else clears `out` (another run's
@@ -178,7 +166,6 @@ def claim_output(out, run_args, force):
     for f in existing:
         os.remove(os.path.join(out, f))
     write_atomic(os.path.join(out, "run.json"), json.dumps(run_args).encode())
-
 
 def prepare(args):
     """Tokenise args' source into shards under args.out; returns the manifest."""
@@ -213,7 +200,6 @@ def prepare(args):
               f"{writer.val_sources}); to hold out the first one alone, lower --val_tokens", file=sys.stderr)
     return manifest
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", help="local files or folders (default: FineWeb-Edu from the hub)")
@@ -234,7 +220,6 @@ def parse_args(argv=None):
             raise DataError(f"--{field}={getattr(args, field)} is invalid: must be >= {low}")
     return args
 
-
 def main(argv=None):
     """User errors (DataError) and Ctrl-C end in one line; any other error keeps its traceback."""
     try:
@@ -244,7 +229,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("prepare_data.py: interrupted: the output is incomplete; rerun to restart from scratch", file=sys.stderr)
         sys.exit(130)
-
 
 if __name__ == "__main__":
     main()

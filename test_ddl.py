@@ -1160,7 +1160,7 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
 
 def test_weight_decay_only_on_matrices_by_name():
     m = tiny_model(residual="delta", d_v=4, compressor="cc", embed_conv=True)
-    opt = train.make_optimizer(m, train_cfg(weight_decay=0.1), "cpu")
+    opt = m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu")
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
     plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
@@ -1236,7 +1236,7 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(shar
         return real_step(model, raw, *args)
 
     monkeypatch.setattr(train, "train_step", poisoned)
-    with pytest.raises(train.Diverged, match="not finite at step 5"):
+    with pytest.raises(FloatingPointError, match="not finite at step 5"):
         run_train(shards, tmp_path / "nan", "--max_steps=8", "--ckpt_interval=2", "--log_interval=3")
     ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
@@ -1272,7 +1272,7 @@ def test_resume_allows_and_records_a_new_batch_size_and_refuses_other_data(shard
     torch.save({"model": {}}, tmp_path / "r" / "ckpt.pt")
     with pytest.raises(ConfigError, match="no optimizer, step, config, model_config"):
         run_train(shards, tmp_path / "r", "--max_steps=4", "--resume")
-    with pytest.raises(ConfigError, match="it has no model_config"):
+    with pytest.raises(ConfigError, match="it has no optimizer, .*model_config"):
         train.main(["--mode=sample", f"--out_dir={tmp_path / 'r'}", "--device=cpu"])
 
 

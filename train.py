@@ -2,12 +2,11 @@
 Train a Deep Delta Learning GPT (ddl.py) on token shards (prepare_data.py), nanoGPT style.
 
     python train.py --preset=smoke                      # tiny DDL model on this repo's own text, CPU
-    python train.py --preset=124m --data_dir=data/fineweb_edu
-    torchrun --standalone --nproc_per_node=8 train.py --preset=124m
+    torchrun --standalone --nproc_per_node=8 train.py --preset=124m --data_dir=data/fineweb_edu
     python train.py --preset=124m --resume              # continue out_dir/ckpt.pt exactly
     python train.py --mode=sample --out_dir=out         # generate from a checkpoint
 
-Every setting is a --key=value override of a default below or of ddl.GPTConfig's; --help lists them.
+Every setting is a --key=value override of a TrainConfig default or a ddl.GPTConfig one:
 """
 import dataclasses
 import difflib
@@ -27,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddl import GPT, ConfigError, GPTConfig, setting
 from prepare_data import DataError, read_shard
-
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -59,31 +57,28 @@ class TrainConfig:
     prompt: str = setting("The", "the sample's prompt")
 
     def __post_init__(self):
-        v = self.__dict__
-        rules = [*((k, v[k] >= 1, "must be >= 1") for k in ("batch_size", "total_batch", "val_tokens", "eval_interval",
-                                                              "log_interval", "ckpt_interval")),
-                 *((k, v[k] >= 0, "must be >= 0") for k in ("seed", "max_steps", "decay_steps", "warmup_steps",
-                                                             "sample_tokens", "weight_decay", "peak_tflops")),
-                 *((k, 0 <= v[k] < 1, "must lie in [0, 1)") for k in ("beta1", "beta2")),
-                 ("lr", self.lr > 0, "must be > 0"), ("grad_clip", self.grad_clip > 0, "must be > 0"),
-                 ("min_lr", 0 <= self.min_lr <= self.lr, f"must lie in [0, lr={self.lr!r}]"),
-                 ("mode", self.mode in ("train", "sample"), "allowed: train, sample (the benchmark is bench.py)"),
-                 ("device", self.device in ("auto", "cpu", "cuda"), "allowed: auto, cpu, cuda")]
-        if bad := next((r for r in rules if not r[1]), None):
-            raise ConfigError(f"--{bad[0]}={v[bad[0]]!r}: {bad[2]}")
-
+        at_least = dict(batch_size=1, total_batch=1, val_tokens=1, eval_interval=1, log_interval=1, ckpt_interval=1,
+                        seed=0, max_steps=0, decay_steps=0, warmup_steps=0, sample_tokens=0, weight_decay=0, peak_tflops=0)
+        checks = [(k, getattr(self, k) >= low, f"must be >= {low}") for k, low in at_least.items()]
+        checks += [(k, 0 <= getattr(self, k) < 1, "must lie in [0, 1)") for k in ("beta1", "beta2")]
+        checks += [("lr", self.lr > 0, "must be > 0"), ("grad_clip", self.grad_clip > 0, "must be > 0"),
+                   ("min_lr", 0 <= self.min_lr <= self.lr, f"must lie in [0, lr={self.lr!r}]"),
+                   ("mode", self.mode in ("train", "sample"), "allowed: train, sample (the benchmark is bench.py)"),
+                   ("preset", self.preset in ("", *PRESETS), f"allowed: {', '.join(PRESETS)}"),
+                   ("device", self.device in ("auto", "cpu", "cuda"), "allowed: auto, cpu, cuda")]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"--{key}={getattr(self, key)!r}: {allowed}")
 
 PRESETS = {
     "124m": dict(n_layer=12, n_head=6, head_dim=128, n_embd=768, block_size=1024),
     "353m": dict(n_layer=24, n_head=8, head_dim=128, n_embd=1024, block_size=1024),
-    "smoke": dict(n_layer=2, n_head=2, head_dim=32, n_embd=64, block_size=64, d_v=4, compressor="cc",
-                  batch_size=16, total_batch=16, max_steps=200, lr=3e-3, min_lr=3e-4,
-                  warmup_steps=20, eval_interval=50, val_tokens=4096, log_interval=20, ckpt_interval=200,
-                  compile=False, out_dir="out-smoke"),
+    "smoke": dict(n_layer=2, n_head=2, head_dim=32, n_embd=64, block_size=64, d_v=4, compressor="cc", batch_size=16,
+                  total_batch=16, max_steps=200, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,
+                  val_tokens=4096, log_interval=20, ckpt_interval=200, compile=False, out_dir="out-smoke"),
 }
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16, per GPU
 CKPT_KEYS = ("model", "optimizer", "step", "config", "model_config", "data", "rng", "world_size", "log_records")
-
 
 # ----------------------------------------------------------------------------- settings
 
@@ -107,59 +102,42 @@ def parse_args(argv, kinds=(TrainConfig, GPTConfig), doc=__doc__):
             given[key] = {"true": True, "1": True, "false": False, "0": False}[text.lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
             raise ConfigError(f"--{key}={text!r}: expected a {kind.__name__}") from None
-    preset = given.get("preset", "")
-    if preset and preset not in PRESETS:
-        raise ConfigError(f"--preset={preset!r}: allowed: {', '.join(PRESETS)}")
-    values = {**PRESETS.get(preset, {}), **given}
+    values = {**PRESETS.get(given.get("preset"), {}), **given}  # TrainConfig checks the preset's name
     return [kind(**{k: v for k, v in values.items() if fields[k][0] is kind}) for kind in kinds]
-
 
 # ----------------------------------------------------------------------------- data
 
 class TokenStream:
-    """Windows of block_size + 1 tokens from a list of token arrays (shards). The order is a
-    seed-shuffled permutation of the shards and of the windows inside each shard, new every epoch;
-    rank r of W takes windows r, r + W, ... The position (epoch, shard, window) is all the state."""
+    """Windows of T + 1 tokens from token arrays (shards) in a seeded order, new every epoch: the shards
+    permuted, then the windows of each; rank r of W takes windows r, r + W, ... (epoch, shard, window) is the state."""
     def __init__(self, shards, T, B, seed, rank=0, world=1):
         self.shards, self.T, self.B, self.seed, self.rank, self.world = shards, T, B, seed, rank, world
         if all((len(s) - 1) // T < world * B for s in shards):
-            raise DataError(f"the train shards hold too few tokens for batch_size={B} x block_size={T} "
-                            f"x {world} processes")
-        self.epoch, self.shard, self.window = 0, 0, 0
-        self._plan()
+            raise DataError(f"the train shards hold too few tokens for batch_size={B} x block_size={T} x {world} processes")
+        self.load_state(dict(epoch=0, shard=0, window=0))
 
-    def _plan(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.order = rng.permutation(len(self.shards))
-        n = (len(self.shards[self.order[self.shard]]) - 1) // self.T // self.world  # windows per rank
-        perm = np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(n * self.world)
-        self.windows = perm[self.rank::self.world]
-
-    def next_batch(self):
-        while self.window + self.B > len(self.windows):  # shard exhausted: next shard or epoch
-            self.window, self.shard = 0, self.shard + 1
-            if self.shard == len(self.shards):
-                self.epoch, self.shard = self.epoch + 1, 0
-            self._plan()
-        tokens = self.shards[self.order[self.shard]]
-        idx = self.windows[self.window:self.window + self.B]
-        self.window += self.B
-        x = torch.from_numpy(np.stack([tokens[i * self.T:(i + 1) * self.T + 1] for i in idx]).astype(np.int64))
-        return x[:, :-1], x[:, 1:]
+    def load_state(self, s):
+        self.epoch, self.shard, self.window = s["epoch"], s["shard"], s["window"]
+        self.tokens = self.shards[np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))[self.shard]]
+        n = (len(self.tokens) - 1) // self.T // self.world * self.world  # windows, a multiple of world
+        self.windows = np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(n)[self.rank::self.world]
 
     def state(self):
         return dict(epoch=self.epoch, shard=self.shard, window=self.window)
 
-    def load_state(self, s):
-        self.epoch, self.shard, self.window = s["epoch"], s["shard"], s["window"]
-        self._plan()
-
+    def next_batch(self):
+        while self.window + self.B > len(self.windows):  # shard exhausted: the next shard, or the next epoch
+            last = self.shard + 1 == len(self.shards)
+            self.load_state(dict(epoch=self.epoch + last, shard=0 if last else self.shard + 1, window=0))
+        idx = self.windows[self.window:self.window + self.B]
+        self.window += self.B
+        x = torch.from_numpy(np.stack([self.tokens[i * self.T:(i + 1) * self.T + 1] for i in idx]).astype(np.int64))
+        return x[:, :-1], x[:, 1:]
 
 def load_data(cfg):
     """(train shards, val tokens); the smoke preset falls back to this repository's own text."""
-    if os.path.exists(os.path.join(cfg.data_dir, "run.json")):
-        raise DataError(f"--data_dir={cfg.data_dir}: prepare_data.py did not finish there (run.json is left): "
-                        "rerun it to complete the shards")
+    if os.path.exists(os.path.join(cfg.data_dir, "run.json")):  # prepare_data.py's mark of an unfinished run
+        raise DataError(f"--data_dir={cfg.data_dir}: prepare_data.py did not finish there; rerun it to complete the shards")
     train = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
     val = sorted(glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin")))
     if train and val:
@@ -173,7 +151,6 @@ def load_data(cfg):
     raise DataError(f"--data_dir={cfg.data_dir}: no *_train_*.bin and *_val_*.bin shards there; "
                     "make them with prepare_data.py (or use --preset=smoke)")
 
-
 # ----------------------------------------------------------------------------- the model and its step
 
 def lr_at(step, cfg):
@@ -184,23 +161,12 @@ def lr_at(step, cfg):
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, decay - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
-
-def make_optimizer(model, cfg, device_type):
-    """AdamW, fused on CUDA. Weight decay on every parameter of 2 or more dims: the matrices, and
-    also W_v and the compressor / EC weights; none on norm gains, biases and w_beta."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
-
-
 def build(cfg, mcfg, dev):
     """The model (seeded), its compiled form on CUDA (else itself) and its optimizer, as train and bench run them."""
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(dev)
     model = torch.compile(raw) if cfg.compile and dev.type == "cuda" else raw
-    return raw, model, make_optimizer(raw, cfg, dev.type)
-
+    return raw, model, raw.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dev.type)
 
 def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
     """One optimizer step over accum micro-batches; returns the mean loss and the gradient norm as
@@ -221,13 +187,6 @@ def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
     opt.zero_grad(set_to_none=True)
     return loss_sum, norm
 
-
-def flops_per_token(model, T):
-    """Training FLOPs per token for MFU, the PaLM / nanoGPT estimate: 6N for the matrices (the tied
-    embedding counted once, as the LM head) plus 12 L T d for attention scores."""
-    return 6 * model.num_params() + 12 * model.config.n_layer * T * model.config.n_embd
-
-
 # ----------------------------------------------------------------------------- checkpoints and log
 
 def save_atomic(obj, path):
@@ -235,17 +194,15 @@ def save_atomic(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-
-def load_checkpoint(path, needs=("model", "model_config")):
-    """The checkpoint at path, refusing a missing or unreadable file and one without the keys needed."""
+def load_checkpoint(path):
+    """The checkpoint at path, refusing a missing or unreadable file and one without train.py's keys."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {path}: {e}") from None
-    if missing := [k for k in needs if not isinstance(ckpt, dict) or k not in ckpt]:
+    if missing := [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]:
         raise ConfigError(f"{path} is not a checkpoint of this train.py: it has no {', '.join(missing)}")
     return ckpt
-
 
 def resume_changes(ckpt, cfg, mcfg, world):
     """The settings that differ from the checkpoint's run, {key: [old, new]}. Another model config,
@@ -258,10 +215,9 @@ def resume_changes(ckpt, cfg, mcfg, world):
                               "resume with the same value")
     return {k: [old.get(k), v] for k, v in new.items() if k != "resume" and old.get(k) != v}
 
-
 def start_log(path, keep):
-    """log.jsonl emptied for a new run (keep = 0), or cut back to the `keep` records a resumed run's
-    checkpoint saw: what a crashed run logged after its checkpoint is logged again."""
+    """log.jsonl emptied for a new run (keep = 0), or cut back to the `keep` records its resumed checkpoint saw."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     lines = open(path).readlines() if keep and os.path.exists(path) else []
     with open(path + ".tmp", "w") as f:
         f.writelines(lines[:keep])
@@ -269,13 +225,11 @@ def start_log(path, keep):
     if len(lines) > keep:
         print(f"dropped the {len(lines) - keep} log records written after the checkpoint")
 
-
 # ----------------------------------------------------------------------------- training
 
 @torch.no_grad()
 def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
-    """Mean loss over the first val_tokens // block_size whole windows of the val shard (the same
-    tokens every time), and the gate audit of one val batch."""
+    """Mean loss over the first val_tokens // block_size whole windows of the val shard; the gate audit of one batch."""
     T = raw.config.block_size
     windows = list(range(rank, min(cfg.val_tokens, len(val) - 1) // T, world))
     total, count = torch.zeros((), device=dev), torch.zeros((), device=dev)
@@ -286,23 +240,17 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
         with ctx:
             total += model(rows[:, :-1], rows[:, 1:])[1].float() * len(rows)
         count += len(rows)
-    gates = None
-    if raw.config.residual != "additive" and windows:  # a rank may hold no val window
-        raw.record_gates()
-        with ctx:
-            raw(rows[:, :-1])
-        gates = raw.gate_stats()
-        raw.record_gates(False)
+    with ctx:  # a rank may hold no val window
+        gates = raw.gate_audit(rows[:, :-1]) if raw.config.residual != "additive" and windows else None
     model.train()
     if world > 1:
         dist.all_reduce(total)
         dist.all_reduce(count)
     return (total / count).item(), gates
 
-
 def setup(cfg):
     """Process group (torchrun), device and autocast context."""
-    ddp = "RANK" in os.environ
+    ddp = "RANK" in os.environ  # started by torchrun
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device='cuda': this torch finds no CUDA device (CPU-only build or no GPU)")
@@ -315,18 +263,12 @@ def setup(cfg):
         dist.init_process_group("nccl" if cuda else "gloo")
     return rank, world, dev, torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-
-class Diverged(RuntimeError):
-    """The loss or the gradient norm stopped being finite: training stops, the last checkpoint stays."""
-
-
-def git_commit():
-    try:  # provenance for log.jsonl; None outside a git checkout or without git
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+def git_commit():  # provenance for log.jsonl; None outside a git checkout or without git
+    try:
+        return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                              capture_output=True, text=True).stdout.strip() or None
     except OSError:
         return None
-
 
 def train(cfg, mcfg):
     rank, world, dev, ctx = setup(cfg)
@@ -337,7 +279,7 @@ def train(cfg, mcfg):
         raise ConfigError(f"--val_tokens={cfg.val_tokens}: must be >= block_size={T} (one whole val window)")
     accum = cfg.total_batch // (B * world)
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    ckpt = load_checkpoint(ckpt_path, CKPT_KEYS) if cfg.resume else None
+    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     changed = resume_changes(ckpt, cfg, mcfg, world) if ckpt else None
     train_shards, val = load_data(cfg)
     if len(val) < T + 1:
@@ -356,7 +298,6 @@ def train(cfg, mcfg):
     peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         start_log(log_path, records)
 
     def log(rec, line=None):
@@ -368,19 +309,18 @@ def train(cfg, mcfg):
                 f.write(json.dumps(rec) + "\n")
             records += 1
 
-    log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg), device=name,
-             torch=torch.__version__, git_commit=git_commit(), world_size=world, grad_accum=accum,
-             params=raw.num_params(), resumed_from=step if ckpt else None, changed=changed),
+    log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg), device=name, world_size=world,
+             torch=torch.__version__, git_commit=git_commit(), grad_accum=accum, params=raw.num_params(),
+             resumed_from=step if ckpt else None, changed=changed),
         f"{name} x{world} | {raw.num_params():,} params | accum {accum} | {cfg.total_batch * T:,} tokens/step"
         + (f" | resumed at step {step}, changed: {changed or 'nothing'}" if ckpt else ""))
-    # the first step whose loss or gradient norm was not finite (-1: none) stays on the device; it is
-    # read only where the loop syncs anyway (log lines) and before every checkpoint
+    # the first step with a non-finite loss or gradient norm (-1: none), on the device: read where the loop syncs
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
 
     def check_finite():
         if (bad := bad_step.item()) >= 0:
             log(dict(type="diverged", step=bad))
-            raise Diverged(f"the loss or gradient norm is not finite at step {bad}: training stopped, "
+            raise FloatingPointError(f"the loss or gradient norm is not finite at step {bad}: training stopped, "
                            f"{ckpt_path} is left as it was; lower --lr or lengthen --warmup_steps")
 
     def run_eval():
@@ -390,8 +330,7 @@ def train(cfg, mcfg):
         if gates:
             log(dict(type="gates", step=step, gates=gates))
 
-    # the clock counts training only: it restarts after this run's first step (compilation) and
-    # pauses for evaluations
+    # the clock counts training only: it restarts after this run's first step (compilation), pauses for evals
     first, t0, train_time = step + 1, time.perf_counter(), 0.0
     while step < cfg.max_steps:
         if step % cfg.eval_interval == 0:
@@ -412,7 +351,7 @@ def train(cfg, mcfg):
             lval, elapsed = loss.item(), train_time + time.perf_counter() - t0  # .item() syncs first
             ms = 1000 * elapsed / (step - first) if step > first else None
             tps = cfg.total_batch * T / (ms / 1000) if ms else None
-            mfu = flops_per_token(raw, T) * tps / world / (peak * 1e12) if ms and peak else None  # per GPU
+            mfu = raw.flops_per_token(T) * tps / world / (peak * 1e12) if ms and peak else None  # per GPU
             log(dict(type="train", step=step, loss=lval, lr=lr, grad_norm=norm.item(), ms_per_step=ms,
                      tokens_per_s=tps, mfu=mfu, train_time_s=elapsed),
                 f"step {step:6d} | loss {lval:.4f} | lr {lr:.2e} | norm {norm.item():.3f} | "
@@ -423,9 +362,8 @@ def train(cfg, mcfg):
             check_finite()  # never a checkpoint of non-finite weights
             if master:
                 save_atomic(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step, world_size=world,
-                                 config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
-                                 data=stream.state(), rng=dict(cpu=torch.get_rng_state()), log_records=records),
-                            ckpt_path)
+                                 config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg), data=stream.state(),
+                                 rng=dict(cpu=torch.get_rng_state()), log_records=records), ckpt_path)
     run_eval()
     if dev.type == "cuda" and master:
         print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
@@ -434,7 +372,6 @@ def train(cfg, mcfg):
     if world > 1:
         dist.barrier()  # tear down together: a rank leaving while another still talks aborted gloo runs
         dist.destroy_process_group()
-
 
 def sample(model, cfg, dev, ctx):
     """A continuation of cfg.prompt, restricted to the ids tiktoken can decode (no vocabulary padding)."""
@@ -446,7 +383,6 @@ def sample(model, cfg, dev, ctx):
         out = model.generate(idx, cfg.sample_tokens, temperature=0.8, top_k=200, n_vocab=enc.n_vocab)
     return enc.decode(out[0, 1:].tolist())
 
-
 def main(argv):
     cfg, mcfg = parse_args(argv)
     if cfg.mode == "train":
@@ -457,9 +393,8 @@ def main(argv):
     model.load_state_dict(ckpt["model"])
     print(sample(model.eval(), cfg, dev, ctx))
 
-
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, DataError, Diverged) as e:  # what a user can act on; anything else keeps its traceback
+    except (ConfigError, DataError, FloatingPointError) as e:  # a user can act on these; all else keeps its traceback
         sys.exit(f"train.py: error: {e}")
