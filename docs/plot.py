@@ -1,8 +1,10 @@
 """Plot the small-scale runs: val_loss.png (val loss against tokens and training wall-clock, mean over
-seeds with a min..max band) and beta_heatmap.png (mean beta per layer and sublayer, last gates record).
+seeds with a min..max band) and beta_heatmap.png (mean beta per layer and sublayer, last gates record);
+with --memorize, memorize.png from docs/memorize.py's output (loss against step, one panel per lr).
 
     python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> docs/*.png
     python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders; needs matplotlib (optional)
+    python docs/plot.py --memorize memorize.jsonl
 """
 import argparse
 import glob
@@ -81,11 +83,29 @@ def plot_beta(runs, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_memorize(path_in, path):
+    rows = [json.loads(line) for line in open(path_in)]
+    lrs = sorted({r["lr"] for r in rows})
+    fig, axes = plt.subplots(1, len(lrs), figsize=(4 * len(lrs), 3.8), sharey=True, squeeze=False, layout="constrained")
+    for ax, lr in zip(axes[0], lrs):
+        for r in (r for r in rows if r["lr"] == lr):
+            dashed = "-" in r["variant"] and r["variant"] != "write-cc"  # the ablations
+            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], ls="--" if dashed else "-", label=r["variant"])
+        ax.set(title=f"lr {lr:g}", xlabel="step", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set(ylabel="train loss on the fixed random batch")
+    axes[0][-1].legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="?", default="runs", help="a folder of run folders, or a glob of run folders")
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output folder (docs/)")
+    p.add_argument("--memorize", help="plot docs/memorize.py's JSON lines instead")
     args = p.parse_args()
+    if args.memorize:
+        return plot_memorize(args.memorize, os.path.join(args.out, "memorize.png"))
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"no <variant>-<seed>/log.jsonl in {args.runs!r}")
