@@ -655,7 +655,7 @@ def test_generate_refuses_bad_settings_naming_them(kw, name):
 # ============================================================================ prepare_data.py
 
 DOCS = ["Größe und Maß: naïve café ☕", "日本語のテキスト。", "plain <|endoftext|> inside text",
-        "emoji 🙂 and more words " * 20, "last one"]
+        "emoji 🙂 and more words " * 20, "last one,\nover two lines\n"]  # the last is a .txt: one document
 
 
 def eot_tokens(docs):
@@ -816,10 +816,10 @@ def test_missing_path_and_foreign_output(tmp_path):
 
 def test_complete_output_is_not_redone_unless_force(tmp_path, capsys):
     write_inputs(tmp_path / "in")
-    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5")
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--workers", "1")
     with open(tmp_path / "in" / "c.txt", "w", encoding="utf-8") as f:
         f.write("changed text")
-    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5")
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--workers", "2")  # workers: the same run
     assert "already complete" in capsys.readouterr().err
     assert all_tokens(tmp_path / "out").tolist() == eot_tokens(DOCS)
     m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--force")
@@ -830,6 +830,8 @@ def test_complete_output_is_not_redone_unless_force(tmp_path, capsys):
 def test_read_shard_refuses_truncated_and_foreign_files(tmp_path):
     prepare_data.write_shard(str(tmp_path / "ok.bin"), np.arange(100, dtype=np.uint16))
     assert prepare_data.read_shard(tmp_path / "ok.bin").tolist() == list(range(100))
+    prepare_data.write_shard(str(tmp_path / "empty.bin"), np.arange(0, dtype=np.uint16))  # the header alone
+    assert (tmp_path / "empty.bin").stat().st_size == 1024 and prepare_data.read_shard(tmp_path / "empty.bin").tolist() == []
     data = (tmp_path / "ok.bin").read_bytes()
     assert len(data) == 1024 + 200
     for name, content, message in [
@@ -841,6 +843,43 @@ def test_read_shard_refuses_truncated_and_foreign_files(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(prepare_data.DataError, match=message):
             prepare_data.read_shard(tmp_path / name)
+
+
+def test_val_tokens_0_writes_train_shards_only(tmp_path):
+    write_inputs(tmp_path / "in")
+    want = eot_tokens(DOCS)
+    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "0", "--shard_tokens", "40", "--workers", "1")
+    sizes = [40] * (len(want) // 40) + [len(want) % 40]
+    assert m["shards"] == [{"file": f"local_train_{k:06d}.bin", "split": "train", "tokens": n} for k, n in enumerate(sizes)]
+    assert all_tokens(tmp_path / "out").tolist() == want and m["val_sources"] == {}
+
+
+def test_prepare_option_defaults_and_bounds():
+    a = prepare_data.parse_args(["--input", "x"])
+    assert (a.out, a.prefix, a.input) == (os.path.join("data", "local"), "local", ["x"])
+    a = prepare_data.parse_args([])
+    assert (a.out, a.prefix, a.input, a.name, a.text_field, a.val_tokens, a.shard_tokens, a.max_tokens, a.force) == (
+        os.path.join("data", "fineweb_edu"), "fineweb_edu", None, "sample-10BT", "text", 10_485_760, 100_000_000, 0, False)
+    a = prepare_data.parse_args(["--val_tokens=0", "--max_tokens=0", "--workers=1", "--shard_tokens=1", "--out=o", "--prefix=p"])
+    assert (a.val_tokens, a.max_tokens, a.workers, a.shard_tokens, a.out, a.prefix) == (0, 0, 1, 1, "o", "p")
+    for key, low in (("workers", 1), ("shard_tokens", 1), ("val_tokens", 0), ("max_tokens", 0)):
+        with pytest.raises(prepare_data.DataError, match=f"^--{key}={low - 1} is invalid: must be >= {low}$"):
+            prepare_data.parse_args([f"--{key}={low - 1}"])
+
+
+def test_forced_rerun_first_clears_the_old_manifest_and_stray_temporaries(tmp_path, monkeypatch):
+    """Between the claim and the new manifest the folder must read as unfinished: run.json, no old manifest.json."""
+    write_inputs(tmp_path / "in")
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--workers", "1")
+    (tmp_path / "out" / "local_train_000042.bin.tmp").write_bytes(b"left by a crash")
+
+    def interrupted(path, tokens):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_data, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--workers", "1", "--force")
+    assert sorted(os.listdir(tmp_path / "out")) == ["run.json"]
 
 
 class FullDisk:
@@ -1049,7 +1088,7 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 def test_two_gloo_processes_equal_one_with_double_accumulation(shards, tmp_path):
-    common = [*TRAIN_TINY, f"--data_dir={shards}", "--max_steps=4", "--decay_steps=4", "--total_batch=8"]
+    common = [*TRAIN_TINY, f"--data_dir={shards}", "--max_steps=4", "--decay_steps=4", "--total_batch=8", "--peak_tflops=1e-9"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           os.path.join(HERE, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
@@ -1062,6 +1101,14 @@ def test_two_gloo_processes_equal_one_with_double_accumulation(shards, tmp_path)
     lt = lambda log: [r["loss"] for r in log if r["type"] in ("train", "val")]
     assert len(lt(ddp)) == len(lt(one)) == 4 + 2
     assert np.allclose(lt(ddp), lt(one), rtol=1e-5, atol=1e-6)
+    # tokens_per_s counts the whole step (total_batch x block_size over all processes); mfu is per GPU
+    flops = 6 * one[0]["params"] + 12 * 2 * 16 * 16
+    for log, world in ((ddp, 2), (one, 1)):
+        timed = [r for r in log if r["type"] == "train" and r["ms_per_step"]]
+        assert len(timed) == 3
+        for r in timed:
+            assert r["tokens_per_s"] * r["ms_per_step"] / 1000 == pytest.approx(8 * 16, rel=1e-9)
+            assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / world / 1000.0, rel=1e-9)
 
 
 def test_help_lists_every_key_with_its_default(capsys):
@@ -1115,6 +1162,50 @@ def test_token_stream_is_seeded_disjoint_and_resumable():
     t = train.TokenStream(shard, 10, 4, seed=1)
     t.load_state(state)
     assert firsts(t, 30) == rest
+
+
+def test_token_stream_windows_cover_each_shard_once_per_epoch_in_a_new_order():
+    """Shards A = 0..960 (96 windows of T=10: 24 batches of 4), B = 1000..1599 (59 windows: 14 batches, 3
+    left out) and C = 2000..2024 (2 windows: fewer than a batch, never drawn). x is a window, y the same
+    window one token on; an epoch is 38 batches, each shard's batches in one run of distinct windows."""
+    shards = [np.arange(0, 961, dtype=np.uint16), np.arange(1000, 1600, dtype=np.uint16), np.arange(2000, 2025, dtype=np.uint16)]
+    s = train.TokenStream(shards, 10, 4, seed=3)
+    epochs, shard_orders, states = [], set(), {}
+    for e in range(4):
+        starts = []
+        for b in range(38):
+            states[38 * e + b] = s.state()
+            x, y = s.next_batch()
+            assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 10)
+            assert torch.equal(y, x + 1) and torch.equal(x - x[:, :1], torch.arange(10).expand(4, 10))
+            starts.append(x[:, 0].tolist())
+        kinds = [{v // 1000 for v in b} for b in starts]
+        assert all(len(k) == 1 for k in kinds)  # a batch comes from one shard
+        runs = [k.pop() for k in kinds]
+        shard_orders.add(tuple(dict.fromkeys(runs)))
+        assert sorted(runs) == [0] * 24 + [1] * 14 and runs in ([0] * 24 + [1] * 14, [1] * 14 + [0] * 24)
+        flat = sum(starts, [])
+        assert sorted(v for v in flat if v < 1000) == list(range(0, 960, 10))
+        b_windows = [v for v in flat if v >= 1000]
+        assert len(set(b_windows)) == 56 and set(b_windows) <= set(range(1000, 1590, 10))
+        epochs.append(flat)
+    assert len({tuple(e) for e in epochs}) == 4 and len(shard_orders) == 2  # a new order every epoch
+    for at in (30, 45, 100):  # inside the second shard of an epoch, in the next epoch
+        t = train.TokenStream(shards, 10, 4, seed=3)
+        t.load_state(states[at])
+        assert [t.next_batch()[0][:, 0].tolist() for _ in range(40)] == [sum(epochs, [])[4 * i:4 * i + 4] for i in range(at, at + 40)]
+    # two ranks: disjoint halves of A's windows that together cover it
+    r0, r1 = (train.TokenStream(shards[:1], 10, 4, 3, r, 2) for r in (0, 1))
+    w0, w1 = (sum((st.next_batch()[0][:, 0].tolist() for _ in range(12)), []) for st in (r0, r1))
+    assert sorted(w0 + w1) == list(range(0, 960, 10))
+
+
+def test_token_stream_needs_one_batch_of_windows_per_process():
+    train.TokenStream([np.arange(41, dtype=np.uint16)], 10, 4, seed=0)  # 4 windows of 10 + 1 tokens: one batch
+    train.TokenStream([np.arange(81, dtype=np.uint16)], 10, 4, 0, 1, 2)  # 8 windows: 4 for each of 2 processes
+    for tokens, world in ((40, 1), (80, 2)):
+        with pytest.raises(prepare_data.DataError, match=f"too few tokens for batch_size=4 x block_size=10 x {world} processes"):
+            train.TokenStream([np.arange(tokens, dtype=np.uint16)], 10, 4, 0, 0, world)
 
 
 def test_bench_runs_on_cpu(capsys):
@@ -1205,6 +1296,101 @@ def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
     assert len(gates) == 4
 
 
+def test_adamw_takes_the_configured_betas_and_every_group_the_step_lr():
+    m = tiny_model(residual="delta", d_v=2, compressor="cc")
+    opt = train.make_optimizer(m, train_cfg(beta1=0.8, beta2=0.99, weight_decay=0.1), "cpu")
+    assert [g["betas"] for g in opt.param_groups] == [(0.8, 0.99), (0.8, 0.99)]
+    x = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    train.train_step(m, m, opt, lambda: (x, x), 1, 0.0123, train_cfg(), nullcontext())
+    assert [g["lr"] for g in opt.param_groups] == [0.0123, 0.0123]
+
+
+def test_train_step_clips_the_accumulated_gradient_to_grad_clip_and_returns_the_unclipped_norm():
+    """Two plain-SGD steps of two micro-batches each against a hand-written step: the gradient of the
+    mean of the micro-batch losses, scaled by grad_clip / norm (torch's clip, with its 1e-6), fresh every step."""
+    gen = torch.Generator().manual_seed(11)
+    data = [(torch.randint(0, 97, (2, 12), generator=gen), torch.randint(0, 97, (2, 12), generator=gen)) for _ in range(4)]
+    clip, lr = 0.05, 0.5
+    m, ref = tiny_model(seed=3, residual="delta", d_v=4, compressor="cc"), tiny_model(seed=3, residual="delta", d_v=4, compressor="cc")
+    opt, it = torch.optim.SGD(m.parameters(), lr=lr), iter(data)
+    for step in range(2):
+        loss, norm = train.train_step(m, m, opt, lambda: next(it), 2, lr, train_cfg(grad_clip=clip), nullcontext())
+        losses = [ref(x, y)[1] for x, y in data[2 * step:2 * step + 2]]
+        grads = torch.autograd.grad((losses[0] + losses[1]) / 2, list(ref.parameters()))
+        want_norm = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
+        assert norm.item() == pytest.approx(want_norm, rel=1e-5) and want_norm > 4 * clip  # the clip bites
+        assert loss.item() == pytest.approx((losses[0].item() + losses[1].item()) / 2, rel=1e-6)
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p -= lr * clip / (want_norm + 1e-6) * g
+        assert max((a - b).abs().max().item() for a, b in zip(m.parameters(), ref.parameters())) < 1e-6, step
+
+
+def test_flops_per_token_is_6n_plus_12_layers_t_d():
+    m = tiny_model(residual="delta", d_v=2, compressor="cc")
+    n = sum(p.numel() for p in m.parameters())
+    assert train.flops_per_token(m, 32) == 6 * n + 12 * 2 * 32 * 16
+    assert train.flops_per_token(m, 7) == 6 * n + 12 * 2 * 7 * 16
+
+
+class FakeClock:
+    """train.py's clock: one second per training step, 100 seconds per evaluation."""
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        real_step, real_eval = train.train_step, train.evaluate
+        monkeypatch.setattr(train, "time", self)
+        monkeypatch.setattr(train, "train_step", lambda *a: (setattr(self, "now", self.now + 1.0), real_step(*a))[1])
+        monkeypatch.setattr(train, "evaluate", lambda *a: (setattr(self, "now", self.now + 100.0), real_eval(*a))[1])
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_log_lines_timing_tokens_per_s_and_mfu_on_a_fake_clock(shards, tmp_path, monkeypatch):
+    """Train records at the first step, every log_interval and the last; the clock starts after the first
+    step and pauses for evaluations, so with 1 s per step: ms_per_step 1000, train_time_s step - 1,
+    tokens_per_s total_batch x block_size = 64, mfu flops_per_token x 64 / peak."""
+    FakeClock(monkeypatch)
+    log = run_train(shards, tmp_path / "t", "--max_steps=7", "--log_interval=3", "--eval_interval=2",
+                    "--ckpt_interval=100", "--peak_tflops=1e-9")
+    tr = [r for r in log if r["type"] == "train"]
+    assert [r["step"] for r in tr] == [1, 3, 6, 7]
+    assert [r["train_time_s"] for r in tr] == [0.0, 2.0, 5.0, 6.0]
+    assert tr[0]["ms_per_step"] is None and tr[0]["tokens_per_s"] is None and tr[0]["mfu"] is None
+    flops = 6 * sum(p.numel() for p in GPT(GPTConfig(**log[0]["model_config"])).parameters()) + 12 * 2 * 16 * 16
+    for r in tr[1:]:
+        assert (r["ms_per_step"], r["tokens_per_s"]) == (1000.0, 64.0), r
+        assert r["mfu"] == pytest.approx(flops * 64 / 1000.0, rel=1e-12)
+    assert [r["step"] for r in log if r["type"] == "val"] == [0, 2, 4, 6, 7]
+
+
+def test_validation_loss_is_the_seeded_initial_model_on_the_val_shard(shards, tmp_path):
+    """max_steps=0: the one val record is the model as torch.manual_seed(seed) builds it, on the first
+    val_tokens // block_size windows of the val shard (not a train shard)."""
+    log = run_train(shards, tmp_path / "v", "--max_steps=0", "--seed=5")
+    assert [(r["type"], r["step"]) for r in log if r["type"] != "config"] == [("val", 0), ("gates", 0)]
+    torch.manual_seed(5)
+    m = GPT(GPTConfig(**log[0]["model_config"])).eval()
+    val = prepare_data.read_shard(os.path.join(shards, "local_val_000000.bin"))
+    rows = torch.from_numpy(np.stack([val[16 * w:16 * w + 17] for w in range(128 // 16)]).astype(np.int64))
+    with torch.no_grad():
+        want = m(rows[:, :-1], rows[:, 1:])[1].item()
+    assert log[-2]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_resume_changes_lists_the_new_settings_and_refuses_another_world_seed_data_or_model():
+    cfg, mcfg = train_cfg(), GPTConfig(**TINY)
+    ckpt = dict(config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg), world_size=1)
+    assert train.resume_changes(ckpt, dataclasses.replace(cfg, resume=True), mcfg, 1) == {}
+    assert train.resume_changes(ckpt, dataclasses.replace(cfg, resume=True, batch_size=4, lr=2e-3), mcfg, 1) == {
+        "batch_size": [16, 4], "lr": [1e-3, 2e-3]}
+    for new_cfg, new_mcfg, world, key in [(cfg, mcfg, 2, "world_size"), (dataclasses.replace(cfg, seed=1), mcfg, 1, "seed"),
+                                          (dataclasses.replace(cfg, data_dir="x"), mcfg, 1, "data_dir"),
+                                          (cfg, dataclasses.replace(mcfg, d_v=2), 1, "d_v")]:
+        with pytest.raises(ConfigError, match=f"the checkpoint's {key} was"):
+            train.resume_changes(ckpt, new_cfg, new_mcfg, world)
+
+
 def test_checkpoint_write_that_dies_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.save_atomic({"step": 1}, path)
@@ -1221,6 +1407,24 @@ def test_checkpoint_write_that_dies_leaves_the_previous_one_loadable(tmp_path, m
         train.save_atomic({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
+
+
+def test_training_checkpoint_that_dies_mid_write_leaves_the_previous_one(shards, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def dying_second_save(obj, f):
+        calls.append(f)
+        real_save(obj, f)
+        if len(calls) == 2:
+            with open(f, "r+b") as fh:
+                fh.truncate(10)
+            raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        run_train(shards, tmp_path / "c", "--max_steps=3", "--ckpt_interval=1", "--eval_interval=100")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)["step"] == 1
 
 
 # ---------------------------------------------------------------------------- train.py: failures a user can hit
@@ -1242,6 +1446,29 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(shar
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     log = [json.loads(line) for line in open(tmp_path / "nan" / "log.jsonl")]
     assert log[-1] == {"type": "diverged", "step": 5}
+
+
+@pytest.mark.parametrize("ckpt_interval,log_interval,last_train,ckpt_step", [
+    (2, 7, 1, 4),      # found by the check before the step-6 checkpoint, which is not written
+    (100, 3, 6, None),  # found at the step-6 log line, not only at the final checkpoint
+])
+def test_an_infinite_gradient_norm_alone_stops_training(shards, tmp_path, monkeypatch, ckpt_interval, log_interval,
+                                                        last_train, ckpt_step):
+    real_step, calls = train.train_step, []
+
+    def inf_norm_at_step_5(*args):
+        calls.append(1)
+        loss, norm = real_step(*args)
+        return loss, norm + float("inf") if len(calls) == 5 else norm
+
+    monkeypatch.setattr(train, "train_step", inf_norm_at_step_5)
+    with pytest.raises(train.Diverged, match="not finite at step 5"):
+        run_train(shards, tmp_path / "inf", "--max_steps=8", f"--ckpt_interval={ckpt_interval}",
+                  f"--log_interval={log_interval}", "--eval_interval=100")
+    log = [json.loads(line) for line in open(tmp_path / "inf" / "log.jsonl")]
+    assert log[-1] == {"type": "diverged", "step": 5} and [r["step"] for r in log if r["type"] == "train"][-1] == last_train
+    ckpt = tmp_path / "inf" / "ckpt.pt"
+    assert (torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else None) == ckpt_step
 
 
 def test_resume_after_a_crash_continues_the_log_without_duplicates(shards, tmp_path, monkeypatch):
@@ -1282,10 +1509,70 @@ def test_resume_allows_and_records_a_new_batch_size_and_refuses_other_data(shard
     ("--min_lr=0.1", "--min_lr=0.1: must lie in"), ("--beta2=1", "--beta2=1.0: must lie in"),
     ("--val_tokens=8", "--val_tokens=8: must be >= block_size=16"), ("--embed_conv=no", "--embed_conv='no': expected a bool"),
     ("--n_layer=2.5", "--n_layer='2.5': expected a int"), ("--resume=maybe", "--resume='maybe': expected a bool"),
+    ("--total_batch=5", "--total_batch=5 must be a multiple of batch_size x processes = 2"),
 ])
 def test_bad_settings_are_refused_naming_the_key(shards, tmp_path, flag, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_train(shards, tmp_path / "x", "--max_steps=1", flag)
+
+
+def test_data_dir_unfinished_or_with_a_val_shard_shorter_than_one_window(shards, tmp_path):
+    """A val shard of block_size + 1 = 17 tokens and --val_tokens=block_size is the smallest accepted."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in os.listdir(shards):
+        if "_train_" in f:
+            (data / f).write_bytes(open(os.path.join(shards, f), "rb").read())
+    for n in (16, 17):
+        prepare_data.write_shard(str(data / "local_val_000000.bin"), np.arange(n, dtype=np.uint16))
+        if n == 16:
+            with pytest.raises(prepare_data.DataError, match="the val shard holds 16 tokens, fewer than block_size \\+ 1 = 17"):
+                run_train(str(data), tmp_path / "o", "--max_steps=0", "--val_tokens=16")
+    log = run_train(str(data), tmp_path / "o", "--max_steps=0", "--val_tokens=16", "--seed=2")
+    torch.manual_seed(2)
+    m = GPT(GPTConfig(**log[0]["model_config"]))
+    with torch.no_grad():
+        want = m(torch.arange(16)[None], torch.arange(1, 17)[None])[1].item()
+    assert [r["type"] for r in log] == ["config", "val", "gates"] and log[1]["loss"] == pytest.approx(want, rel=1e-5)
+    (data / "run.json").write_text("{}")  # prepare_data.py still running, or died
+    with pytest.raises(prepare_data.DataError, match="prepare_data.py did not finish there \\(run.json is left\\)"):
+        run_train(str(data), tmp_path / "o", "--max_steps=0", "--val_tokens=16")
+
+
+GOOD_SETTINGS = dict(batch_size=1, total_batch=1, val_tokens=1, eval_interval=1, log_interval=1, ckpt_interval=1, seed=0,
+                     max_steps=0, decay_steps=0, warmup_steps=0, sample_tokens=0, weight_decay=0.0, peak_tflops=0.0,
+                     beta1=0.0, beta2=0.999, lr=1e-9, grad_clip=1e-9, min_lr=1e-9, mode="sample", device="auto")
+
+
+@pytest.mark.parametrize("key,bad", [
+    *((k, 0) for k in ("batch_size", "total_batch", "val_tokens", "eval_interval", "log_interval", "ckpt_interval")),
+    *((k, -1) for k in ("seed", "max_steps", "decay_steps", "warmup_steps", "sample_tokens")),
+    ("weight_decay", -1e-9), ("peak_tflops", -1.0), ("beta1", 1.0), ("beta2", 1.0), ("beta1", -0.1), ("lr", 0.0),
+    ("grad_clip", 0.0), ("min_lr", -1e-9), ("min_lr", 2e-9), ("mode", "bench"), ("device", "mps")])
+def test_train_config_refuses_just_outside_each_bound_and_takes_the_bound(key, bad):
+    train.TrainConfig(**GOOD_SETTINGS)
+    with pytest.raises(ConfigError, match=f"^--{key}={re.escape(repr(bad))}: "):
+        train.TrainConfig(**{**GOOD_SETTINGS, key: bad})
+
+
+def test_parse_args_bools_preset_first_and_the_argument_form():
+    for text, value in (("true", True), ("True", True), ("1", True), ("false", False), ("FALSE", False), ("0", False)):
+        cfg, _ = train.parse_args([f"--compile={text}", f"--resume={text}"])
+        assert cfg.compile is value and cfg.resume is value, text
+    assert train.parse_args(["--resume"])[0].resume is True and train.parse_args([])[0].resume is False
+    cfg, mcfg = train.parse_args(["--max_steps=3", "--preset=smoke", "--n_layer=3"])  # the keys given win over the preset
+    assert (cfg.max_steps, mcfg.n_layer, cfg.lr, cfg.batch_size, mcfg.d_v, cfg.out_dir) == (3, 3, 3e-3, 16, 4, "out-smoke")
+    cfg, mcfg = train.parse_args(["--lr=2e-3"])
+    assert (cfg.max_steps, mcfg.n_layer, cfg.lr, cfg.batch_size, mcfg.d_v) == (100_000, 12, 2e-3, 16, 1)
+    for arg in ("lr=0.1", "--lr", "-lr=0.1"):
+        with pytest.raises(ConfigError, match=f"^argument {re.escape(repr(arg))} is not of the form --key=value$"):
+            train.parse_args([arg])
+
+
+def test_device_cpu_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rank, world, dev, ctx = train.setup(train_cfg(device="cpu"))
+    assert (rank, world, dev) == (0, 1, torch.device("cpu")) and isinstance(ctx, nullcontext)
 
 
 def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
@@ -1305,6 +1592,17 @@ def test_sampling_never_emits_padding_ids(capsys):
     assert m.generate(idx, 4, top_k=5).max() >= 50257  # the restriction below is not vacuous
     text = train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext())
     assert isinstance(text, str) and text.startswith("Hi")
+    torch.rand(7)  # the sample is seeded by --seed: the global generator's state does not matter
+    assert train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext()) == text
+
+
+def test_sample_mode_continues_the_prompt_with_the_checkpoints_weights(shards, tmp_path, capsys):
+    """--mode=sample from the final checkpoint gives the sample that ended training (same seed and prompt)."""
+    run_train(shards, tmp_path / "s", "--max_steps=2", "--sample_tokens=6", "--prompt=The gate")
+    trained = capsys.readouterr().out.split("sample: ", 1)[1][:-1]
+    train.main(["--mode=sample", f"--out_dir={tmp_path / 's'}", "--sample_tokens=6", "--prompt=The gate", "--device=cpu"])
+    assert capsys.readouterr().out[:-1] == trained and trained.startswith("The gate")
+    assert len(tiktoken.get_encoding("gpt2").encode_ordinary(trained)) >= 3
 
 
 def run_script(*argv, code=None):
@@ -1322,6 +1620,86 @@ def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path
             "runpy.run_path('train.py', run_name='__main__')")
     r = run_script("--preset=smoke", "--device=cpu", "--max_steps=1", f"--out_dir={tmp_path}", code=code)
     assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: inside the model" in r.stderr
+
+
+BENCH_KINDS = (train.TrainConfig, GPTConfig, bench.BenchConfig)
+
+
+def test_bench_table_ratios_are_against_additive_wherever_it_stands(capsys):
+    rows = [dict(variant="cc", params=1000, train_ms=20.0, train_tps=500.0, infer_tps=3000.0, mem_gib=3.0, mfu=0.25),
+            dict(variant="additive", params=900, train_ms=10.0, train_tps=1000.0, infer_tps=2000.0, mem_gib=2.0, mfu=0.5)]
+    bench.print_table(rows, torch.device("cpu"), 1.5, 4, 8, False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("| micro-batch 4 x 8 | compile False | ratios against additive")
+    assert lines[3].split() == ["cc", "1,000", "20.0", "500", "0.500", "3,000", "1.500", "3.00", "1.500", "25.0%"]
+    assert lines[4].split() == ["additive", "900", "10.0", "1,000", "1.000", "2,000", "1.000", "2.00", "1.000", "50.0%"]
+
+
+def test_time_ms_is_the_median_after_three_warm_up_calls(monkeypatch):
+    clock, durations = [0.0], iter([50, 50, 50, 2, 9, 1, 40])  # ms; the timed three: 2, 9, 1
+
+    def fn():
+        clock[0] += next(durations) / 1000
+
+    monkeypatch.setattr(bench, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    assert bench.time_ms(fn, 3, torch.device("cpu")) == pytest.approx(2.0)
+
+
+def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch):
+    """Every timing 10 ms: the CPU peak is 2 x 512^3 flops / 10 ms, a step of 2 x 16 tokens gives 3200 tok/s,
+    mfu (6 params + 12 L T d) x 3200 / peak."""
+    monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: 10.0)
+    monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile: None)
+    rows = bench.bench(*train.parse_args(
+        ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
+         "--bench_batch=2", "--bench_variants=cc,additive", "--device=cpu"], BENCH_KINDS))
+    peak = 2 * 512 ** 3 / 10.0 / 1e9  # TFLOP/s
+    assert [r["variant"] for r in rows] == ["cc", "additive"] and rows[0]["params"] > rows[1]["params"]
+    for r in rows:
+        assert (r["train_ms"], r["mem_gib"]) == (10.0, None)
+        assert r["train_tps"] == pytest.approx(3200.0) and r["infer_tps"] == pytest.approx(3200.0)
+        assert r["mfu"] == pytest.approx((6 * r["params"] + 12 * 1 * 16 * 16) * 3200.0 / 1e12 / peak)
+
+
+def test_bench_cpu_memory_estimate_at_its_boundary(monkeypatch):
+    """smoke at micro-batch 2 (n = 128 tokens, L = 2, d = 64, V = 50304) with cc's d_v = 4: 16 x 12 L d^2
+    (1,572,864) + 16 V d (51,511,296) + 8 n V (51,511,296) + 160 n L d d_v (10,485,760) = 115,081,216 bytes."""
+    class Fits(Exception):
+        pass
+
+    def fits(dev):
+        raise Fits
+
+    monkeypatch.setattr(bench, "matmul_peak_tflops", fits)
+    cfg, mcfg, bcfg = train.parse_args(["--preset=smoke", "--device=cpu", "--bench_variants=additive,cc",
+                                        "--bench_batch=2"], BENCH_KINDS)
+    for free, outcome in ((115_081_216, Fits), (115_081_215, ConfigError)):
+        monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": free, "SC_PAGE_SIZE": 1}[name])
+        with pytest.raises(outcome):
+            bench.bench(cfg, mcfg, bcfg)
+
+
+def test_bench_fast_path_check_fails_beyond_1e_2_in_bf16_and_1e_5_in_fp32(monkeypatch, capsys):
+    """The check against a stand-in rule whose bf16 / fp32 results are off by a known relative amount."""
+    def stand_in(off_bf16, off_fp32):
+        def rule(X, k, v, beta):
+            scale = {torch.float64: 1.0, torch.bfloat16: 1 + off_bf16, torch.float32: 1 + off_fp32}[X.dtype]
+            return scale * (X + k[..., None] + v[:, :, None, :] + beta[..., None, None])
+        return rule
+
+    for off_bf16, off_fp32, failing in ((2e-2, 0.0, "torch.bfloat16"), (0.0, 5e-5, "torch.float32")):
+        monkeypatch.setattr(bench, "delta_update", stand_in(off_bf16, off_fp32))
+        with pytest.raises(RuntimeError, match=f"the {failing} rewrite disagrees with the reference"):
+            bench.check_fast_path(torch.device("cpu"), False)
+    assert "torch.bfloat16: max relative error" in capsys.readouterr().out  # passed with its rounding alone
+
+
+def test_bench_config_bounds():
+    bench.BenchConfig(bench_batch=1, bench_steps=1, bench_variants="write")
+    for kw, message in ((dict(bench_batch=0), "--bench_batch=0: must be >= 1"), (dict(bench_steps=0), "--bench_steps=0: must be >= 1"),
+                        (dict(bench_variants="cc,ddl"), "--bench_variants: unknown variant 'ddl'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            bench.BenchConfig(**kw)
 
 
 def test_bench_refuses_a_cpu_size_that_cannot_fit_and_prints_no_nan(monkeypatch, capsys):
