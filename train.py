@@ -321,7 +321,7 @@ def train(cfg, mcfg):
         if (bad := bad_step.item()) >= 0:
             log(dict(type="diverged", step=bad))
             raise FloatingPointError(f"the loss or gradient norm is not finite at step {bad}: training stopped, "
-                           f"{ckpt_path} is left as it was; lower --lr or lengthen --warmup_steps")
+                                     f"{ckpt_path} is left as it was; lower --lr or lengthen --warmup_steps")
 
     def run_eval():
         vloss, gates = evaluate(model, raw, val, cfg, ctx, dev, rank, world)
