@@ -1098,6 +1098,7 @@ def test_two_gloo_processes_equal_one_with_double_accumulation(shards, tmp_path)
     read = lambda d: [json.loads(line) for line in open(tmp_path / d / "log.jsonl")]
     ddp, one = read("ddp"), read("one")
     assert ddp[0]["world_size"] == 2 and ddp[0]["grad_accum"] == 2 and one[0]["grad_accum"] == 4
+    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["world_size"] == 2  # a resume checks it
     lt = lambda log: [r["loss"] for r in log if r["type"] in ("train", "val")]
     assert len(lt(ddp)) == len(lt(one)) == 4 + 2
     assert np.allclose(lt(ddp), lt(one), rtol=1e-5, atol=1e-6)
@@ -1176,6 +1177,7 @@ def test_token_stream_windows_cover_each_shard_once_per_epoch_in_a_new_order():
         for b in range(38):
             states[38 * e + b] = s.state()
             x, y = s.next_batch()
+            assert s.state()["epoch"] == e  # every shard of the order read before the epoch ends
             assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 10)
             assert torch.equal(y, x + 1) and torch.equal(x - x[:, :1], torch.arange(10).expand(4, 10))
             starts.append(x[:, 0].tolist())
@@ -1189,7 +1191,9 @@ def test_token_stream_windows_cover_each_shard_once_per_epoch_in_a_new_order():
         b_windows = [v for v in flat if v >= 1000]
         assert len(set(b_windows)) == 56 and set(b_windows) <= set(range(1000, 1590, 10))
         epochs.append(flat)
-    assert len({tuple(e) for e in epochs}) == 4 and len(shard_orders) == 2  # a new order every epoch
+    assert len(shard_orders) == 2  # the shards' order is shuffled per epoch, and so is each shard's window order:
+    for lo, hi in ((0, 1000), (1000, 2000)):
+        assert len({tuple(v for v in e if lo <= v < hi) for e in epochs}) == 4
     for at in (30, 45, 100):  # inside the second shard of an epoch, in the next epoch
         t = train.TokenStream(shards, 10, 4, seed=3)
         t.load_state(states[at])
@@ -1294,6 +1298,11 @@ def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
         want = sum(m(w[:, :-1], w[:, 1:])[1].item() for w in windows) / 5
     assert got == pytest.approx(want, rel=1e-6)
     assert len(gates) == 4
+    # a budget beyond the shard: every whole window, 7 of the 8 T tokens (the 8th lacks its last target)
+    got, _ = train.evaluate(m, m, val, train_cfg(val_tokens=100 * T, batch_size=4), nullcontext(), torch.device("cpu"), 0, 1)
+    windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(7)]
+    with torch.no_grad():
+        assert got == pytest.approx(sum(m(w[:, :-1], w[:, 1:])[1].item() for w in windows) / 7, rel=1e-6)
 
 
 def test_adamw_takes_the_configured_betas_and_every_group_the_step_lr():
@@ -1363,6 +1372,9 @@ def test_log_lines_timing_tokens_per_s_and_mfu_on_a_fake_clock(shards, tmp_path,
         assert (r["ms_per_step"], r["tokens_per_s"]) == (1000.0, 64.0), r
         assert r["mfu"] == pytest.approx(flops * 64 / 1000.0, rel=1e-12)
     assert [r["step"] for r in log if r["type"] == "val"] == [0, 2, 4, 6, 7]
+    # the record of step s carries the lr its update used, lr_at(s - 1): warm-up 2 steps to 3e-3, cosine to 1e-4 at 7
+    cosine = lambda done: 1e-4 + 0.5 * (1 + math.cos(math.pi * done / 5)) * 2.9e-3
+    assert [r["lr"] for r in tr] == pytest.approx([1.5e-3, 3e-3, cosine(3), cosine(4)], rel=1e-12)
 
 
 def test_validation_loss_is_the_seeded_initial_model_on_the_val_shard(shards, tmp_path):
@@ -1376,7 +1388,7 @@ def test_validation_loss_is_the_seeded_initial_model_on_the_val_shard(shards, tm
     rows = torch.from_numpy(np.stack([val[16 * w:16 * w + 17] for w in range(128 // 16)]).astype(np.int64))
     with torch.no_grad():
         want = m(rows[:, :-1], rows[:, 1:])[1].item()
-    assert log[-2]["loss"] == pytest.approx(want, rel=1e-5)
+    assert log[-2]["loss"] == pytest.approx(want, rel=1e-5) and log[-2]["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
 
 
 def test_resume_changes_lists_the_new_settings_and_refuses_another_world_seed_data_or_model():
@@ -1597,6 +1609,20 @@ def test_sampling_never_emits_padding_ids(capsys):
     assert train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext()) == text
 
 
+def test_sample_asks_for_sample_tokens_after_eot_and_the_prompt_and_decodes_them():
+    enc, calls = tiktoken.get_encoding("gpt2"), []
+
+    class Echo:  # generate appends " x" (id 2124) max_new_tokens times
+        def generate(self, idx, max_new_tokens, **kw):
+            calls.append((idx.tolist(), max_new_tokens, kw.get("n_vocab")))
+            return torch.cat([idx, torch.full((1, max_new_tokens), 2124)], 1)
+
+    assert enc.decode([2124]) == " x"
+    text = train.sample(Echo(), train_cfg(sample_tokens=3, prompt="Deep delta"), torch.device("cpu"), nullcontext())
+    assert text == "Deep delta x x x"
+    assert calls == [([[50256] + enc.encode_ordinary("Deep delta")], 3, 50257)]
+
+
 def test_sample_mode_continues_the_prompt_with_the_checkpoints_weights(shards, tmp_path, capsys):
     """--mode=sample from the final checkpoint gives the sample that ended training (same seed and prompt)."""
     run_train(shards, tmp_path / "s", "--max_steps=2", "--sample_tokens=6", "--prompt=The gate")
@@ -1647,9 +1673,10 @@ def test_time_ms_is_the_median_after_three_warm_up_calls(monkeypatch):
 
 
 def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch):
-    """Every timing 10 ms: the CPU peak is 2 x 512^3 flops / 10 ms, a step of 2 x 16 tokens gives 3200 tok/s,
-    mfu (6 params + 12 L T d) x 3200 / peak."""
-    monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: 10.0)
+    """The CPU peak: 2 x 512^3 flops in 10 ms; a training step of 2 x 16 tokens in 10 ms: 3200 tok/s and
+    mfu (6 params + 12 L T d) x 3200 / peak; an inference forward in 4 ms: 8000 tok/s."""
+    times = iter([10.0] + [10.0, 4.0] * 2)  # the matmul peak, then per variant a training step and an inference forward
+    monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: next(times))
     monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile: None)
     rows = bench.bench(*train.parse_args(
         ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
@@ -1658,7 +1685,7 @@ def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch):
     assert [r["variant"] for r in rows] == ["cc", "additive"] and rows[0]["params"] > rows[1]["params"]
     for r in rows:
         assert (r["train_ms"], r["mem_gib"]) == (10.0, None)
-        assert r["train_tps"] == pytest.approx(3200.0) and r["infer_tps"] == pytest.approx(3200.0)
+        assert r["train_tps"] == pytest.approx(3200.0) and r["infer_tps"] == pytest.approx(8000.0)
         assert r["mfu"] == pytest.approx((6 * r["params"] + 12 * 1 * 16 * 16) * 3200.0 / 1e12 / peak)
 
 
