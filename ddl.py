@@ -252,10 +252,14 @@ class ResidualBranch(nn.Module):
         v = torch.sum(c.float().unsqueeze(-2) * self.W_v, dim=-1) + self.b_v
         return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
 
+    def read(self, x_in):
+        """c = RMSNorm(x_in) and the sublayer's output k~ = F(c)."""
+        c = F.rms_norm(x_in, (x_in.shape[-1],), self.norm.to(x_in.dtype), eps=1e-5)
+        return c, self.f(c)
+
     def forward(self, X):
         x_in = X if self.compressor is None else self.compressor(X)
-        c = F.rms_norm(x_in, (x_in.shape[-1],), self.norm.to(x_in.dtype), eps=1e-5)
-        k_tilde = self.f(c)
+        c, k_tilde = self.read(x_in)
         if self.cfg.residual == "additive":
             return X + k_tilde
         k, v, beta = unit_direction(k_tilde, self.cfg.k_eps), self.value(c), self.beta(c)
@@ -364,10 +368,7 @@ class GPT(nn.Module):
                 # half the memory and traffic; every reduction over it still runs in fp32
                 x = x.to(torch.get_autocast_dtype(x.device.type))
             x = self.embed_conv(x) if self.embed_conv is not None else x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
-        for block in self.blocks:
-            x = block(x)
-        if self.readout is not None:
-            x = self.readout(x)
+        x = self.body(x)
         x = F.rms_norm(x, (cfg.n_embd,), self.norm_f.to(x.dtype), eps=1e-5)
         if targets is None:
             return self.lm_head(x[:, [-1], :]).float(), None
@@ -378,6 +379,13 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def body(self, X):
+        """The blocks, then the readout compression (d_v > 1): state in, (B, T, d) out. fused.py
+        replaces this method, and only this one, with its Triton path."""
+        for block in self.blocks:
+            X = block(X)
+        return X if self.readout is None else self.readout(X)
 
     def record_gates(self, on=True):
         """Make every residual branch keep its gate statistics from the next forwards (or stop)."""
