@@ -3,6 +3,7 @@ Throughput of every DDL variant against the additive baseline, in one process on
 
     python bench.py --preset=124m                       # the table of docs/performance.md, one GPU
     python bench.py --preset=124m --bench_variants=additive,cc --bench_batch=32
+    python bench.py --preset=124m --fused=true          # d_v > 1 through fused.py's Triton kernels
     python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
 
 First the measured bf16 matmul peak and a check of the model's rewrite as it runs (Eq. 2.2 under
@@ -64,27 +65,43 @@ def matmul_peak_tflops(dev):
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     return 2 * n ** 3 / time_ms(lambda: a @ b, 10, dev) / 1e9
 
-def check_fast_path(dev, use_compile):
-    """Eq. 2.2 as the model runs it (compiled on CUDA, state in bf16 or fp32, v and beta in fp32)
-    against delta_update in float64 on random inputs: the output and the gradients of X, k, v,
-    beta. Prints the largest relative error; fails beyond 1e-2 (bf16) / 1e-5 (fp32)."""
-    rule = torch.compile(delta_update) if use_compile else delta_update
+def reference_step(X, k, v, beta, W):
+    """Eq. 2.2, then the next compressor's read of the new state (taps of W, (d, d_v, K)): what the
+    model computes between two sublayers, and what fused.step computes in one kernel."""
+    Xn = delta_update(X, k, v, beta)
+    return Xn, torch.einsum("...ij,ijs->...is", Xn, W)
+
+def check_fast_path(dev, use_compile, fused):
+    """The step as the model runs it (compiled on CUDA, or fused.step with --fused; state in bf16 or
+    fp32, v and beta in fp32) against reference_step in float64 on random inputs: both outputs and the
+    gradients of X, k, v, beta and W. Prints the largest relative error; fails beyond 1e-2 (bf16) /
+    1e-5 (fp32). TF32 is off meanwhile: fp32 means fp32 here."""
+    if fused:
+        step = lambda *inputs: __import__("fused").step(*inputs, True)[:2]
+    else:
+        step = torch.compile(reference_step) if use_compile else reference_step
     gen = torch.Generator().manual_seed(0)
-    X, kt, G = (torch.randn(*s, generator=gen).to(dev) for s in ((8, 256, 768, 4), (8, 256, 768), (8, 256, 768, 4)))
+    X, kt, GX = (torch.randn(*s, generator=gen).to(dev) for s in ((8, 256, 768, 4), (8, 256, 768), (8, 256, 768, 4)))
+    W, GT = torch.randn(768, 4, 4, generator=gen).to(dev) / 2, torch.randn(8, 256, 768, 4, generator=gen).to(dev)
     k = kt / kt.norm(dim=-1, keepdim=True)
     v, beta = 4 * torch.rand(8, 256, 4, generator=gen).to(dev), 2 * torch.rand(8, 256, generator=gen).to(dev)
-    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
-        results = []
-        for f, ins in ((delta_update, [t.double() for t in (X, k, v, beta)]), (rule, [X.to(dtype), k.to(dtype), v, beta])):
-            ins = [t.detach().requires_grad_() for t in ins]
-            out = f(*ins)
-            out.backward(G.to(out.dtype))
-            results.append([out] + [t.grad for t in ins])
-        err = max(((b.double() - a).norm() / a.norm()).item() for a, b in zip(*results))
-        print(f"Eq. 2.2 as run vs float64 reference (output, 4 gradients), {dtype}: max relative error "
-              f"{err:.2e} (limit {tol:.0e})")
-        if not err <= tol:
-            raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            results = []
+            for f, ins in ((reference_step, [t.double() for t in (X, k, v, beta, W)]),
+                           (step, [X.to(dtype), k.to(dtype), v, beta, W.to(dtype)])):
+                ins = [t.detach().requires_grad_() for t in ins]
+                Xn, taps = f(*ins)
+                torch.autograd.backward((Xn, taps), (GX.to(Xn.dtype), GT.to(taps.dtype)))
+                results.append([Xn, taps] + [t.grad for t in ins])
+            err = max(((b.double() - a).norm() / a.norm()).item() for a, b in zip(*results))
+            print(f"Eq. 2.2 + next read as run{' (fused)' if fused else ''} vs float64 reference (2 outputs, "
+                  f"5 gradients), {dtype}: max relative error {err:.2e} (limit {tol:.0e})")
+            if not err <= tol:
+                raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 def check_cpu_memory(mcfg, B, d_v):
     """On a CPU, refuse a size that would not fit in memory (the out-of-memory killer gives no message).
@@ -107,12 +124,13 @@ def bench(cfg, mcfg, bcfg):
     if dev.type == "cpu":
         check_cpu_memory(mcfg, B, max(VARIANTS[n]["d_v"] for n in names))
     peak = matmul_peak_tflops(dev)
-    check_fast_path(dev, cfg.compile and dev.type == "cuda")
+    check_fast_path(dev, cfg.compile and dev.type == "cuda", cfg.fused)
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = (torch.randint(0, mcfg.vocab_size, (B, T), generator=gen).to(dev) for _ in range(2))
     rows = []
     for n in names:
-        raw, model, opt = build(cfg, replace(mcfg, **VARIANTS[n]), dev)
+        fused = cfg.fused and VARIANTS[n]["d_v"] > 1  # the fused path is for the expanded state only
+        raw, model, opt = build(replace(cfg, fused=fused), replace(mcfg, **VARIANTS[n]), dev)
 
         def infer():
             with torch.no_grad(), ctx:
@@ -125,7 +143,7 @@ def bench(cfg, mcfg, bcfg):
         mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         infer_ms = time_ms(infer, bcfg.bench_steps, dev)
         fpt = raw.flops_per_token(T)
-        rows.append(dict(variant=n, params=raw.num_params(), train_ms=train_ms, train_tps=B * T / train_ms * 1000,
+        rows.append(dict(variant=n + "+fused" * fused, params=raw.num_params(), train_ms=train_ms, train_tps=B * T / train_ms * 1000,
                          infer_tps=B * T / infer_ms * 1000, mem_gib=mem, mfu=fpt * B * T / train_ms / 1e9 / peak))
         del raw, opt, model
         torch._dynamo.reset()  # a fresh compile cache per variant, so none hits the recompile limit
@@ -138,11 +156,11 @@ def print_table(rows, dev, peak, B, T, compiled):
     unit = "bf16" if dev.type == "cuda" else "fp32"
     print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile {compiled} | "
           f"ratios against {base['variant']}")
-    print(f"{'variant':9} {'params':>12} {'ms/step':>8} {'train tok/s':>12} {'ratio':>6} {'infer tok/s':>12} "
+    print(f"{'variant':11} {'params':>12} {'ms/step':>8} {'train tok/s':>12} {'ratio':>6} {'infer tok/s':>12} "
           f"{'ratio':>6} {'mem GiB':>8} {'ratio':>6} {'MFU':>6}")
     for r in rows:
         mem = f"{r['mem_gib']:8.2f} {r['mem_gib'] / base['mem_gib']:6.3f}" if r["mem_gib"] else f"{'n/a':>8} {'':6}"
-        print(f"{r['variant']:9} {r['params']:12,} {r['train_ms']:8.1f} {r['train_tps']:12,.0f} "
+        print(f"{r['variant']:11} {r['params']:12,} {r['train_ms']:8.1f} {r['train_tps']:12,.0f} "
               f"{r['train_tps'] / base['train_tps']:6.3f} {r['infer_tps']:12,.0f} {r['infer_tps'] / base['infer_tps']:6.3f} "
               f"{mem} {100 * r['mfu']:5.1f}%")
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from contextlib import nullcontext
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # fused.py's kernels on the CPU; Triton reads it when first imported
 import numpy as np
 import pytest
 import tiktoken
@@ -1234,6 +1235,141 @@ def test_smoke_preset_trains_on_the_repository_text_and_samples(tmp_path, capsys
     assert text.startswith("def") and len(tiktoken.get_encoding("gpt2").encode_ordinary(text.strip())) >= 3
 
 
+# ---------------------------------------------------------------------------- fused.py: the Triton path, pinned to the reference
+# The kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before fused.py is imported).
+# CI installs Triton for these tests (.ci/run); without it they are skipped.
+
+@pytest.fixture(scope="module")
+def fused():
+    pytest.importorskip("triton", reason="fused.py needs Triton (pip install triton; CI installs it)")
+    import fused
+    assert fused.INTERPRET
+    return fused
+
+
+def o_step(X, k, v, beta, W, erase):
+    """The fused step written out: e = k^T X - v (Eq. 2.4; -v without the erase term), X' = X - beta k e^T
+    (Eq. 2.2), taps[i, s] = sum_j W[i, j, s] X'[i, j] (the next compressor's read)."""
+    e = (k[..., :, None] * X).sum(-2) - v if erase else -v
+    Xn = X - beta[..., None, None] * k[..., :, None] * e[..., None, :]
+    return Xn, (Xn[..., None] * W).sum(-2)
+
+
+def step_inputs(dtype, d=24, d_v=3, K=3, seed=5):
+    """Inputs with d and d_v off a power of 2 (the kernels' padded lanes), a unit k, v in (0, 4), beta in (0, 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(2, 5, d, d_v, generator=gen, dtype=F64)
+    k = torch.randn(2, 5, d, generator=gen, dtype=F64)
+    k = k / k.norm(dim=-1, keepdim=True)
+    v, beta = 4 * torch.rand(2, 5, d_v, generator=gen, dtype=F64), 2 * torch.rand(2, 5, generator=gen, dtype=F64)
+    W = torch.randn(d, d_v, K, generator=gen, dtype=F64) / 2
+    grads = torch.randn(2, 5, d, d_v, generator=gen, dtype=F64), torch.randn(2, 5, d, K, generator=gen, dtype=F64)
+    return [X.to(dtype), k.to(dtype), v.float(), beta.float(), W.to(dtype)], grads
+
+
+def outputs_and_grads(f, inputs, grads):
+    ins = [t.clone().requires_grad_() for t in inputs]
+    outs = f(*ins)[:2]
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
+    return [o.detach() for o in outs] + [t.grad for t in ins]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("erase", [True, False], ids=["delta", "write"])
+def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase):
+    """Outputs and the gradients of X, k, v, beta and W: the kernels (fp32) against the float64 oracle."""
+    inputs, grads = step_inputs(torch.float32)
+    got = outputs_and_grads(lambda *a: fused.step(*a, erase), inputs, grads)
+    want = outputs_and_grads(lambda *a: o_step(*a, erase), [t.double() for t in inputs], grads)
+    names = ["X'", "taps", "dX", "dk", "dv", "dbeta", "dW"]
+    assert [got[i].dtype for i in range(2, 7)] == [t.dtype for t in inputs]
+    for name, g, w in zip(names, got, want):
+        assert rel_err(g, w) < 1e-5, name
+
+
+def test_fused_step_in_bf16_is_within_bf16_rounding_of_the_rule(fused):
+    """bf16 state, k and W: no further from the float64 oracle than ddl.py's own delta_update in bf16."""
+    inputs, grads = step_inputs(torch.bfloat16, d=40, d_v=4, K=1)
+    want = outputs_and_grads(lambda *a: o_step(*a, True), [t.double() for t in inputs], grads)
+    got = outputs_and_grads(lambda *a: fused.step(*a, True), inputs, grads)
+    def ddl_step(X, k, v, beta, W):
+        Xn = delta_update(X, k, v, beta)
+        return Xn, (Xn[..., None] * W).sum(-2)
+
+    ref = outputs_and_grads(ddl_step, inputs, grads)
+    for i in (0, 2, 3, 4, 5):  # X', dX, dk, dv, dbeta: the outputs delta_update has too
+        assert rel_err(got[i], want[i]) <= max(2 * rel_err(ref[i], want[i]), 4e-3), i
+    assert rel_err(got[1], want[1]) < 1e-2 and rel_err(got[6], want[6]) < 1e-2  # taps and dW
+
+
+def fused_pair(fused, **kw):
+    """A scrambled fp32 model and its copy with the fused body installed."""
+    m = scrambled(**kw).float()
+    twin = scrambled(**kw).float()
+    return m, fused.install(twin)
+
+
+@pytest.mark.parametrize("name", ["cc_ec", "tc", "write4"])
+def test_fused_model_equals_ddl_forward_and_gradients(fused, name):
+    """The whole model through the fused body (one step per sublayer boundary, the next compressor read
+    in the kernel): loss and every parameter's gradient equal to ddl.py's forward, in fp32."""
+    ref, fast = fused_pair(fused, **VARIANTS[name])
+    idx, tgt = (torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    losses = []
+    for m in (ref, fast):
+        loss = m(idx, tgt)[1]
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    g_fast = torch.cat([p.grad.flatten() for p in fast.parameters()])
+    assert rel_err(g_fast, g_ref) < 1e-5
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+
+
+def test_fused_gate_audit_records_through_ddl_forward(fused):
+    ref, fast = fused_pair(fused, **VARIANTS["cc_ec"])
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    for a, b in zip(ref.gate_audit(idx), fast.gate_audit(idx)):
+        assert a == pytest.approx(b)
+    assert fast.blocks[0].attn.stats is None  # and recording is off again
+
+
+def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
+    for kw, message in ((dict(d_v=1), "fused: d_v=1 is not supported: must be > 1"),
+                        (dict(d_v=4, check_spectrum=True), "fused: check_spectrum=True is not supported")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            fused.install(tiny_model(**kw))
+    monkeypatch.setattr(fused, "INTERPRET", False)  # a CPU model without the interpreter
+    with pytest.raises(ConfigError, match=re.escape("fused: device='cpu' is not supported: must be cuda")):
+        fused.install(tiny_model(d_v=4))
+
+
+def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path):
+    """--fused=true changes the kernels, not the run: the same train and val losses, step by step."""
+    logs = []
+    for on in ("false", "true"):
+        out = tmp_path / on
+        train.main(["--preset=smoke", "--n_embd=16", "--head_dim=8", "--block_size=16", "--max_steps=2", "--eval_interval=2",
+                    "--val_tokens=32", "--log_interval=1", "--batch_size=2", "--total_batch=4", "--sample_tokens=0",
+                    "--device=cpu", f"--fused={on}",
+                    f"--data_dir={tmp_path / 'none'}", f"--out_dir={out}"])
+        logs.append([r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if r["type"] in ("train", "val")])
+    assert len(logs[0]) == 4 and logs[1] == pytest.approx(logs[0], rel=1e-5)
+
+
+def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
+    monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile, fused: None)
+    rows = bench.bench(*train.parse_args(
+        ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
+         "--bench_batch=2", "--bench_steps=1", "--bench_variants=additive,cc", "--fused=true", "--device=cpu"], BENCH_KINDS))
+    assert [r["variant"] for r in rows] == ["additive", "cc+fused"]
+
+
 # ---------------------------------------------------------------------------- train.py against oracles
 
 def train_cfg(**kw):
@@ -1677,7 +1813,7 @@ def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch):
     mfu (6 params + 12 L T d) x 3200 / peak; an inference forward in 4 ms: 8000 tok/s."""
     times = iter([10.0] + [10.0, 4.0] * 2)  # the matmul peak, then per variant a training step and an inference forward
     monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: next(times))
-    monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile: None)
+    monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile, fused: None)
     rows = bench.bench(*train.parse_args(
         ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
          "--bench_batch=2", "--bench_variants=cc,additive", "--device=cpu"], BENCH_KINDS))
@@ -1718,7 +1854,7 @@ def test_bench_fast_path_check_fails_beyond_1e_2_in_bf16_and_1e_5_in_fp32(monkey
     for off_bf16, off_fp32, failing in ((2e-2, 0.0, "torch.bfloat16"), (0.0, 5e-5, "torch.float32")):
         monkeypatch.setattr(bench, "delta_update", stand_in(off_bf16, off_fp32))
         with pytest.raises(RuntimeError, match=f"the {failing} rewrite disagrees with the reference"):
-            bench.check_fast_path(torch.device("cpu"), False)
+            bench.check_fast_path(torch.device("cpu"), False, False)
     assert "torch.bfloat16: max relative error" in capsys.readouterr().out  # passed with its rounding alone
 
 

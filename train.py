@@ -51,6 +51,7 @@ class TrainConfig:
     ckpt_interval: int = setting(1000, "steps between checkpoints (and one at the end)")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt")
     compile: bool = setting(True, "torch.compile (CUDA only)")
+    fused: bool = setting(False, "d_v > 1: the state's rewrite in fused.py's Triton kernels (CUDA; equal to ddl.py's)")
     device: str = setting("auto", "auto | cpu | cuda")
     peak_tflops: float = setting(0.0, "bf16 peak per GPU for MFU where the card is not in PEAK_TFLOPS")
     sample_tokens: int = setting(64, "tokens generated at the end of training and in --mode=sample")
@@ -157,20 +158,19 @@ def lr_at(step, cfg):
     """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps (or max_steps)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay = cfg.decay_steps or cfg.max_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, decay - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, (cfg.decay_steps or cfg.max_steps) - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 def build(cfg, mcfg, dev):
     """The model (seeded), its compiled form on CUDA (else itself) and its optimizer, as train and bench run them."""
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(dev)
+    raw = __import__("fused").install(raw) if cfg.fused else raw  # imported only when asked: it needs Triton
     model = torch.compile(raw) if cfg.compile and dev.type == "cuda" else raw
     return raw, model, raw.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dev.type)
 
 def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
-    """One optimizer step over accum micro-batches; returns the mean loss and the gradient norm as
-    device tensors (no sync). Under DDP gradients are all-reduced on the last micro-batch only."""
+    """One optimizer step over accum micro-batches (DDP all-reduces on the last); the mean loss and gradient norm, no sync."""
     for g in opt.param_groups:
         g["lr"] = lr
     loss_sum = 0.0
