@@ -29,25 +29,25 @@ import types
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ddl import ChannelCompressor, ConfigError, shift_tokens, unit_direction
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# One program per token by default: the tile is the token's whole (d, d_v) state, since k^T X
-# reduces over all of d. Autotuned on the GPU over tokens per program and warps.
-CONFIGS = [triton.Config(dict(TOKENS=t), num_warps=w) for t in (1, 2, 4) for w in (4, 8)]
+# The tile is one token's whole (d, d_v) state, since k^T X reduces over all of d; a program walks
+# TOKENS tokens. Autotuned on the GPU over tokens per program and warps.
+def _tuned(tokens, warps):
+    configs = [triton.Config(dict(TOKENS=t), num_warps=w) for t in tokens for w in warps]
+    return triton.autotune(configs[:1] if INTERPRET else configs, key=["d", "dv", "KW"])
 
-def _tuned(kernel):
-    return triton.autotune(CONFIGS[:1] if INTERPRET else CONFIGS, key=["d", "dv", "KW"])(kernel)
-
-@_tuned
+@_tuned(tokens=(1, 4), warps=(4, 8, 16))
 @triton.jit
 def _step_fwd(X, K, V, BETA, W, XN, TAPS, E, n_tok, d, dv, KW: tl.constexpr, ERASE: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]  # feature index, (BLOCK_D, 1)
     j = tl.arange(0, BLOCK_V)[None, :]  # value channel, (1, BLOCK_V)
-    for n in tl.static_range(TOKENS):
+    for n in tl.range(0, TOKENS):
         t = tl.program_id(0) * TOKENS + n
         live = t < n_tok
         mi, mj = (i < d) & live, (j < dv) & live
@@ -69,27 +69,36 @@ def _step_fwd(X, K, V, BETA, W, XN, TAPS, E, n_tok, d, dv, KW: tl.constexpr, ERA
             tap = tl.sum(w * xn, axis=1, keep_dims=True)
             tl.store(TAPS + (t * d + i) * KW + s, tap.to(TAPS.dtype.element_ty), mask=mi)
 
-@_tuned
+BWD_TOKENS = (16, 32, 64)  # the smallest first: it sizes the buffer of dW's partial sums
+
+@_tuned(tokens=BWD_TOKENS, warps=(4, 8, 16))
 @triton.jit
-def _step_bwd(GXN, GTAPS, X, K, E, BETA, W, DX, DK, DV, DBETA, n_tok, d, dv, KW: tl.constexpr,
-              ERASE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
+def _step_bwd(GXN, GTAPS, X, K, E, BETA, W, DX, DK, DV, DBETA, DW, n_tok, d, dv, KW: tl.constexpr,
+              ERASE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+              TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]
     j = tl.arange(0, BLOCK_V)[None, :]
-    for n in tl.static_range(TOKENS):
+    s = tl.arange(0, BLOCK_K)[None, :]  # tap index, (1, BLOCK_K)
+    i3, j3, s3 = i[:, :, None], j[:, :, None], s[:, None, :]
+    m3 = (i3 < d) & (j3 < dv) & (s3 < KW)
+    w = tl.load(W + (i3 * dv + j3) * KW + s3, mask=m3, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V, BLOCK_K)
+    dw = tl.zeros((BLOCK_D, BLOCK_V, BLOCK_K), dtype=tl.float32)  # this program's share of dL/dW
+    for n in tl.range(0, TOKENS):
         t = tl.program_id(0) * TOKENS + n
         live = t < n_tok
         mi, mj = (i < d) & live, (j < dv) & live
         m = mi & mj
+        gt = tl.load(GTAPS + (t * d + i) * KW + s, mask=mi & (s < KW), other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_K)
         g = tl.load(GXN + (t * d + i) * dv + j, mask=m, other=0.0).to(tl.float32)
-        for s in tl.static_range(KW):  # G = dL/dX_{l+1} + W dL/dtaps
-            w = tl.load(W + (i * dv + j) * KW + s, mask=m, other=0.0).to(tl.float32)
-            g += w * tl.load(GTAPS + (t * d + i) * KW + s, mask=mi, other=0.0).to(tl.float32)
+        g += tl.sum(w * gt[:, None, :], axis=2)  # G = dL/dX_{l+1} + W dL/dtaps
+        x = tl.load(X + (t * d + i) * dv + j, mask=m, other=0.0).to(tl.float32)
         k = tl.load(K + t * d + i, mask=mi, other=0.0).to(tl.float32)
         e = tl.load(E + t * dv + j, mask=mj, other=0.0)
         beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
+        xn = (x - beta * k * e).to(X.dtype.element_ty).to(tl.float32)  # X_{l+1} as the forward stored it
+        dw += xn[:, :, None] * gt[:, None, :]
         u = tl.sum(k * g, axis=0, keep_dims=True)  # k^T G, (1, BLOCK_V)
         if ERASE:
-            x = tl.load(X + (t * d + i) * dv + j, mask=m, other=0.0).to(tl.float32)
             dx = g - beta * k * u
             dk = -beta * tl.sum(g * e + x * u, axis=1, keep_dims=True)
         else:
@@ -99,21 +108,22 @@ def _step_bwd(GXN, GTAPS, X, K, E, BETA, W, DX, DK, DV, DBETA, n_tok, d, dv, KW:
         tl.store(DK + t * d + i, dk.to(DK.dtype.element_ty), mask=mi)
         tl.store(DV + t * dv + j, (beta * u).to(DV.dtype.element_ty), mask=mj)
         tl.store(DBETA + t, (-tl.sum(u * e)).to(DBETA.dtype.element_ty), mask=live)
+    tl.store(DW + tl.program_id(0) * d * dv * KW + (i3 * dv + j3) * KW + s3, dw, mask=m3)
 
-def _launch(kernel, tensors, n_tok, d, dv, KW, erase):
-    grid = lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)
-    kernel[grid](*tensors, n_tok, d, dv, KW=KW, ERASE=erase,
-                 BLOCK_D=triton.next_power_of_2(d), BLOCK_V=triton.next_power_of_2(dv))
+def _blocks(d, dv):
+    return dict(BLOCK_D=triton.next_power_of_2(d), BLOCK_V=triton.next_power_of_2(dv))
 
 @torch.library.custom_op("ddl_fused::step", mutates_args=())
-def step(X: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, W: torch.Tensor,
-         erase: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def step(X: Tensor, k: Tensor, v: Tensor, beta: Tensor, W: Tensor,
+         erase: bool) -> tuple[Tensor, Tensor, Tensor]:
     """X (..., d, d_v), k (..., d), v (..., d_v), beta (...), W (d, d_v, K) -> X_{l+1}, taps (..., d, K)
     in X's dtype and e (..., d_v) in fp32 (kept for the backward)."""
     X, k, v, beta, W = (t.contiguous() for t in (X, k, v, beta, W))
     d, dv, KW = W.shape
     Xn, taps, e = torch.empty_like(X), X.new_empty(*X.shape[:-1], KW), v.new_empty(v.shape, dtype=torch.float32)
-    _launch(_step_fwd, (X, k, v, beta, W, Xn, taps, e), beta.numel(), d, dv, KW, erase)
+    n_tok = beta.numel()
+    _step_fwd[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
+        X, k, v, beta, W, Xn, taps, e, n_tok, d, dv, KW=KW, ERASE=erase, **_blocks(d, dv))
     return Xn, taps, e
 
 @step.register_fake
@@ -121,32 +131,35 @@ def _(X, k, v, beta, W, erase):
     return torch.empty_like(X), X.new_empty(*X.shape[:-1], W.shape[-1]), v.new_empty(v.shape, dtype=torch.float32)
 
 @torch.library.custom_op("ddl_fused::step_backward", mutates_args=())
-def step_backward(g_Xn: torch.Tensor, g_taps: torch.Tensor, X: torch.Tensor, k: torch.Tensor, e: torch.Tensor,
-                  beta: torch.Tensor, W: torch.Tensor, erase: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of X_l, k, v and beta (the module docstring's formulas), in their dtypes."""
+def step_backward(g_Xn: Tensor, g_taps: Tensor, X: Tensor, k: Tensor, e: Tensor,
+                  beta: Tensor, W: Tensor, erase: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of X_l, k, v, beta and W (the module docstring's formulas), in their dtypes;
+    dW[i, j, s] = sum over tokens of dL/dtaps[i, s] X_{l+1}[i, j], X_{l+1} recomputed from X_l."""
     g_Xn, g_taps, X, k, e, beta, W = (t.contiguous() for t in (g_Xn, g_taps, X, k, e, beta, W))
     d, dv, KW = W.shape
     dX, dk, dv_, dbeta = torch.empty_like(X), torch.empty_like(k), torch.empty_like(e), torch.empty_like(beta)
-    _launch(_step_bwd, (g_Xn, g_taps, X, k, e, beta, W, dX, dk, dv_, dbeta), beta.numel(), d, dv, KW, erase)
-    return dX, dk, dv_, dbeta
+    n_tok = beta.numel()  # dW: one fp32 partial sum per program (room for the most programs), added up after
+    parts = torch.empty(triton.cdiv(n_tok, BWD_TOKENS[0]), d, dv, KW, device=X.device)
+    _step_bwd[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
+        g_Xn, g_taps, X, k, e, beta, W, dX, dk, dv_, dbeta, parts, n_tok, d, dv, KW=KW, ERASE=erase,
+        BLOCK_K=triton.next_power_of_2(KW), **_blocks(d, dv))
+    programs = triton.cdiv(n_tok, _step_bwd.best_config.kwargs["TOKENS"])
+    return dX, dk, dv_, dbeta, parts[:programs].sum(0).to(W.dtype)
 
 @step_backward.register_fake
 def _(g_Xn, g_taps, X, k, e, beta, W, erase):
-    return torch.empty_like(X), torch.empty_like(k), torch.empty_like(e), torch.empty_like(beta)
+    return torch.empty_like(X), torch.empty_like(k), torch.empty_like(e), torch.empty_like(beta), torch.empty_like(W)
 
 def _save(ctx, inputs, output):
     X, k, v, beta, W, ctx.erase = inputs
-    Xn, taps, e = output
     ctx.v_dtype = v.dtype
-    ctx.save_for_backward(X, k, e, beta, W, Xn)
+    ctx.save_for_backward(X, k, output[2], beta, W)  # X_{l+1} is recomputed, not kept
 
 def _backward(ctx, g_Xn, g_taps, g_e):
-    X, k, e, beta, W, Xn = ctx.saved_tensors
-    g_Xn = torch.zeros_like(Xn) if g_Xn is None else g_Xn  # the last sublayer's state feeds only the readout
-    dX, dk, dv, dbeta = step_backward(g_Xn, g_taps, X, k, e, beta, W, ctx.erase)
-    d, dv_, KW = W.shape  # dW[i, j, s] = sum over tokens of dL/dtaps[i, s] X_{l+1}[i, j]
-    dW = torch.einsum("nis,nij->ijs", g_taps.reshape(-1, d, KW), Xn.reshape(-1, d, dv_))
-    return dX, dk, dv.to(ctx.v_dtype), dbeta, dW.to(W.dtype), None
+    X, k, e, beta, W = ctx.saved_tensors
+    g_Xn = torch.zeros_like(X) if g_Xn is None else g_Xn  # the last sublayer's state feeds only the readout
+    dX, dk, dv, dbeta, dW = step_backward(g_Xn, g_taps, X, k, e, beta, W, ctx.erase)
+    return dX, dk, dv.to(ctx.v_dtype), dbeta, dW, None
 
 step.register_autograd(_backward, setup_context=_save)
 
