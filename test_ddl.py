@@ -1118,7 +1118,7 @@ def test_help_lists_every_key_with_its_default(capsys):
         train.main(["--help"])
     out = capsys.readouterr().out
     keys = [f.name for kind in (train.TrainConfig, GPTConfig) for f in dataclasses.fields(kind)]
-    assert len(keys) == 41
+    assert len(keys) == 42
     for key in keys:
         line = next(l for l in out.splitlines() if l.startswith(f"  --{key}="))
         assert len(line.split(None, 1)) == 2, f"--{key} has no description"
@@ -1848,7 +1848,7 @@ def test_bench_fast_path_check_fails_beyond_1e_2_in_bf16_and_1e_5_in_fp32(monkey
     def stand_in(off_bf16, off_fp32):
         def rule(X, k, v, beta):
             scale = {torch.float64: 1.0, torch.bfloat16: 1 + off_bf16, torch.float32: 1 + off_fp32}[X.dtype]
-            return scale * (X + k[..., None] + v[:, :, None, :] + beta[..., None, None])
+            return (scale * (X + k[..., None] + v[:, :, None, :] + beta[..., None, None])).to(X.dtype)
         return rule
 
     for off_bf16, off_fp32, failing in ((2e-2, 0.0, "torch.bfloat16"), (0.0, 5e-5, "torch.float32")):
