@@ -157,7 +157,6 @@ def _save(ctx, inputs, output):
 
 def _backward(ctx, g_Xn, g_taps, g_e):
     X, k, e, beta, W = ctx.saved_tensors
-    g_Xn = torch.zeros_like(X) if g_Xn is None else g_Xn  # the last sublayer's state feeds only the readout
     dX, dk, dv, dbeta, dW = step_backward(g_Xn, g_taps, X, k, e, beta, W, ctx.erase)
     return dX, dk, dv.to(ctx.v_dtype), dbeta, dW, None
 
