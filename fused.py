@@ -36,14 +36,15 @@ from ddl import ChannelCompressor, ConfigError, shift_tokens, unit_direction
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The tile is one token's whole (d, d_v) state, since k^T X reduces over all of d; a program walks
-# TOKENS tokens. Autotuned on the GPU over tokens per program and warps.
+# TOKENS tokens. d and d_v are compile-time constants, so that Triton sees the state's rows as
+# contiguous and loads them in wide vectors. Autotuned on the GPU over tokens per program and warps.
 def _tuned(tokens, warps):
     configs = [triton.Config(dict(TOKENS=t), num_warps=w) for t in tokens for w in warps]
     return triton.autotune(configs[:1] if INTERPRET else configs, key=["d", "dv", "KW"])
 
 @_tuned(tokens=(1, 4), warps=(4, 8, 16))
 @triton.jit
-def _step_fwd(X, K, V, BETA, W, XN, TAPS, E, n_tok, d, dv, KW: tl.constexpr, ERASE: tl.constexpr,
+def _step_fwd(X, K, V, BETA, W, XN, TAPS, E, n_tok, d: tl.constexpr, dv: tl.constexpr, KW: tl.constexpr, ERASE: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]  # feature index, (BLOCK_D, 1)
     j = tl.arange(0, BLOCK_V)[None, :]  # value channel, (1, BLOCK_V)
@@ -73,7 +74,7 @@ BWD_TOKENS = (16, 32, 64)  # the smallest first: it sizes the buffer of dW's par
 
 @_tuned(tokens=BWD_TOKENS, warps=(4, 8, 16))
 @triton.jit
-def _step_bwd(GXN, GTAPS, X, K, E, BETA, W, DX, DK, DV, DBETA, DW, n_tok, d, dv, KW: tl.constexpr,
+def _step_bwd(GXN, GTAPS, X, K, E, BETA, W, DX, DK, DV, DBETA, DW, n_tok, d: tl.constexpr, dv: tl.constexpr, KW: tl.constexpr,
               ERASE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
               TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]
