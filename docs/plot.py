@@ -1,12 +1,15 @@
 """Plot the small-scale runs: val_loss.png (val loss against tokens and training wall-clock, mean over
 seeds with a min..max band) and beta_heatmap.png (mean beta per layer and sublayer, last gates record);
-with --memorize, memorize.png from docs/memorize.py's output (loss against step, one panel per lr).
+with --memorize, memorize.png from docs/memorize.py's output (loss against step, one panel per lr);
+with --sweep, lr_sweep.png from a learning-rate sweep (final val loss against peak lr, per variant).
 
     python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> docs/*.png
     python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders; needs matplotlib (optional)
     python docs/plot.py --memorize memorize.jsonl
+    python docs/plot.py --sweep sweep          # sweep/<variant>_<lr>_<seed>/log.jsonl -> docs/lr_sweep.png
 """
 import argparse
+import collections
 import glob
 import json
 import os
@@ -98,14 +101,60 @@ def plot_memorize(path_in, path):
     fig.savefig(path, dpi=120)
 
 
+SweepRun = collections.namedtuple("SweepRun", "variant lr seed final diverged_at")
+
+
+def sweep_run(folder):
+    """One run of a learning-rate sweep, named <variant>_<lr>_<seed>: its final val loss (None if it has
+    no eval at max_steps) and the step it diverged at (None if it did not)."""
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    config = records[0]["config"]
+    final = [r["loss"] for r in records if r["type"] == "val" and r["step"] == config["max_steps"]]
+    diverged = [r.get("step") for r in records if r["type"] == "diverged"]
+    return SweepRun(os.path.basename(os.path.normpath(folder)).split("_")[0], config["lr"], config["seed"],
+                    final[0] if final else None, diverged[0] if diverged else None)
+
+
+def plot_sweep(folder, path):
+    """Final val loss against peak lr: seed 1 as a line; where an lr has more seeds, their mean with a
+    min..max bar (drawn a little to the right); a diverged run as an x at the top of the axes."""
+    runs = [sweep_run(os.path.dirname(p)) for p in glob.glob(os.path.join(folder, "*", "log.jsonl"))]
+    present = {r.variant for r in runs}
+    variants = [v for v in [*LABELS, *sorted(present - set(LABELS))] if v in present]  # LABELS' order first
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for variant in variants:
+        mine = [r for r in runs if r.variant == variant]
+        seed1 = sorted((r.lr, r.final) for r in mine if r.seed == 1 and r.final is not None)
+        line, = ax.plot(*zip(*seed1), marker="o", ms=4, label=LABELS.get(variant, variant) + " (seed 1)")
+        for lr in sorted({r.lr for r in mine}):
+            losses = [r.final for r in mine if r.lr == lr and r.final is not None]
+            if len(losses) > 1:
+                mean = np.mean(losses)
+                ax.errorbar(lr * 1.04, mean, yerr=[[mean - min(losses)], [max(losses) - mean]], fmt="s",
+                            ms=4, mfc="white", color=line.get_color(), capsize=3)
+        for r in (r for r in mine if r.diverged_at is not None):
+            ax.plot(r.lr, 1, "x", ms=9, color=line.get_color(), transform=ax.get_xaxis_transform(), clip_on=False)
+            ax.annotate(f"diverged at {r.diverged_at}", (r.lr, 0.97), xycoords=("data", "axes fraction"),
+                        fontsize=7, ha="right")
+    ax.plot([], [], "s", mfc="white", color="gray", label="mean of seeds, bar min..max")
+    ax.set(xscale="log", xlabel="peak learning rate (min_lr = lr / 10)", ylabel="final val loss (step 530)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="?", default="runs", help="a folder of run folders, or a glob of run folders")
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output folder (docs/)")
     p.add_argument("--memorize", help="plot docs/memorize.py's JSON lines instead")
+    p.add_argument("--sweep", help="plot a folder of <variant>_<lr>_<seed> runs of a learning-rate sweep instead")
     args = p.parse_args()
     if args.memorize:
         return plot_memorize(args.memorize, os.path.join(args.out, "memorize.png"))
+    if args.sweep:
+        return plot_sweep(args.sweep, os.path.join(args.out, "lr_sweep.png"))
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"no <variant>-<seed>/log.jsonl in {args.runs!r}")
