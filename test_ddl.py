@@ -1808,7 +1808,7 @@ def test_time_ms_is_the_median_after_three_warm_up_calls(monkeypatch):
     assert bench.time_ms(fn, 3, torch.device("cpu")) == pytest.approx(2.0)
 
 
-def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch):
+def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch, capsys):
     """The CPU peak: 2 x 512^3 flops in 10 ms; a training step of 2 x 16 tokens in 10 ms: 3200 tok/s and
     mfu (6 params + 12 L T d) x 3200 / peak; an inference forward in 4 ms: 8000 tok/s."""
     times = iter([10.0] + [10.0, 4.0] * 2)  # the matmul peak, then per variant a training step and an inference forward
@@ -1823,6 +1823,8 @@ def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch):
         assert (r["train_ms"], r["mem_gib"]) == (10.0, None)
         assert r["train_tps"] == pytest.approx(3200.0) and r["infer_tps"] == pytest.approx(8000.0)
         assert r["mfu"] == pytest.approx((6 * r["params"] + 12 * 1 * 16 * 16) * 3200.0 / 1e12 / peak)
+    lines = capsys.readouterr().out.splitlines()  # each variant's line comes as soon as it is measured
+    assert lines[:2] == ["cc: 10.0 ms/step, 4.0 ms/forward", "additive: 10.0 ms/step, 4.0 ms/forward"]
 
 
 def test_bench_cpu_memory_estimate_at_its_boundary(monkeypatch):
