@@ -70,36 +70,28 @@ def _step_fwd(X, K, V, BETA, W, XN, TAPS, E, n_tok, d: tl.constexpr, dv: tl.cons
             tap = tl.sum(w * xn, axis=1, keep_dims=True)
             tl.store(TAPS + (t * d + i) * KW + s, tap.to(TAPS.dtype.element_ty), mask=mi)
 
-BWD_TOKENS = (16, 32, 64)  # the smallest first: it sizes the buffer of dW's partial sums
-
-@_tuned(tokens=BWD_TOKENS, warps=(4, 8, 16))
+@_tuned(tokens=(1, 4), warps=(4, 8, 16))
 @triton.jit
-def _step_bwd(GXN, GTAPS, X, K, E, BETA, W, DX, DK, DV, DBETA, DW, n_tok, d: tl.constexpr, dv: tl.constexpr, KW: tl.constexpr,
-              ERASE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+def _step_bwd(GXN, GTAPS, X, K, E, BETA, W, DX, DK, DV, DBETA, n_tok, d: tl.constexpr, dv: tl.constexpr,
+              KW: tl.constexpr, ERASE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
               TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]
     j = tl.arange(0, BLOCK_V)[None, :]
-    s = tl.arange(0, BLOCK_K)[None, :]  # tap index, (1, BLOCK_K)
-    i3, j3, s3 = i[:, :, None], j[:, :, None], s[:, None, :]
-    m3 = (i3 < d) & (j3 < dv) & (s3 < KW)
-    w = tl.load(W + (i3 * dv + j3) * KW + s3, mask=m3, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V, BLOCK_K)
-    dw = tl.zeros((BLOCK_D, BLOCK_V, BLOCK_K), dtype=tl.float32)  # this program's share of dL/dW
     for n in tl.range(0, TOKENS):
         t = tl.program_id(0) * TOKENS + n
         live = t < n_tok
         mi, mj = (i < d) & live, (j < dv) & live
         m = mi & mj
-        gt = tl.load(GTAPS + (t * d + i) * KW + s, mask=mi & (s < KW), other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_K)
         g = tl.load(GXN + (t * d + i) * dv + j, mask=m, other=0.0).to(tl.float32)
-        g += tl.sum(w * gt[:, None, :], axis=2)  # G = dL/dX_{l+1} + W dL/dtaps
-        x = tl.load(X + (t * d + i) * dv + j, mask=m, other=0.0).to(tl.float32)
+        for s in tl.static_range(KW):  # G = dL/dX_{l+1} + W dL/dtaps
+            w = tl.load(W + (i * dv + j) * KW + s, mask=m, other=0.0).to(tl.float32)
+            g += w * tl.load(GTAPS + (t * d + i) * KW + s, mask=mi, other=0.0).to(tl.float32)
         k = tl.load(K + t * d + i, mask=mi, other=0.0).to(tl.float32)
         e = tl.load(E + t * dv + j, mask=mj, other=0.0)
         beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
-        xn = (x - beta * k * e).to(X.dtype.element_ty).to(tl.float32)  # X_{l+1} as the forward stored it
-        dw += xn[:, :, None] * gt[:, None, :]
         u = tl.sum(k * g, axis=0, keep_dims=True)  # k^T G, (1, BLOCK_V)
         if ERASE:
+            x = tl.load(X + (t * d + i) * dv + j, mask=m, other=0.0).to(tl.float32)
             dx = g - beta * k * u
             dk = -beta * tl.sum(g * e + x * u, axis=1, keep_dims=True)
         else:
@@ -109,7 +101,38 @@ def _step_bwd(GXN, GTAPS, X, K, E, BETA, W, DX, DK, DV, DBETA, DW, n_tok, d: tl.
         tl.store(DK + t * d + i, dk.to(DK.dtype.element_ty), mask=mi)
         tl.store(DV + t * dv + j, (beta * u).to(DV.dtype.element_ty), mask=mj)
         tl.store(DBETA + t, (-tl.sum(u * e)).to(DBETA.dtype.element_ty), mask=live)
-    tl.store(DW + tl.program_id(0) * d * dv * KW + (i3 * dv + j3) * KW + s3, dw, mask=m3)
+
+SPLITS = 32  # token ranges of the weight's gradient: partial sums (SPLITS, d, d_v, K), added up after
+
+@triton.autotune([triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w) for bi in (64, 32, 16) for bt in (8, 4)
+                  for w in (2, 4)][:1 if INTERPRET else None], key=["d", "dv", "KW"])
+@triton.jit
+def _weight_bwd(GTAPS, X, K, E, BETA, DW, n_tok, CHUNK: tl.constexpr, d: tl.constexpr, dv: tl.constexpr, KW: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
+    # dW[i, j, s] = sum over tokens of dL/dtaps[t, i, s] X_{l+1}[t, i, j], X_{l+1} recomputed from X_l as
+    # the forward stored it; this program: features [i0, i0 + BLOCK_I), tokens [t0, t0 + CHUNK)
+    i0, t0 = tl.program_id(0) * BLOCK_I, tl.program_id(1) * CHUNK
+    tt = tl.arange(0, BLOCK_T)[:, None, None]             # token, (BLOCK_T, 1, 1)
+    i = i0 + tl.arange(0, BLOCK_I)[None, :, None]         # feature, (1, BLOCK_I, 1)
+    j = tl.arange(0, BLOCK_V)[None, None, :]              # value channel, (1, 1, BLOCK_V)
+    s3 = tl.arange(0, BLOCK_K)[None, None, :]             # tap, (1, 1, BLOCK_K)
+    dw = tl.zeros((BLOCK_I, BLOCK_V, BLOCK_K), dtype=tl.float32)
+    for b in tl.range(0, CHUNK, BLOCK_T):
+        t = t0 + b + tt
+        live = (t < n_tok) & (b + tt < CHUNK)
+        mi = live & (i < d)
+        m = mi & (j < dv)
+        x = tl.load(X + (t * d + i) * dv + j, mask=m, other=0.0).to(tl.float32)
+        k = tl.load(K + t * d + i, mask=mi, other=0.0).to(tl.float32)
+        e = tl.load(E + t * dv + j, mask=live & (j < dv), other=0.0)
+        beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
+        xn = (x - beta * k * e).to(X.dtype.element_ty).to(tl.float32)  # (BLOCK_T, BLOCK_I, BLOCK_V)
+        for s in tl.static_range(KW):
+            gt = tl.load(GTAPS + (t * d + i) * KW + s, mask=mi, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_I, 1)
+            dw += tl.where(s3 == s, tl.sum(xn * gt, axis=0)[:, :, None], 0.0)
+    ii = i0 + tl.arange(0, BLOCK_I)[:, None, None]
+    jj = tl.arange(0, BLOCK_V)[None, :, None]
+    tl.store(DW + ((tl.program_id(1) * d + ii) * dv + jj) * KW + s3, dw, mask=(ii < d) & (jj < dv) & (s3 < KW))
 
 def _blocks(d, dv):
     return dict(BLOCK_D=triton.next_power_of_2(d), BLOCK_V=triton.next_power_of_2(dv))
@@ -139,13 +162,15 @@ def step_backward(g_Xn: Tensor, g_taps: Tensor, X: Tensor, k: Tensor, e: Tensor,
     g_Xn, g_taps, X, k, e, beta, W = (t.contiguous() for t in (g_Xn, g_taps, X, k, e, beta, W))
     d, dv, KW = W.shape
     dX, dk, dv_, dbeta = torch.empty_like(X), torch.empty_like(k), torch.empty_like(e), torch.empty_like(beta)
-    n_tok = beta.numel()  # dW: one fp32 partial sum per program (room for the most programs), added up after
-    parts = torch.empty(triton.cdiv(n_tok, BWD_TOKENS[0]), d, dv, KW, device=X.device)
+    n_tok = beta.numel()
     _step_bwd[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
-        g_Xn, g_taps, X, k, e, beta, W, dX, dk, dv_, dbeta, parts, n_tok, d, dv, KW=KW, ERASE=erase,
-        BLOCK_K=triton.next_power_of_2(KW), **_blocks(d, dv))
-    programs = triton.cdiv(n_tok, _step_bwd.best_config.kwargs["TOKENS"])
-    return dX, dk, dv_, dbeta, parts[:programs].sum(0).to(W.dtype)
+        g_Xn, g_taps, X, k, e, beta, W, dX, dk, dv_, dbeta, n_tok, d, dv, KW=KW, ERASE=erase, **_blocks(d, dv))
+    chunk = triton.cdiv(n_tok, SPLITS)
+    parts = torch.empty(SPLITS, d, dv, KW, device=X.device)
+    _weight_bwd[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), SPLITS)](
+        g_taps, X, k, e, beta, parts, n_tok, chunk, d, dv, KW, BLOCK_V=triton.next_power_of_2(dv),
+        BLOCK_K=triton.next_power_of_2(KW))
+    return dX, dk, dv_, dbeta, parts.sum(0).to(W.dtype)
 
 @step_backward.register_fake
 def _(g_Xn, g_taps, X, k, e, beta, W, erase):
