@@ -381,8 +381,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def body(self, X):
-        """The blocks, then the readout compression (d_v > 1): state in, (B, T, d) out. fused.py
-        replaces this method, and only this one, with its Triton path."""
+        """The blocks, then the readout compression (d_v > 1); fused.py's install() replaces this method."""
         for block in self.blocks:
             X = block(X)
         return X if self.readout is None else self.readout(X)
