@@ -14,10 +14,15 @@ read, the readout k^T X, the rewrite's read and its write). Here one kernel read
 
 so the sublayer boundary costs one read and one write of the state. W is the next compressor's weight:
 CC's channel mix (K = 1 tap) or TC's conv * read (K taps, summed over shifted tokens in PyTorch). The
-backward kernel takes the gradients of X_{l+1} and of the taps and returns those of X_l, k, v and beta:
+backward takes the gradients of X_{l+1} and of the taps; one kernel returns those of X_l, k, v, beta,
 
     G = dL/dX_{l+1} + W dL/dtaps,  u = k^T G,  dX_l = G - beta k u^T,  dk = -beta (G e + X_l u),
     dv = beta u,  dbeta = -u . e          (write-only: dX_l = G, dk = -beta G e)
+
+and a second reduces over tokens for W's: dW[i, j, s] = sum_t dL/dtaps[t, i, s] X_{l+1}[t, i, j],
+with X_{l+1} recomputed from X_l, so the op keeps only X_l, k, e and beta for its backward.
+Measured on an H100 (docs/performance.md): DDL-CC trains faster than ddl.py's compiled path but
+uses more memory, so train.py and bench.py leave it off unless asked.
 
 Everything is computed in fp32 and rounded once when stored. The kernels run on CUDA, or on the CPU
 under Triton's interpreter (TRITON_INTERPRET=1, set before importing this file), which is how the
