@@ -219,14 +219,15 @@ def fused_body(model, X):
 
 def install(model):
     """Run model's state updates through the fused kernels (replaces model.body, nothing else)."""
-    cfg = model.config
+    gpt = getattr(model, "_orig_mod", model)  # torch.compile(model): install on the GPT it wraps
+    cfg = gpt.config
     for ok, key, value, allowed in (
             (cfg.d_v > 1, "d_v", cfg.d_v, "> 1 (the fused path is for the expanded state)"),
             (cfg.residual in ("delta", "write"), "residual", cfg.residual, "delta or write"),
             (not cfg.check_spectrum, "check_spectrum", cfg.check_spectrum, "False (it checks ddl.py's own forward)"),
-            (INTERPRET or model.wte.weight.is_cuda, "device", model.wte.weight.device.type,
+            (INTERPRET or gpt.wte.weight.is_cuda, "device", gpt.wte.weight.device.type,
              "cuda (or TRITON_INTERPRET=1 on the CPU)")):
         if not ok:
             raise ConfigError(f"fused: {key}={value!r} is not supported: must be {allowed}")
-    model.body = types.MethodType(fused_body, model)
+    gpt.body = types.MethodType(fused_body, gpt)
     return model

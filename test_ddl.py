@@ -1370,6 +1370,110 @@ def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
     assert [r["variant"] for r in rows] == ["additive", "cc+fused"]
 
 
+# ---- review: configs and edge cases of the fused path against ddl.py
+
+REVIEW_CONFIGS = {
+    "dv2_cc": dict(residual="delta", d_v=2, compressor="cc", embed_conv=False),
+    "dv3_tc_ec": dict(residual="delta", d_v=3, compressor="tc", embed_conv=True),
+    "dv8_tc": dict(residual="delta", d_v=8, compressor="tc", embed_conv=False, n_layer=1),
+    "tc_K6": dict(residual="delta", d_v=4, compressor="tc", conv_kernel=6),  # K > T
+    "linear_v": dict(residual="delta", d_v=4, compressor="cc", v_scale=0.0),
+    "write_tc": dict(residual="write", d_v=3, compressor="tc", embed_conv=False),
+    "d24": dict(residual="delta", d_v=3, compressor="tc", n_head=3, head_dim=8, n_embd=24, n_layer=1),
+}
+
+
+@pytest.mark.parametrize("name", list(REVIEW_CONFIGS))
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 5)], ids=["B1T1", "B2T5"])
+def test_review_fused_configs_equal_ddl(fused, name, B, T):
+    ref, fast = fused_pair(fused, **REVIEW_CONFIGS[name])
+    idx, tgt = (torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    losses = []
+    for m in (ref, fast):
+        loss = m(idx, tgt)[1]
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+
+
+def test_review_fused_eval_no_grad_and_generate(fused):
+    ref, fast = fused_pair(fused, **VARIANTS["tc_ec"])
+    ref.eval(), fast.eval()
+    idx = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a, b = ref(idx)[0], fast(idx)[0]
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ref.generate(idx, 4, temperature=0), fast.generate(idx, 4, temperature=0))
+
+
+def test_review_fused_frozen_parameters_and_double_forward(fused):
+    ref, fast = fused_pair(fused, **VARIANTS["tc"], n_layer=1)
+    for m in (ref, fast):
+        for n, p in m.named_parameters():
+            if "compressor" in n or "readout" in n or n == "wte.weight":
+                p.requires_grad_(False)
+    idx, tgt = (torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    for m in (ref, fast):
+        (m(idx, tgt)[1] + m(idx.flip(1), tgt)[1]).backward()
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        if p.requires_grad:
+            assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+        else:
+            assert q.grad is None
+
+
+def test_review_fused_step_non_contiguous_inputs(fused):
+    inputs, grads = step_inputs(torch.float32, d=20, d_v=3, K=2)
+    X, k, v, beta, W = inputs
+    # transposed storage: same values, other strides
+    nc = [X.transpose(0, 1).contiguous().transpose(0, 1), k.transpose(0, 1).contiguous().transpose(0, 1),
+          v.transpose(0, 1).contiguous().transpose(0, 1), beta.t().contiguous().t(), W.permute(2, 0, 1).contiguous().permute(1, 2, 0)]
+    assert not any(t.is_contiguous() for t in nc)
+    got = outputs_and_grads(lambda *a: fused.step(*a, True), nc, grads)
+    want = outputs_and_grads(lambda *a: o_step(*a, True), [t.double() for t in inputs], grads)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("tokens,block_i,block_t", [(4, 16, 4), (4, 32, 8), (1, 64, 4)])
+def test_review_fused_step_gpu_tile_configs(fused, monkeypatch, tokens, block_i, block_t):
+    """The autotuner's other configs (the interpreter runs only the first): tokens per program not dividing
+    the token count, feature blocks not dividing d, weight-gradient chunks longer than BLOCK_T and not a multiple."""
+    for kern in (fused._step_fwd, fused._step_bwd):
+        monkeypatch.setattr(kern, "configs", [fused.triton.Config(dict(TOKENS=tokens), num_warps=4)])
+    monkeypatch.setattr(fused._weight_bwd, "configs", [fused.triton.Config(dict(BLOCK_I=block_i, BLOCK_T=block_t), num_warps=2)])
+    monkeypatch.setattr(fused, "SPLITS", 4)
+    gen = torch.Generator().manual_seed(9)
+    B, T, d, d_v, K = 2, 19, 40, 3, 3  # 38 tokens in 4 splits: chunks of 10 (> BLOCK_T, not a multiple), the last 8
+    X = torch.randn(B, T, d, d_v, generator=gen, dtype=F64)
+    k = torch.randn(B, T, d, generator=gen, dtype=F64)
+    k = k / k.norm(dim=-1, keepdim=True)
+    v, beta = 4 * torch.rand(B, T, d_v, generator=gen, dtype=F64), 2 * torch.rand(B, T, generator=gen, dtype=F64)
+    W = torch.randn(d, d_v, K, generator=gen, dtype=F64) / 2
+    grads = torch.randn(B, T, d, d_v, generator=gen, dtype=F64), torch.randn(B, T, d, K, generator=gen, dtype=F64)
+    inputs = [X.float(), k.float(), v.float(), beta.float(), W.float()]
+    got = outputs_and_grads(lambda *a: fused.step(*a, True), inputs, grads)
+    want = outputs_and_grads(lambda *a: o_step(*a, True), [t.double() for t in inputs], grads)
+    for name, g, w in zip(["X'", "taps", "dX", "dk", "dv", "dbeta", "dW"], got, want):
+        assert rel_err(g, w) < 1e-5, name
+
+
+def test_review_fused_install_on_a_compiled_model(fused):
+    """install(torch.compile(model)): the fused body goes on the wrapped model, bound to it, so the compiled
+    forward runs it and the gate audit's fallback to ddl.py's body finds GPT.body."""
+    ref = scrambled(**VARIANTS["cc"]).float()
+    inner = scrambled(**VARIANTS["cc"]).float()
+    fast = fused.install(torch.compile(inner, backend="eager"))
+    assert inner.body.__func__ is fused.fused_body and inner.body.__self__ is inner
+    idx, tgt = (torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert fast(idx, tgt)[1].item() == pytest.approx(ref(idx, tgt)[1].item(), rel=1e-6)
+    for a, b in zip(ref.gate_audit(idx), fast.gate_audit(idx)):
+        assert a == pytest.approx(b)
+
+
+
 # ---------------------------------------------------------------------------- train.py against oracles
 
 def train_cfg(**kw):
