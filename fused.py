@@ -170,7 +170,8 @@ def step_backward(g_Xn: Tensor, g_taps: Tensor, X: Tensor, k: Tensor, e: Tensor,
     n_tok = beta.numel()
     _step_bwd[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
         g_Xn, g_taps, X, k, e, beta, W, dX, dk, dv_, dbeta, n_tok, d, dv, KW=KW, ERASE=erase, **_blocks(d, dv))
-    chunk = triton.cdiv(n_tok, SPLITS)
+    chunk = triton.cdiv(n_tok, SPLITS)  # a compile-time constant (the interpreter needs constant loop
+    # bounds): one compile of _weight_bwd per batch shape, as torch.compile does for the model
     parts = torch.empty(SPLITS, d, dv, KW, device=X.device)
     _weight_bwd[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), SPLITS)](
         g_taps, X, k, e, beta, parts, n_tok, chunk, d, dv, KW, BLOCK_V=triton.next_power_of_2(dv),
@@ -225,6 +226,8 @@ def install(model):
             (cfg.d_v > 1, "d_v", cfg.d_v, "> 1 (the fused path is for the expanded state)"),
             (cfg.residual in ("delta", "write"), "residual", cfg.residual, "delta or write"),
             (not cfg.check_spectrum, "check_spectrum", cfg.check_spectrum, "False (it checks ddl.py's own forward)"),
+            (gpt.wte.weight.dtype != torch.float64, "dtype", gpt.wte.weight.dtype,
+             "float32 or bfloat16 (the kernels compute in fp32)"),
             (INTERPRET or gpt.wte.weight.is_cuda, "device", gpt.wte.weight.device.type,
              "cuda (or TRITON_INTERPRET=1 on the CPU)")):
         if not ok:
