@@ -1312,23 +1312,29 @@ def fused_pair(fused, **kw):
     return m, fused.install(twin)
 
 
-@pytest.mark.parametrize("name", ["cc_ec", "tc", "write4"])
-def test_fused_model_equals_ddl_forward_and_gradients(fused, name):
-    """The whole model through the fused body (one step per sublayer boundary, the next compressor read
-    in the kernel): loss and every parameter's gradient equal to ddl.py's forward, in fp32."""
-    ref, fast = fused_pair(fused, **VARIANTS[name])
-    idx, tgt = (torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+def check_fused_model(ref, fast, B, T):
+    """One forward and backward of both models on the same batch: equal losses and, per parameter,
+    gradients equal to 1e-5 of their scale."""
+    idx, tgt = (torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     losses = []
     for m in (ref, fast):
         loss = m(idx, tgt)[1]
         loss.backward()
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+
+
+@pytest.mark.parametrize("name", ["cc_ec", "tc", "write4"])
+def test_fused_model_equals_ddl_forward_and_gradients(fused, name):
+    """The whole model through the fused body (one step per sublayer boundary, the next compressor read
+    in the kernel): loss and every parameter's gradient equal to ddl.py's forward, in fp32."""
+    ref, fast = fused_pair(fused, **VARIANTS[name])
+    check_fused_model(ref, fast, 2, 7)
     g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
     g_fast = torch.cat([p.grad.flatten() for p in fast.parameters()])
     assert rel_err(g_fast, g_ref) < 1e-5
-    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
-        assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
 
 
 def test_fused_gate_audit_records_through_ddl_forward(fused):
@@ -1349,9 +1355,11 @@ def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
         fused.install(tiny_model(d_v=4))
 
 
-def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path):
+def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path, monkeypatch):
     """--fused=true changes the kernels, not the run: the same train and val losses, step by step."""
-    logs = []
+    calls, step = [], fused.step
+    monkeypatch.setattr(fused, "step", lambda *a: calls.append(1) or step(*a))
+    logs, steps_run = [], []
     for on in ("false", "true"):
         out = tmp_path / on
         train.main(["--preset=smoke", "--n_embd=16", "--head_dim=8", "--block_size=16", "--max_steps=1", "--eval_interval=1",
@@ -1359,7 +1367,16 @@ def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path):
                     "--device=cpu", f"--fused={on}",
                     f"--data_dir={tmp_path / 'none'}", f"--out_dir={out}"])
         logs.append([r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if r["type"] in ("train", "val")])
+        steps_run.append(len(calls))
+    assert steps_run[0] == 0 and steps_run[1] > 0  # the kernels ran in the fused run only
     assert len(logs[0]) == 3 and logs[1] == pytest.approx(logs[0], rel=1e-5)  # val 0, train 1, val 1
+
+
+def test_bench_reference_step_is_the_written_out_rule():
+    """bench.py's float64 reference for the fast-path check (Eq. 2.2, then the next read) against o_step."""
+    inputs, _ = step_inputs(F64)
+    for got, want in zip(bench.reference_step(*inputs), o_step(*inputs, True)):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
@@ -1383,16 +1400,7 @@ FUSED_SHAPES = {  # d_v off a power of 2, K > T, one layer, d = 24
 
 @pytest.mark.parametrize("name,B,T", [(name, 2, 5) for name in FUSED_SHAPES if name != "tc_K6"] + [("tc_K6", 1, 3)])
 def test_fused_model_equals_ddl_across_shapes(fused, name, B, T):
-    ref, fast = fused_pair(fused, **FUSED_SHAPES[name])
-    idx, tgt = (torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
-    losses = []
-    for m in (ref, fast):
-        loss = m(idx, tgt)[1]
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
-        assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+    check_fused_model(*fused_pair(fused, **FUSED_SHAPES[name]), B, T)
 
 
 def test_fused_eval_and_generate_equal_ddl(fused):
