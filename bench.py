@@ -3,7 +3,7 @@ Throughput of every DDL variant against the additive baseline, in one process on
 
     python bench.py --preset=124m                       # the table of docs/performance.md, one GPU
     python bench.py --preset=124m --bench_variants=additive,cc --bench_batch=32
-    python bench.py --preset=124m --fused=true          # d_v > 1 through fused.py's Triton kernels
+    python bench.py --preset=124m --fused=true          # DDL-CC and write-only through fused.py
     python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
 
 First the measured bf16 matmul peak and a check of the model's rewrite as it runs (Eq. 2.2 under
@@ -18,8 +18,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ddl import ConfigError, GPTConfig, delta_update, setting
+from ddl import ConfigError, GPTConfig, delta_update, setting, unit_direction
 from train import TrainConfig, build, parse_args, setup, train_step
 
 VARIANTS = {
@@ -65,39 +66,41 @@ def matmul_peak_tflops(dev):
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     return 2 * n ** 3 / time_ms(lambda: a @ b, 10, dev) / 1e9
 
-def reference_step(X, k, v, beta, W):
-    """Eq. 2.2, then the next compressor's read of the new state (taps of W, (d, d_v, K)): what the
-    model computes between two sublayers, and what fused.step computes in one kernel."""
-    Xn = delta_update(X, k, v, beta)
-    return Xn, torch.einsum("...ij,ijs->...is", Xn, W)
+def reference_step(X, k_tilde, v, beta, W, gamma, k_eps):
+    """k from k~ (§3.1), Eq. 2.2, then the next CC read of the new state (mix W, (d, d_v)) and its norm
+    (gain gamma): what the model computes between two sublayers, and what fused.step does in one kernel."""
+    Xn = delta_update(X, unit_direction(k_tilde, k_eps), v, beta)
+    x_in = torch.sum(Xn * W, dim=-1)
+    return Xn, F.rms_norm(x_in, (x_in.shape[-1],), gamma, eps=1e-5)
 
 def check_fast_path(dev, use_compile, fused):
     """The step as the model runs it (compiled on CUDA, or fused.step with --fused; state in bf16 or
     fp32, v and beta in fp32) against reference_step in float64 on random inputs: both outputs and the
-    gradients of X, k, v, beta and W. Prints the largest relative error; fails beyond 1e-2 (bf16) /
+    gradients of X, k~, v, beta, W and gamma. Prints the largest relative error; fails beyond 1e-2 (bf16) /
     1e-5 (fp32). TF32 is off meanwhile: fp32 means fp32 here."""
+    k_eps = GPTConfig().k_eps
     if fused:
-        step = lambda *inputs: __import__("fused").step(*inputs, True)[:2]
+        step = lambda *inputs: __import__("fused").step(*inputs, True)[:2]  # inputs end with k_eps; erase
     else:
         step = torch.compile(reference_step) if use_compile else reference_step
     gen = torch.Generator().manual_seed(0)
     X, kt, GX = (torch.randn(*s, generator=gen).to(dev) for s in ((8, 256, 768, 4), (8, 256, 768), (8, 256, 768, 4)))
-    W, GT = torch.randn(768, 4, 4, generator=gen).to(dev) / 2, torch.randn(8, 256, 768, 4, generator=gen).to(dev)
-    k = kt / kt.norm(dim=-1, keepdim=True)
+    W, gamma = torch.randn(768, 4, generator=gen).to(dev) / 2, 1 + torch.randn(768, generator=gen).to(dev) / 2
     v, beta = 4 * torch.rand(8, 256, 4, generator=gen).to(dev), 2 * torch.rand(8, 256, generator=gen).to(dev)
+    GC = torch.randn(8, 256, 768, generator=gen).to(dev)
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     try:
         for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
             results = []
-            for f, ins in ((reference_step, [t.double() for t in (X, k, v, beta, W)]),
-                           (step, [X.to(dtype), k.to(dtype), v, beta, W.to(dtype)])):
+            for f, ins in ((reference_step, [t.double() for t in (X, kt, v, beta, W, gamma)]),
+                           (step, [X.to(dtype), kt.to(dtype), v, beta, W.to(dtype), gamma.to(dtype)])):
                 ins = [t.detach().requires_grad_() for t in ins]
-                Xn, taps = f(*ins)
-                torch.autograd.backward((Xn, taps), (GX.to(Xn.dtype), GT.to(taps.dtype)))
-                results.append([Xn, taps] + [t.grad for t in ins])
+                Xn, c = f(*ins, k_eps)
+                torch.autograd.backward((Xn, c), (GX.to(Xn.dtype), GC.to(c.dtype)))
+                results.append([Xn, c] + [t.grad for t in ins])
             err = max(((b.double() - a).norm() / a.norm()).item() for a, b in zip(*results))
-            print(f"Eq. 2.2 + next read as run{' (fused)' if fused else ''} vs float64 reference (2 outputs, "
-                  f"5 gradients), {dtype}: max relative error {err:.2e} (limit {tol:.0e})")
+            print(f"k, Eq. 2.2, next read and norm as run{' (fused)' if fused else ''} vs float64 reference "
+                  f"(2 outputs, 6 gradients), {dtype}: max relative error {err:.2e} (limit {tol:.0e})")
             if not err <= tol:
                 raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
     finally:
@@ -129,7 +132,7 @@ def bench(cfg, mcfg, bcfg):
     x, y = (torch.randint(0, mcfg.vocab_size, (B, T), generator=gen).to(dev) for _ in range(2))
     rows = []
     for n in names:
-        fused = cfg.fused and VARIANTS[n]["d_v"] > 1  # the fused path is for the expanded state only
+        fused = cfg.fused and VARIANTS[n].get("compressor") == "cc"  # fused.py: the expanded state with CC
         raw, model, opt = build(replace(cfg, fused=fused), replace(mcfg, **VARIANTS[n]), dev)
 
         def infer():

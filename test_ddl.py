@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+import torch.nn.functional as F
 
 import bench
 import ddl
@@ -1247,24 +1248,31 @@ def fused():
     return fused
 
 
-def o_step(X, k, v, beta, W, erase):
-    """The fused step written out: e = k^T X - v (Eq. 2.4; -v without the erase term), X' = X - beta k e^T
-    (Eq. 2.2), taps[i, s] = sum_j W[i, j, s] X'[i, j] (the next compressor's read)."""
+EPS_K = 0.3  # large enough that eps_k shows in k = k~ / sqrt(|k~|^2 + eps_k^2)
+
+
+def o_step(X, k_tilde, v, beta, W, gamma, erase):
+    """The fused step written out: k = k~ / sqrt(|k~|^2 + eps_k^2) (§3.1), e = k^T X - v (Eq. 2.4; -v without
+    the erase term), X' = X - beta k e^T (Eq. 2.2), x_in[i] = sum_j W[i, j] X'[i, j] (the next CC read) and
+    c = RMSNorm(x_in) with gain gamma (x_in itself when gamma is None)."""
+    k = k_tilde / torch.sqrt((k_tilde * k_tilde).sum(-1, keepdim=True) + EPS_K ** 2)
     e = (k[..., :, None] * X).sum(-2) - v if erase else -v
     Xn = X - beta[..., None, None] * k[..., :, None] * e[..., None, :]
-    return Xn, (Xn[..., None] * W).sum(-2)
+    x_in = (Xn * W).sum(-1)
+    return Xn, x_in if gamma is None else o_rms(x_in, gamma)
 
 
-def step_inputs(dtype, d=24, d_v=3, K=3, seed=5):
-    """Inputs with d and d_v off a power of 2 (the kernels' padded lanes), a unit k, v in (0, 4), beta in (0, 2)."""
+def step_inputs(dtype, B=2, T=5, d=24, d_v=3, seed=5):
+    """X, k~ (not unit: the kernel normalises it), v in (0, 4), beta in (0, 2), the mix W and the gain
+    gamma away from their inits, with d and d_v off a power of 2 (the kernels' padded lanes); and the
+    gradients of X' and c."""
     gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(2, 5, d, d_v, generator=gen, dtype=F64)
-    k = torch.randn(2, 5, d, generator=gen, dtype=F64)
-    k = k / k.norm(dim=-1, keepdim=True)
-    v, beta = 4 * torch.rand(2, 5, d_v, generator=gen, dtype=F64), 2 * torch.rand(2, 5, generator=gen, dtype=F64)
-    W = torch.randn(d, d_v, K, generator=gen, dtype=F64) / 2
-    grads = torch.randn(2, 5, d, d_v, generator=gen, dtype=F64), torch.randn(2, 5, d, K, generator=gen, dtype=F64)
-    return [X.to(dtype), k.to(dtype), v.float(), beta.float(), W.to(dtype)], grads
+    X = torch.randn(B, T, d, d_v, generator=gen, dtype=F64)
+    k_tilde = torch.randn(B, T, d, generator=gen, dtype=F64) * torch.rand(B, T, 1, generator=gen, dtype=F64)
+    v, beta = 4 * torch.rand(B, T, d_v, generator=gen, dtype=F64), 2 * torch.rand(B, T, generator=gen, dtype=F64)
+    W, gamma = torch.randn(d, d_v, generator=gen, dtype=F64) / 2, 1 + torch.randn(d, generator=gen, dtype=F64) / 2
+    grads = torch.randn(B, T, d, d_v, generator=gen, dtype=F64), torch.randn(B, T, d, generator=gen, dtype=F64)
+    return [X.to(dtype), k_tilde.to(dtype), v.float(), beta.float(), W.to(dtype), gamma.to(dtype)], grads
 
 
 def outputs_and_grads(f, inputs, grads):
@@ -1278,31 +1286,54 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def fused_step(fused, erase, norm=True):
+    """fused.step on step_inputs' list; without the norm, gamma is not passed (and gets no gradient)."""
+    return lambda X, kt, v, beta, W, gamma: fused.step(X, kt, v, beta, W, gamma if norm else None, EPS_K, erase)
+
+
+def oracle_step(erase, norm=True):
+    return lambda X, kt, v, beta, W, gamma: o_step(X, kt, v, beta, W, gamma if norm else None, erase)
+
+
+STEP_NAMES = ["X'", "c", "dX", "dk~", "dv", "dbeta", "dW", "dgamma"]
+
+
+def check_step(got, want, tol):
+    for name, g, w in zip(STEP_NAMES, got, want):
+        if w is None:
+            assert g is None, name
+        else:
+            assert rel_err(g, w) < tol, name
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "readout"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write"])
-def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase):
-    """Outputs and the gradients of X, k, v, beta and W: the kernels (fp32) against the float64 oracle."""
+def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase, norm):
+    """Outputs and the gradients of X, k~, v, beta, W and gamma: the kernels (fp32) against the float64
+    oracle, with the next sublayer's norm and without it (the last boundary, before the readout)."""
     inputs, grads = step_inputs(torch.float32)
-    got = outputs_and_grads(lambda *a: fused.step(*a, erase), inputs, grads)
-    want = outputs_and_grads(lambda *a: o_step(*a, erase), [t.double() for t in inputs], grads)
-    names = ["X'", "taps", "dX", "dk", "dv", "dbeta", "dW"]
-    assert [got[i].dtype for i in range(2, 7)] == [t.dtype for t in inputs]
-    for name, g, w in zip(names, got, want):
-        assert rel_err(g, w) < 1e-5, name
+    got = outputs_and_grads(fused_step(fused, erase, norm), inputs, grads)
+    want = outputs_and_grads(oracle_step(erase, norm), [t.double() for t in inputs], grads)
+    assert [got[i].dtype for i in range(2, 7 + norm)] == [t.dtype for t in inputs][:5 + norm]
+    check_step(got, want, 1e-5)
 
 
 def test_fused_step_in_bf16_is_within_bf16_rounding_of_the_rule(fused):
-    """bf16 state, k and W: no further from the float64 oracle than ddl.py's own delta_update in bf16."""
-    inputs, grads = step_inputs(torch.bfloat16, d=40, d_v=4, K=1)
-    want = outputs_and_grads(lambda *a: o_step(*a, True), [t.double() for t in inputs], grads)
-    got = outputs_and_grads(lambda *a: fused.step(*a, True), inputs, grads)
-    def ddl_step(X, k, v, beta, W):
-        Xn = delta_update(X, k, v, beta)
-        return Xn, (Xn[..., None] * W).sum(-2)
+    """bf16 state, k~, W and gamma: within 3x the distance of ddl.py's own functions in bf16 from the float64
+    oracle. Not 1x: Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU, like torch, to nearest),
+    which about doubles each rounding's error (here X': 0.0050, ddl.py 0.0024); bench.py checks the GPU."""
+    inputs, grads = step_inputs(torch.bfloat16, d=40, d_v=4)
+    want = outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads)
+    got = outputs_and_grads(fused_step(fused, True), inputs, grads)
+
+    def ddl_step(X, k_tilde, v, beta, W, gamma):
+        Xn = delta_update(X, unit_direction(k_tilde, EPS_K), v, beta)
+        x_in = torch.sum(Xn * W, dim=-1)
+        return Xn, F.rms_norm(x_in, (x_in.shape[-1],), gamma, eps=1e-5)
 
     ref = outputs_and_grads(ddl_step, inputs, grads)
-    for i in (0, 2, 3, 4, 5):  # X', dX, dk, dv, dbeta: the outputs delta_update has too
-        assert rel_err(got[i], want[i]) <= max(2 * rel_err(ref[i], want[i]), 4e-3), i
-    assert rel_err(got[1], want[1]) < 1e-2 and rel_err(got[6], want[6]) < 1e-2  # taps and dW
+    for name, g, r, w in zip(STEP_NAMES, got, ref, want):
+        assert rel_err(g, w) <= 3 * rel_err(r, w), name
 
 
 def fused_pair(fused, **kw):
@@ -1326,10 +1357,10 @@ def check_fused_model(ref, fast, B, T):
         assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
 
 
-@pytest.mark.parametrize("name", ["cc_ec", "tc", "write4"])
+@pytest.mark.parametrize("name", ["cc_ec", "cc", "write4"])
 def test_fused_model_equals_ddl_forward_and_gradients(fused, name):
     """The whole model through the fused body (one step per sublayer boundary, the next compressor read
-    in the kernel): loss and every parameter's gradient equal to ddl.py's forward, in fp32."""
+    and norm in the kernel): loss and every parameter's gradient equal to ddl.py's forward, in fp32."""
     ref, fast = fused_pair(fused, **VARIANTS[name])
     check_fused_model(ref, fast, 2, 7)
     g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
@@ -1347,7 +1378,8 @@ def test_fused_gate_audit_records_through_ddl_forward(fused):
 
 def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
     for kw, message in ((dict(d_v=1), "fused: d_v=1 is not supported: must be > 1"),
-                        (dict(d_v=4, check_spectrum=True), "fused: check_spectrum=True is not supported")):
+                        (dict(d_v=4, check_spectrum=True), "fused: check_spectrum=True is not supported"),
+                        (dict(d_v=4, compressor="tc"), "fused: compressor='tc' is not supported: must be cc")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             fused.install(tiny_model(**kw))
     monkeypatch.setattr(fused, "INTERPRET", False)  # a CPU model without the interpreter
@@ -1373,9 +1405,9 @@ def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path, monk
 
 
 def test_bench_reference_step_is_the_written_out_rule():
-    """bench.py's float64 reference for the fast-path check (Eq. 2.2, then the next read) against o_step."""
+    """bench.py's float64 reference for the fast-path check (k, Eq. 2.2, the next read and norm) against o_step."""
     inputs, _ = step_inputs(F64)
-    for got, want in zip(bench.reference_step(*inputs), o_step(*inputs, True)):
+    for got, want in zip(bench.reference_step(*inputs, EPS_K), o_step(*inputs, True)):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -1388,23 +1420,22 @@ def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
     assert [r["variant"] for r in rows] == ["additive", "cc+fused"]
 
 
-FUSED_SHAPES = {  # d_v off a power of 2, K > T, one layer, d = 24
-    "dv2_cc": dict(residual="delta", d_v=2, compressor="cc", embed_conv=False),
-    "dv3_tc_ec": dict(residual="delta", d_v=3, compressor="tc", embed_conv=True),
-    "dv8_tc": dict(residual="delta", d_v=8, compressor="tc", embed_conv=False, n_layer=1),
-    "tc_K6": dict(residual="delta", d_v=4, compressor="tc", conv_kernel=6),  # K > T
-    "write_tc": dict(residual="write", d_v=3, compressor="tc", embed_conv=False),
-    "d24": dict(residual="delta", d_v=3, compressor="tc", n_head=3, head_dim=8, n_embd=24, n_layer=1),
+FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24
+    "dv2": dict(residual="delta", d_v=2, compressor="cc", embed_conv=False),
+    "dv3_ec": dict(residual="delta", d_v=3, compressor="cc", embed_conv=True),
+    "dv8": dict(residual="delta", d_v=8, compressor="cc", embed_conv=False, n_layer=1),
+    "write_dv3": dict(residual="write", d_v=3, compressor="cc", embed_conv=False),
+    "d24": dict(residual="delta", d_v=3, compressor="cc", n_head=3, head_dim=8, n_embd=24, n_layer=1),
 }
 
 
-@pytest.mark.parametrize("name,B,T", [(name, 2, 5) for name in FUSED_SHAPES if name != "tc_K6"] + [("tc_K6", 1, 3)])
-def test_fused_model_equals_ddl_across_shapes(fused, name, B, T):
-    check_fused_model(*fused_pair(fused, **FUSED_SHAPES[name]), B, T)
+@pytest.mark.parametrize("name", list(FUSED_SHAPES))
+def test_fused_model_equals_ddl_across_shapes(fused, name):
+    check_fused_model(*fused_pair(fused, **FUSED_SHAPES[name]), 2, 5)
 
 
 def test_fused_eval_and_generate_equal_ddl(fused):
-    ref, fast = fused_pair(fused, **VARIANTS["tc_ec"])
+    ref, fast = fused_pair(fused, **VARIANTS["cc_ec"])
     ref.eval(), fast.eval()
     idx = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -1417,7 +1448,7 @@ def test_fused_frozen_parameters_and_two_forwards_before_backward(fused):
     ref, fast = fused_pair(fused, **VARIANTS["cc"], n_layer=1)
     for m in (ref, fast):
         for n, p in m.named_parameters():
-            if "compressor" in n or "readout" in n or n == "wte.weight":
+            if "compressor" in n or "readout" in n or "norm" in n or n == "wte.weight":
                 p.requires_grad_(False)
     idx, tgt = (torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     for m in (ref, fast):
@@ -1430,16 +1461,15 @@ def test_fused_frozen_parameters_and_two_forwards_before_backward(fused):
 
 
 def test_fused_step_takes_non_contiguous_inputs(fused):
-    inputs, grads = step_inputs(torch.float32, d=20, d_v=3, K=2)
-    X, k, v, beta, W = inputs
-    # transposed storage: same values, other strides
-    nc = [X.transpose(0, 1).contiguous().transpose(0, 1), k.transpose(0, 1).contiguous().transpose(0, 1),
-          v.transpose(0, 1).contiguous().transpose(0, 1), beta.t().contiguous().t(), W.permute(2, 0, 1).contiguous().permute(1, 2, 0)]
+    inputs, grads = step_inputs(torch.float32, d=20, d_v=3)
+    X, k_tilde, v, beta, W, gamma = inputs
+    # transposed or strided storage: same values, other strides
+    nc = [X.transpose(0, 1).contiguous().transpose(0, 1), k_tilde.transpose(0, 1).contiguous().transpose(0, 1),
+          v.transpose(0, 1).contiguous().transpose(0, 1), beta.t().contiguous().t(), W.t().contiguous().t(),
+          torch.stack([gamma, gamma], -1)[:, 0]]
     assert not any(t.is_contiguous() for t in nc)
-    got = outputs_and_grads(lambda *a: fused.step(*a, True), nc, grads)
-    want = outputs_and_grads(lambda *a: o_step(*a, True), [t.double() for t in inputs], grads)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < 1e-5
+    got = outputs_and_grads(fused_step(fused, True), nc, grads)
+    check_step(got, outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads), 1e-5)
 
 
 @pytest.mark.parametrize("tokens,block_i,block_t", [(4, 16, 4), (4, 32, 8), (1, 64, 4)])
@@ -1449,20 +1479,10 @@ def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block
     for kern in (fused._step_fwd, fused._step_bwd):
         monkeypatch.setattr(kern, "configs", [fused.triton.Config(dict(TOKENS=tokens), num_warps=4)])
     monkeypatch.setattr(fused._weight_bwd, "configs", [fused.triton.Config(dict(BLOCK_I=block_i, BLOCK_T=block_t), num_warps=2)])
-    monkeypatch.setattr(fused, "SPLITS", 4)
-    gen = torch.Generator().manual_seed(9)
-    B, T, d, d_v, K = 2, 19, 40, 3, 3  # 38 tokens in 4 splits: chunks of 10 (> BLOCK_T, not a multiple), the last 8
-    X = torch.randn(B, T, d, d_v, generator=gen, dtype=F64)
-    k = torch.randn(B, T, d, generator=gen, dtype=F64)
-    k = k / k.norm(dim=-1, keepdim=True)
-    v, beta = 4 * torch.rand(B, T, d_v, generator=gen, dtype=F64), 2 * torch.rand(B, T, generator=gen, dtype=F64)
-    W = torch.randn(d, d_v, K, generator=gen, dtype=F64) / 2
-    grads = torch.randn(B, T, d, d_v, generator=gen, dtype=F64), torch.randn(B, T, d, K, generator=gen, dtype=F64)
-    inputs = [X.float(), k.float(), v.float(), beta.float(), W.float()]
-    got = outputs_and_grads(lambda *a: fused.step(*a, True), inputs, grads)
-    want = outputs_and_grads(lambda *a: o_step(*a, True), [t.double() for t in inputs], grads)
-    for name, g, w in zip(["X'", "taps", "dX", "dk", "dv", "dbeta", "dW"], got, want):
-        assert rel_err(g, w) < 1e-5, name
+    monkeypatch.setattr(fused, "CHUNK", 10)  # 38 tokens: chunks of 10 (> BLOCK_T, not a multiple), the last 8
+    inputs, grads = step_inputs(torch.float32, B=2, T=19, d=40, d_v=3, seed=9)
+    got = outputs_and_grads(fused_step(fused, True), inputs, grads)
+    check_step(got, outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads), 1e-5)
 
 
 def test_fused_install_on_a_compiled_model(fused):
