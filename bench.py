@@ -148,7 +148,8 @@ def bench(cfg, mcfg, bcfg):
         fpt = raw.flops_per_token(T)
         rows.append(dict(variant=n + "+fused" * fused, params=raw.num_params(), train_ms=train_ms, train_tps=B * T / train_ms * 1000,
                          infer_tps=B * T / infer_ms * 1000, mem_gib=mem, mfu=fpt * B * T / train_ms / 1e9 / peak))
-        print(f"{rows[-1]['variant']}: {train_ms:.1f} ms/step, {infer_ms:.1f} ms/forward", flush=True)  # kept if cut short
+        print(f"{rows[-1]['variant']}: {train_ms:.1f} ms/step, {infer_ms:.1f} ms/forward"
+              + (f", peak {mem:.2f} GiB" if mem else ""), flush=True)  # kept if cut short
         del raw, opt, model
         torch._dynamo.reset()  # a fresh compile cache per variant, so none hits the recompile limit
     print_table(rows, dev, peak, B, T, cfg.compile and dev.type == "cuda")

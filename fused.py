@@ -22,9 +22,9 @@ of X_l, k~, v and beta,
 
 and dk~ from dk (unit_direction's backward); a second reduces over tokens for W's and the norm gain's
 gradients, dW[i, j] = sum_t g[t, i] X_{l+1}[t, i, j]. X_{l+1}, x_in and g are recomputed from X_l, so
-the op keeps X_l, k~ and three numbers per token for its backward, and nothing else is kept around it:
-k, x_in and c in fp32 would otherwise be saved per sublayer (+2.2 GiB at the 124m size, measured).
-TC's read spans neighbouring tokens and is not fused. Measured on H100/H200: docs/performance.md.
+the op keeps X_l, k~ and three numbers per token for its backward; taking k~ and giving c, it spares
+torch.compile keeping k and x_in around it (1.1 GiB at the 124m size, measured). TC's read spans
+neighbouring tokens and is not fused. Measured on H100/H200, with what still costs: docs/performance.md.
 
 Everything is computed in fp32 and rounded where ddl.py rounds (k, x_in, c, X_{l+1} in the state's
 dtype). The kernels run on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set before
@@ -39,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ddl import ConfigError
 
@@ -243,12 +242,6 @@ def _backward(ctx, g_Xn, g_c, *_):
 
 step.register_autograd(_backward, setup_context=_save)
 
-def gates(branch, c):
-    """v and beta from c (ddl.py's value and beta), recomputed from c in the backward: torch.compile
-    would otherwise keep the fp32 copy of c that their weights' gradients read, where c itself is kept
-    anyway for F's first matmul (+1.1 GiB at the 124m size, measured on an H200)."""
-    return checkpoint(lambda c: (branch.value(c), branch.beta(c)), c, use_reentrant=False, preserve_rng_state=False)
-
 def fused_body(model, X):
     """GPT.body with each sublayer boundary as one fused step: the same parameters and equations."""
     branches = [b for block in model.blocks for b in (block.attn, block.mlp)]
@@ -259,7 +252,7 @@ def fused_body(model, X):
         nxt = branches[n + 1] if n + 1 < len(branches) else None
         # the next sublayer's read and norm; after the last sublayer, the readout's read without a norm
         read, gamma = (nxt.compressor, nxt.norm.to(X.dtype)) if nxt else (model.readout, None)
-        X, c, *_ = step(X, k_tilde, *gates(branch, c), read.mix.to(X.dtype), gamma,
+        X, c, *_ = step(X, k_tilde, branch.value(c), branch.beta(c), read.mix.to(X.dtype), gamma,
                         model.config.k_eps, model.config.residual == "delta")
         if nxt:
             k_tilde = nxt.f(c)

@@ -1852,6 +1852,15 @@ def test_parse_args_bools_preset_first_and_the_argument_form():
             train.parse_args([arg])
 
 
+def test_124m_preset_runs_the_papers_480_sequences_per_step_on_1_to_16_gpus():
+    """Table 6's 480 x 1024 tokens per step, split into whole micro-batches on 1, 2, 4, 8 or 16 GPUs
+    (train.py refuses a total_batch that is not a multiple of batch_size x processes)."""
+    cfg, _ = train.parse_args(["--preset=124m"])
+    assert cfg.total_batch == 480
+    for world in (1, 2, 4, 8, 16):
+        assert cfg.total_batch % (cfg.batch_size * world) == 0, world
+
+
 def test_device_cpu_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     rank, world, dev, ctx = train.setup(train_cfg(device="cpu"))

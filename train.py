@@ -72,7 +72,8 @@ class TrainConfig:
                 raise ConfigError(f"--{key}={getattr(self, key)!r}: {allowed}")
 
 PRESETS = {
-    "124m": dict(n_layer=12, n_head=6, head_dim=128, n_embd=768, block_size=1024),
+    # micro-batch 30: faster than 16 (H200, docs/performance.md), and divides 480 on 1, 2, 4, 8, 16 GPUs
+    "124m": dict(n_layer=12, n_head=6, head_dim=128, n_embd=768, block_size=1024, batch_size=30),
     "353m": dict(n_layer=24, n_head=8, head_dim=128, n_embd=1024, block_size=1024),
     "smoke": dict(n_layer=2, n_head=2, head_dim=32, n_embd=64, block_size=64, d_v=4, compressor="cc", batch_size=16,
                   total_batch=16, max_steps=200, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=50,
