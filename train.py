@@ -51,7 +51,7 @@ class TrainConfig:
     ckpt_interval: int = setting(1000, "steps between checkpoints (and one at the end)")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt")
     compile: bool = setting(True, "torch.compile (CUDA only)")
-    fused: bool = setting(False, "d_v > 1: the state's rewrite in fused.py's Triton kernels (CUDA; equal to ddl.py's)")
+    fused: bool = setting(False, "d_v > 1, CC: the state's rewrite in fused.py's Triton kernels (CUDA; equal to ddl.py's)")
     device: str = setting("auto", "auto | cpu | cuda")
     peak_tflops: float = setting(0.0, "bf16 peak per GPU for MFU where the card is not in PEAK_TFLOPS")
     sample_tokens: int = setting(64, "tokens generated at the end of training and in --mode=sample")
