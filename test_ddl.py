@@ -1336,6 +1336,49 @@ def test_fused_step_in_bf16_is_within_bf16_rounding_of_the_rule(fused):
         assert rel_err(g, w) <= 3 * rel_err(r, w), name
 
 
+def bf16_toward_zero(x):
+    """fp32 -> bf16 -> fp32 as Triton 3.6's interpreter rounds: toward zero (drop the low 16 bits)."""
+    return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+
+
+def test_fused_step_rounds_where_ddl_rounds_in_bf16(fused):
+    """bf16 state and k~, fp32 W and gamma (their gradients come back unrounded): k rounded twice (RMSNorm,
+    then 1/sqrt(d)), X' rounded, x_in rounded before the norm, in the forward and in both backward
+    kernels' recomputes. Written out from the op's own e and 1/rms(k~), with the interpreter's rounding."""
+    inputs, grads = step_inputs(torch.bfloat16, d=40, d_v=4)
+    ins = [t.clone().requires_grad_() for t in inputs[:4]] + [t.float().requires_grad_() for t in inputs[4:]]
+    X, kt, v, beta, W, gamma = ins
+    Xn, c, e, rk, rstd = fused.step(*ins, EPS_K, True)
+    dc = grads[1].to(torch.bfloat16)
+    torch.autograd.backward([Xn, c], [grads[0].to(torch.bfloat16), dc])
+    R, dc = bf16_toward_zero, dc.float()
+    with torch.no_grad():
+        k = R(R(kt.float() * rk[..., None]) * (1 / math.sqrt(40)))
+        assert torch.equal(Xn.float(), R(X.float() - beta[..., None, None] * k[..., :, None] * e[..., None, :]))
+        x_in = R((W * Xn.float()).sum(-1))
+        r = torch.rsqrt((x_in * x_in).mean(-1, keepdim=True) + 1e-5)
+        assert (R(x_in * r * gamma) == c.float()).float().mean() > 0.99
+        s = (gamma * dc * x_in).sum(-1, keepdim=True) * r ** 3 / 40
+        assert rel_err(W.grad, ((r * gamma * dc - x_in * s)[..., None] * Xn.float()).sum((0, 1))) < 1e-5
+        assert rel_err(gamma.grad, (dc * x_in * r).sum((0, 1))) < 1e-5
+
+
+def test_fused_kernels_read_nothing_past_their_inputs(fused):
+    """Every input a view of a longer buffer whose tail is NaN: a load that escapes its mask (the padded
+    lanes of d and d_v, a token past the last) turns an output or a gradient into NaN."""
+    inputs, grads = step_inputs(torch.float32)
+
+    def nan_tailed(t):
+        return torch.cat([t.flatten(), torch.full((256,), float("nan"), dtype=t.dtype)])[:t.numel()].view(t.shape)
+
+    got = outputs_and_grads(fused_step(fused, True), inputs, grads)  # clean copies
+    ins = [nan_tailed(t).requires_grad_() for t in inputs]
+    outs = fused.step(*ins, EPS_K, True)[:2]
+    torch.autograd.backward(outs, [nan_tailed(g.float()) for g in grads])
+    for name, a, b in zip(STEP_NAMES, [o.detach() for o in outs] + [t.grad for t in ins], got):
+        assert torch.equal(a, b), name
+
+
 def fused_pair(fused, **kw):
     """A scrambled fp32 model and its copy with the fused body installed."""
     m = scrambled(**kw).float()
@@ -1420,12 +1463,13 @@ def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
     assert [r["variant"] for r in rows] == ["additive", "cc+fused"]
 
 
-FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24
+FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24, a large k_eps
     "dv2": dict(residual="delta", d_v=2, compressor="cc", embed_conv=False),
     "dv3_ec": dict(residual="delta", d_v=3, compressor="cc", embed_conv=True),
     "dv8": dict(residual="delta", d_v=8, compressor="cc", embed_conv=False, n_layer=1),
     "write_dv3": dict(residual="write", d_v=3, compressor="cc", embed_conv=False),
     "d24": dict(residual="delta", d_v=3, compressor="cc", n_head=3, head_dim=8, n_embd=24, n_layer=1),
+    "k_eps": dict(residual="delta", d_v=3, compressor="cc", embed_conv=False, n_layer=1, k_eps=0.5),  # config.k_eps reaches the op
 }
 
 
@@ -2037,3 +2081,4 @@ def test_memorization_probe_ablations_run_and_unit_k_is_the_normalised_update():
     for name in ("additive-unit-k", "delta-frozen-beta", "delta-linear-v"):
         losses = mem.probe(cfg, mcfg, name, 1e-2, 4, torch.device("cpu"), nullcontext(), x, y)
         assert len(losses) == 4 and losses[-1] < losses[0]
+
