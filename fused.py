@@ -22,12 +22,14 @@ of X_l, k~, v and beta,
 
 and dk~ from dk (unit_direction's backward); a second reduces over tokens for W's and the norm gain's
 gradients, dW[i, j] = sum_t g[t, i] X_{l+1}[t, i, j]. X_{l+1}, x_in and g are recomputed from X_l, so
-the op keeps X_l, k~ and three numbers per token for its backward; taking k~ and giving c, it spares
-torch.compile keeping k and x_in around it (1.1 GiB at the 124m size, measured). TC's read spans
+the op keeps X_l, k~, beta, e and two norms per token for its backward; taking k~ and giving c, it
+spares torch.compile keeping k and x_in around it (1.1 GiB at the 124m size, measured). TC's read spans
 neighbouring tokens and is not fused. Measured on H100/H200, with what still costs: docs/performance.md.
 
-Everything is computed in fp32 and rounded where ddl.py rounds (k, x_in, c, X_{l+1} in the state's
-dtype). The kernels run on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set before
+Everything is computed in fp32 and rounded to the state's dtype where ddl.py's functions return a
+value in it: k (twice, as unit_direction), X_{l+1}, x_in and c. ddl.py's eager products (beta e,
+X * mix) round more often, so in bf16 the kernels are slightly closer to exact than eager ddl.py.
+The kernels run on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set before
 importing this file), which is how the tests pin them to ddl.py.
 """
 import math
@@ -95,7 +97,9 @@ def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_sca
         if NORM:  # c = RMSNorm(x_in) with gain gamma (eps 1e-5, as ddl.py's read)
             r = tl.rsqrt(tl.sum(c * c) / d + 1e-5)
             c = c * r * tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
-            tl.store(RSTD + t, r, mask=live)
+        else:
+            r = 1.0
+        tl.store(RSTD + t, r, mask=live)
         tl.store(C + t * d + i, c.to(C.dtype.element_ty), mask=mi)
 
 @_tuned(tokens=(1, 4), warps=(4, 8, 16))
@@ -201,8 +205,8 @@ def step(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: 
 
 @step.register_fake
 def _(X, k_tilde, v, beta, W, gamma, k_eps, erase):
-    dv = W.shape[1]
-    return (torch.empty_like(X), X.new_empty(X.shape[:-1]), _fp32_per_token(beta, dv), _fp32_per_token(beta),
+    dv = W.shape[1]  # contiguous outputs, as the op's (it makes its inputs contiguous first)
+    return (X.new_empty(X.shape), X.new_empty(X.shape[:-1]), _fp32_per_token(beta, dv), _fp32_per_token(beta),
             _fp32_per_token(beta))
 
 @torch.library.custom_op("ddl_fused::step_backward", mutates_args=())
@@ -227,8 +231,8 @@ def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, k_tilde: Tensor, e: Tens
 
 @step_backward.register_fake
 def _(g_Xn, g_c, X, k_tilde, e, beta, W, gamma, rk, rstd, erase):
-    dgamma = W.new_empty(W.shape[0]) if gamma is None else torch.empty_like(gamma)
-    return [torch.empty_like(t) for t in (X, k_tilde, e, beta, W)] + [dgamma]
+    dgamma = W.new_empty(W.shape[0]) if gamma is None else gamma.new_empty(gamma.shape)
+    return [t.new_empty(t.shape) for t in (X, k_tilde, e, beta, W)] + [dgamma]
 
 def _save(ctx, inputs, output):
     X, k_tilde, v, beta, W, gamma, _, ctx.erase = inputs
@@ -267,7 +271,7 @@ def install(model):
             (cfg.compressor == "cc", "compressor", cfg.compressor, "cc (TC's read spans tokens; it runs in ddl.py)"),
             (cfg.residual in ("delta", "write"), "residual", cfg.residual, "delta or write"),
             (not cfg.check_spectrum, "check_spectrum", cfg.check_spectrum, "False (it checks ddl.py's own forward)"),
-            (gpt.wte.weight.dtype != torch.float64, "dtype", gpt.wte.weight.dtype,
+            (gpt.wte.weight.dtype in (torch.float32, torch.bfloat16), "dtype", gpt.wte.weight.dtype,
              "float32 or bfloat16 (the kernels compute in fp32)"),
             (INTERPRET or gpt.wte.weight.is_cuda, "device", gpt.wte.weight.device.type,
              "cuda (or TRITON_INTERPRET=1 on the CPU)")):

@@ -1379,6 +1379,15 @@ def test_fused_kernels_read_nothing_past_their_inputs(fused):
         assert torch.equal(a, b), name
 
 
+def test_fused_op_passes_torch_library_opcheck(fused):
+    """What torch.compile relies on: the fake implementation's shapes, dtypes and strides (a non-contiguous
+    X), every output defined (no norm included), and the autograd registration, with and without gamma."""
+    inputs, _ = step_inputs(torch.float32, d=20, d_v=3)
+    X, k_tilde, v, beta, W, gamma = (t.requires_grad_() for t in inputs)
+    X = X.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    for g in (gamma, None):
+        torch.library.opcheck(fused.step, (X, k_tilde, v, beta, W, g, EPS_K, True))
+
 def fused_pair(fused, **kw):
     """A scrambled fp32 model and its copy with the fused body installed."""
     m = scrambled(**kw).float()
