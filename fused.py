@@ -64,9 +64,9 @@ def _direction(kt, rk, k_scale, KT):
     return _rounded(_rounded(kt * rk, KT) * k_scale, KT)
 
 @triton.jit
-def _new_state(x, kt, rk, k_scale, e, beta, KT, X):
+def _new_state(x, k, e, beta, X):
     """X_{l+1} = X_l - beta k e^T (Eq. 2.2), as stored."""
-    return _rounded(x - beta * _direction(kt, rk, k_scale, KT) * e, X)
+    return _rounded(x - beta * k * e, X)
 
 @_tuned(tokens=(1, 4), warps=(4, 8, 16))
 @triton.jit
@@ -82,13 +82,14 @@ def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_sca
         x = tl.load(X + (t * d + i) * dv + j, mask=m, other=0.0).to(tl.float32)
         kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
         rk = tl.rsqrt(tl.sum(kt * kt) / d + k_eps2)  # unit_direction's RMSNorm, eps = eps_k^2 / d
+        k = _direction(kt, rk, k_scale, KT)
         v = tl.load(V + t * dv + j, mask=mj, other=0.0).to(tl.float32)
         beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
         if ERASE:
-            e = tl.sum(_direction(kt, rk, k_scale, KT) * x, axis=0, keep_dims=True) - v  # Eq. 2.4's readout error
+            e = tl.sum(k * x, axis=0, keep_dims=True) - v  # Eq. 2.4's readout error
         else:
             e = -v
-        xn = _new_state(x, kt, rk, k_scale, e, beta, KT, X)  # Eq. 2.2
+        xn = _new_state(x, k, e, beta, X)  # Eq. 2.2
         tl.store(XN + (t * d + i) * dv + j, xn.to(XN.dtype.element_ty), mask=m)
         tl.store(E + t * dv + j, e, mask=mj)
         tl.store(RK + t, rk, mask=live)
@@ -123,7 +124,7 @@ def _step_bwd(GXN, GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, DX, DKT, DV, DBETA, S
         w = tl.load(W + i * dv + j, mask=(i < d) & (j < dv), other=0.0).to(tl.float32)
         g = tl.load(GC + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc, (BLOCK_D, 1)
         if NORM:  # RMSNorm's backward: g = r gamma dc - x_in r^3 (sum gamma dc x_in) / d
-            xin = _rounded(tl.sum(w * _new_state(x, kt, rk, k_scale, e, beta, KT, X), axis=1, keep_dims=True), X)
+            xin = _rounded(tl.sum(w * _new_state(x, k, e, beta, X), axis=1, keep_dims=True), X)
             r = tl.load(RSTD + t, mask=live, other=0.0)
             gg = g * tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
             s = tl.sum(gg * xin) * r * r * r / d
@@ -168,7 +169,7 @@ def _weight_bwd(GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, S, DW, DGAMMA, n_tok, k_
         e = tl.load(E + t * dv + j, mask=live & (j < dv), other=0.0)
         beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
         rk = tl.load(RK + t, mask=live, other=0.0)
-        xn = _new_state(x, kt, rk, k_scale, e, beta, KT, X)  # (BLOCK_T, BLOCK_I, BLOCK_V)
+        xn = _new_state(x, _direction(kt, rk, k_scale, KT), e, beta, X)  # (BLOCK_T, BLOCK_I, BLOCK_V)
         g = tl.load(GC + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc, (BLOCK_T, BLOCK_I, 1)
         if NORM:
             xin = _rounded(tl.sum(w * xn, axis=2, keep_dims=True), X)

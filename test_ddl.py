@@ -1468,8 +1468,8 @@ def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
     monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: (fn(), 1.0)[1])  # one call each, untimed
     rows = bench.bench(*train.parse_args(
         ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
-         "--bench_batch=2", "--bench_steps=1", "--bench_variants=additive,cc", "--fused=true", "--device=cpu"], BENCH_KINDS))
-    assert [r["variant"] for r in rows] == ["additive", "cc+fused"]
+         "--bench_batch=2", "--bench_steps=1", "--bench_variants=additive,cc,tc", "--fused=true", "--device=cpu"], BENCH_KINDS))
+    assert [r["variant"] for r in rows] == ["additive", "cc+fused", "tc"]  # TC runs ddl.py's read
 
 
 FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24, a large k_eps

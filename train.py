@@ -140,8 +140,7 @@ def load_data(cfg):
     """(train shards, val tokens); the smoke preset falls back to this repository's own text."""
     if os.path.exists(os.path.join(cfg.data_dir, "run.json")):  # prepare_data.py's mark of an unfinished run
         raise DataError(f"--data_dir={cfg.data_dir}: prepare_data.py did not finish there; rerun it to complete the shards")
-    train = sorted(glob.glob(os.path.join(cfg.data_dir, "*_train_*.bin")))
-    val = sorted(glob.glob(os.path.join(cfg.data_dir, "*_val_*.bin")))
+    train, val = (sorted(glob.glob(os.path.join(cfg.data_dir, f"*_{split}_*.bin"))) for split in ("train", "val"))
     if train and val:
         return [read_shard(p) for p in train], read_shard(val[0])
     if cfg.preset == "smoke":
