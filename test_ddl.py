@@ -1552,9 +1552,11 @@ def test_fused_install_on_a_compiled_model(fused):
 
 
 def test_fused_install_refuses_a_float64_model(fused):
-    """The kernels compute in fp32: a float64 model would get fp32-accurate results, silently."""
-    with pytest.raises(ConfigError, match=re.escape("fused: dtype=torch.float64 is not supported: must be")):
-        fused.install(scrambled(**VARIANTS["cc"]))
+    """The kernels compute in fp32: a float64 model would get fp32-accurate results, silently; and only
+    the two dtypes the refusal names (float32, bfloat16) are taken."""
+    for model, dtype in ((scrambled(**VARIANTS["cc"]), "float64"), (tiny_model(**VARIANTS["cc"]).half(), "float16")):
+        with pytest.raises(ConfigError, match=re.escape(f"fused: dtype=torch.{dtype} is not supported: must be")):
+            fused.install(model)
 
 
 # ---------------------------------------------------------------------------- train.py against oracles
