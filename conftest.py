@@ -1,0 +1,23 @@
+"""Shared by the test files: Triton's CPU interpreter, set before anything imports Triton, and the
+token shards the training tests read."""
+import json
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # fused.py's kernels on the CPU; Triton reads it when first imported
+import numpy as np
+import pytest
+
+import prepare_data
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    gen = np.random.default_rng(0)
+    words = ["delta", "rule", "state", "gate", "erase", "write", "the", "a", "of", "token"]
+    with open(folder / "docs.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": " ".join(gen.choice(words, size=40))}) + "\n")
+    prepare_data.prepare(prepare_data.parse_args(["--input", str(folder / "docs.jsonl"), "--out", str(folder / "out"),
+                                                  "--val_tokens", "512", "--shard_tokens", "3000", "--workers", "1"]))
+    return str(folder / "out")

@@ -1,0 +1,349 @@
+"""fused.py: the Triton path pinned to ddl.py and to the written-out rule. The kernels run in Triton's CPU
+interpreter (TRITON_INTERPRET=1, set in conftest.py before anything imports Triton); without Triton they skip."""
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+import train
+from ddl import ConfigError, delta_update, unit_direction
+from test_bench import BENCH_KINDS
+from test_ddl import F64, VARIANTS, o_rms, scrambled, tiny_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------- fused.py: the Triton path, pinned to the reference
+# The kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before fused.py is imported).
+# CI installs Triton for these tests (.ci/run); without it they are skipped.
+
+@pytest.fixture(scope="module")
+def fused():
+    pytest.importorskip("triton", reason="fused.py needs Triton (pip install triton; CI installs it)")
+    import fused
+    assert fused.INTERPRET
+    return fused
+
+
+EPS_K = 0.3  # large enough that eps_k shows in k = k~ / sqrt(|k~|^2 + eps_k^2)
+
+
+def o_step(X, k_tilde, v, beta, W, gamma, erase):
+    """The fused step written out: k = k~ / sqrt(|k~|^2 + eps_k^2) (§3.1), e = k^T X - v (Eq. 2.4; -v without
+    the erase term), X' = X - beta k e^T (Eq. 2.2), x_in[i] = sum_j W[i, j] X'[i, j] (the next CC read) and
+    c = RMSNorm(x_in) with gain gamma (x_in itself when gamma is None)."""
+    k = k_tilde / torch.sqrt((k_tilde * k_tilde).sum(-1, keepdim=True) + EPS_K ** 2)
+    e = (k[..., :, None] * X).sum(-2) - v if erase else -v
+    Xn = X - beta[..., None, None] * k[..., :, None] * e[..., None, :]
+    x_in = (Xn * W).sum(-1)
+    return Xn, x_in if gamma is None else o_rms(x_in, gamma)
+
+
+def step_inputs(dtype, B=2, T=5, d=24, d_v=3, seed=5):
+    """X, k~ (not unit: the kernel normalises it), v in (0, 4), beta in (0, 2), the mix W and the gain
+    gamma away from their inits, with d and d_v off a power of 2 (the kernels' padded lanes); and the
+    gradients of X' and c."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, T, d, d_v, generator=gen, dtype=F64)
+    k_tilde = torch.randn(B, T, d, generator=gen, dtype=F64) * torch.rand(B, T, 1, generator=gen, dtype=F64)
+    v, beta = 4 * torch.rand(B, T, d_v, generator=gen, dtype=F64), 2 * torch.rand(B, T, generator=gen, dtype=F64)
+    W, gamma = torch.randn(d, d_v, generator=gen, dtype=F64) / 2, 1 + torch.randn(d, generator=gen, dtype=F64) / 2
+    grads = torch.randn(B, T, d, d_v, generator=gen, dtype=F64), torch.randn(B, T, d, generator=gen, dtype=F64)
+    return [X.to(dtype), k_tilde.to(dtype), v.float(), beta.float(), W.to(dtype), gamma.to(dtype)], grads
+
+
+def outputs_and_grads(f, inputs, grads):
+    ins = [t.clone().requires_grad_() for t in inputs]
+    outs = f(*ins)[:2]
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
+    return [o.detach() for o in outs] + [t.grad for t in ins]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def fused_step(fused, erase, norm=True):
+    """fused.step on step_inputs' list; without the norm, gamma is not passed (and gets no gradient)."""
+    return lambda X, kt, v, beta, W, gamma: fused.step(X, kt, v, beta, W, gamma if norm else None, EPS_K, erase)
+
+
+def oracle_step(erase, norm=True):
+    return lambda X, kt, v, beta, W, gamma: o_step(X, kt, v, beta, W, gamma if norm else None, erase)
+
+
+STEP_NAMES = ["X'", "c", "dX", "dk~", "dv", "dbeta", "dW", "dgamma"]
+
+
+def check_step(got, want, tol):
+    for name, g, w in zip(STEP_NAMES, got, want):
+        if w is None:
+            assert g is None, name
+        else:
+            assert rel_err(g, w) < tol, name
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "readout"])
+@pytest.mark.parametrize("erase", [True, False], ids=["delta", "write"])
+def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase, norm):
+    """Outputs and the gradients of X, k~, v, beta, W and gamma: the kernels (fp32) against the float64
+    oracle, with the next sublayer's norm and without it (the last boundary, before the readout)."""
+    inputs, grads = step_inputs(torch.float32)
+    got = outputs_and_grads(fused_step(fused, erase, norm), inputs, grads)
+    want = outputs_and_grads(oracle_step(erase, norm), [t.double() for t in inputs], grads)
+    assert [got[i].dtype for i in range(2, 7 + norm)] == [t.dtype for t in inputs][:5 + norm]
+    check_step(got, want, 1e-5)
+
+
+def test_fused_step_in_bf16_is_within_bf16_rounding_of_the_rule(fused):
+    """bf16 state, k~, W and gamma: within 3x the distance of ddl.py's own functions in bf16 from the float64
+    oracle. Not 1x: Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU, like torch, to nearest),
+    which about doubles each rounding's error (here X': 0.0050, ddl.py 0.0024); bench.py checks the GPU."""
+    inputs, grads = step_inputs(torch.bfloat16, d=40, d_v=4)
+    want = outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads)
+    got = outputs_and_grads(fused_step(fused, True), inputs, grads)
+
+    def ddl_step(X, k_tilde, v, beta, W, gamma):
+        Xn = delta_update(X, unit_direction(k_tilde, EPS_K), v, beta)
+        x_in = torch.sum(Xn * W, dim=-1)
+        return Xn, F.rms_norm(x_in, (x_in.shape[-1],), gamma, eps=1e-5)
+
+    ref = outputs_and_grads(ddl_step, inputs, grads)
+    for name, g, r, w in zip(STEP_NAMES, got, ref, want):
+        assert rel_err(g, w) <= 3 * rel_err(r, w), name
+
+
+def bf16_toward_zero(x):
+    """fp32 -> bf16 -> fp32 as Triton 3.6's interpreter rounds: toward zero (drop the low 16 bits)."""
+    return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+
+
+def test_fused_step_rounds_where_ddl_rounds_in_bf16(fused):
+    """bf16 state and k~, fp32 W and gamma (their gradients come back unrounded): k rounded twice (RMSNorm,
+    then 1/sqrt(d)), X' rounded, x_in rounded before the norm, in the forward and in both backward
+    kernels' recomputes. Written out from the op's own e and 1/rms(k~), with the interpreter's rounding."""
+    inputs, grads = step_inputs(torch.bfloat16, d=40, d_v=4)
+    ins = [t.clone().requires_grad_() for t in inputs[:4]] + [t.float().requires_grad_() for t in inputs[4:]]
+    X, kt, v, beta, W, gamma = ins
+    Xn, c, e, rk, rstd = fused.step(*ins, EPS_K, True)
+    dc = grads[1].to(torch.bfloat16)
+    torch.autograd.backward([Xn, c], [grads[0].to(torch.bfloat16), dc])
+    R, dc = bf16_toward_zero, dc.float()
+    with torch.no_grad():
+        k = R(R(kt.float() * rk[..., None]) * (1 / math.sqrt(40)))
+        assert torch.equal(Xn.float(), R(X.float() - beta[..., None, None] * k[..., :, None] * e[..., None, :]))
+        x_in = R((W * Xn.float()).sum(-1))
+        r = torch.rsqrt((x_in * x_in).mean(-1, keepdim=True) + 1e-5)
+        assert (R(x_in * r * gamma) == c.float()).float().mean() > 0.99
+        s = (gamma * dc * x_in).sum(-1, keepdim=True) * r ** 3 / 40
+        assert rel_err(W.grad, ((r * gamma * dc - x_in * s)[..., None] * Xn.float()).sum((0, 1))) < 1e-5
+        assert rel_err(gamma.grad, (dc * x_in * r).sum((0, 1))) < 1e-5
+
+
+def test_fused_kernels_read_nothing_past_their_inputs(fused):
+    """Every input a view of a longer buffer whose tail is NaN: a load that escapes its mask (the padded
+    lanes of d and d_v, a token past the last) turns an output or a gradient into NaN."""
+    inputs, grads = step_inputs(torch.float32)
+
+    def nan_tailed(t):
+        return torch.cat([t.flatten(), torch.full((256,), float("nan"), dtype=t.dtype)])[:t.numel()].view(t.shape)
+
+    got = outputs_and_grads(fused_step(fused, True), inputs, grads)  # clean copies
+    ins = [nan_tailed(t).requires_grad_() for t in inputs]
+    outs = fused.step(*ins, EPS_K, True)[:2]
+    torch.autograd.backward(outs, [nan_tailed(g.float()) for g in grads])
+    for name, a, b in zip(STEP_NAMES, [o.detach() for o in outs] + [t.grad for t in ins], got):
+        assert torch.equal(a, b), name
+
+
+def test_fused_op_passes_torch_library_opcheck(fused):
+    """What torch.compile relies on: the fake implementation's shapes, dtypes and strides (a non-contiguous
+    X), every output defined (no norm included), and the autograd registration, with and without gamma."""
+    inputs, _ = step_inputs(torch.float32, d=20, d_v=3)
+    X, k_tilde, v, beta, W, gamma = (t.requires_grad_() for t in inputs)
+    X = X.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    for g in (gamma, None):
+        torch.library.opcheck(fused.step, (X, k_tilde, v, beta, W, g, EPS_K, True))
+
+def fused_pair(fused, **kw):
+    """A scrambled fp32 model and its copy with the fused body installed."""
+    m = scrambled(**kw).float()
+    twin = scrambled(**kw).float()
+    return m, fused.install(twin)
+
+
+def check_fused_model(ref, fast, B, T):
+    """One forward and backward of both models on the same batch: equal losses and, per parameter,
+    gradients equal to 1e-5 of their scale."""
+    idx, tgt = (torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    losses = []
+    for m in (ref, fast):
+        loss = m(idx, tgt)[1]
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+
+
+@pytest.mark.parametrize("name", ["cc_ec", "cc", "write4"])
+def test_fused_model_equals_ddl_forward_and_gradients(fused, name):
+    """The whole model through the fused body (one step per sublayer boundary, the next compressor read
+    and norm in the kernel): loss and every parameter's gradient equal to ddl.py's forward, in fp32."""
+    ref, fast = fused_pair(fused, **VARIANTS[name])
+    check_fused_model(ref, fast, 2, 7)
+    g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    g_fast = torch.cat([p.grad.flatten() for p in fast.parameters()])
+    assert rel_err(g_fast, g_ref) < 1e-5
+
+
+def check_same_gates(want, got):
+    """Two gate audits equal: the beta histograms exactly, every statistic to 1e-6 (pytest.approx takes
+    no nested lists in pytest 9, so the rows are compared key by key)."""
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == (b[key] if isinstance(a[key], (list, str, int)) else pytest.approx(b[key])), key
+
+
+def test_fused_gate_audit_records_through_ddl_forward(fused):
+    ref, fast = fused_pair(fused, **VARIANTS["cc_ec"])
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    check_same_gates(ref.gate_audit(idx), fast.gate_audit(idx))
+    assert fast.blocks[0].attn.stats is None  # and recording is off again
+
+
+def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
+    for kw, message in ((dict(d_v=1), "fused: d_v=1 is not supported: must be > 1"),
+                        (dict(d_v=4, check_spectrum=True), "fused: check_spectrum=True is not supported"),
+                        (dict(d_v=4, compressor="tc"), "fused: compressor='tc' is not supported: must be cc")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            fused.install(tiny_model(**kw))
+    monkeypatch.setattr(fused, "INTERPRET", False)  # a CPU model without the interpreter
+    with pytest.raises(ConfigError, match=re.escape("fused: device='cpu' is not supported: must be cuda")):
+        fused.install(tiny_model(d_v=4))
+
+
+def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path, monkeypatch):
+    """--fused=true changes the kernels, not the run: the same train and val losses, step by step."""
+    calls, step = [], fused.step
+    monkeypatch.setattr(fused, "step", lambda *a: calls.append(1) or step(*a))
+    logs, steps_run = [], []
+    for on in ("false", "true"):
+        out = tmp_path / on
+        train.main(["--preset=smoke", "--n_embd=16", "--head_dim=8", "--block_size=16", "--max_steps=1", "--eval_interval=1",
+                    "--val_tokens=32", "--log_interval=1", "--batch_size=2", "--total_batch=2", "--sample_tokens=0",
+                    "--device=cpu", f"--fused={on}",
+                    f"--data_dir={tmp_path / 'none'}", f"--out_dir={out}"])
+        logs.append([r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if r["type"] in ("train", "val")])
+        steps_run.append(len(calls))
+    assert steps_run[0] == 0 and steps_run[1] > 0  # the kernels ran in the fused run only
+    assert len(logs[0]) == 3 and logs[1] == pytest.approx(logs[0], rel=1e-5)  # val 0, train 1, val 1
+
+
+def test_bench_reference_step_is_the_written_out_rule():
+    """bench.py's float64 reference for the fast-path check (k, Eq. 2.2, the next read and norm) against o_step."""
+    inputs, _ = step_inputs(F64)
+    for got, want in zip(bench.reference_step(*inputs, EPS_K), o_step(*inputs, True)):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
+    monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile, fused: None)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: (fn(), 1.0)[1])  # one call each, untimed
+    rows = bench.bench(*train.parse_args(
+        ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
+         "--bench_batch=2", "--bench_steps=1", "--bench_variants=additive,cc,tc", "--fused=true", "--device=cpu"], BENCH_KINDS))
+    assert [r["variant"] for r in rows] == ["additive", "cc+fused", "tc"]  # TC runs ddl.py's read
+
+
+FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24, a large k_eps
+    "dv2": dict(residual="delta", d_v=2, compressor="cc", embed_conv=False),
+    "dv3_ec": dict(residual="delta", d_v=3, compressor="cc", embed_conv=True),
+    "dv8": dict(residual="delta", d_v=8, compressor="cc", embed_conv=False, n_layer=1),
+    "write_dv3": dict(residual="write", d_v=3, compressor="cc", embed_conv=False),
+    "d24": dict(residual="delta", d_v=3, compressor="cc", n_head=3, head_dim=8, n_embd=24, n_layer=1),
+    "k_eps": dict(residual="delta", d_v=3, compressor="cc", embed_conv=False, n_layer=1, k_eps=0.5),  # config.k_eps reaches the op
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_SHAPES))
+def test_fused_model_equals_ddl_across_shapes(fused, name):
+    check_fused_model(*fused_pair(fused, **FUSED_SHAPES[name]), 2, 5)
+
+
+def test_fused_eval_and_generate_equal_ddl(fused):
+    ref, fast = fused_pair(fused, **VARIANTS["cc_ec"])
+    ref.eval(), fast.eval()
+    idx = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a, b = ref(idx)[0], fast(idx)[0]
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ref.generate(idx, 4, temperature=0), fast.generate(idx, 4, temperature=0))
+
+
+def test_fused_frozen_parameters_and_two_forwards_before_backward(fused):
+    ref, fast = fused_pair(fused, **VARIANTS["cc"], n_layer=1)
+    for m in (ref, fast):
+        for n, p in m.named_parameters():
+            if "compressor" in n or "readout" in n or "norm" in n or n == "wte.weight":
+                p.requires_grad_(False)
+    idx, tgt = (torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    for m in (ref, fast):
+        (m(idx, tgt)[1] + m(idx.flip(1), tgt)[1]).backward()
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        if p.requires_grad:
+            assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+        else:
+            assert q.grad is None
+
+
+def test_fused_step_takes_non_contiguous_inputs(fused):
+    inputs, grads = step_inputs(torch.float32, d=20, d_v=3)
+    X, k_tilde, v, beta, W, gamma = inputs
+    # transposed or strided storage: same values, other strides
+    nc = [X.transpose(0, 1).contiguous().transpose(0, 1), k_tilde.transpose(0, 1).contiguous().transpose(0, 1),
+          v.transpose(0, 1).contiguous().transpose(0, 1), beta.t().contiguous().t(), W.t().contiguous().t(),
+          torch.stack([gamma, gamma], -1)[:, 0]]
+    assert not any(t.is_contiguous() for t in nc)
+    got = outputs_and_grads(fused_step(fused, True), nc, grads)
+    check_step(got, outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads), 1e-5)
+
+
+@pytest.mark.parametrize("tokens,block_i,block_t", [(4, 16, 4), (4, 32, 8), (1, 64, 4)])
+def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block_i, block_t):
+    """The autotuner's other configs (the interpreter runs only the first): tokens per program not dividing
+    the token count, feature blocks not dividing d, weight-gradient chunks longer than BLOCK_T and not a multiple."""
+    for kern in (fused._step_fwd, fused._step_bwd):
+        monkeypatch.setattr(kern, "configs", [fused.triton.Config(dict(TOKENS=tokens), num_warps=4)])
+    monkeypatch.setattr(fused._weight_bwd, "configs", [fused.triton.Config(dict(BLOCK_I=block_i, BLOCK_T=block_t), num_warps=2)])
+    monkeypatch.setattr(fused, "CHUNK", 10)  # 38 tokens: chunks of 10 (> BLOCK_T, not a multiple), the last 8
+    inputs, grads = step_inputs(torch.float32, B=2, T=19, d=40, d_v=3, seed=9)
+    got = outputs_and_grads(fused_step(fused, True), inputs, grads)
+    check_step(got, outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads), 1e-5)
+
+
+def test_fused_install_on_a_compiled_model(fused):
+    """install(torch.compile(model)): the fused body goes on the wrapped model, bound to it, so the compiled
+    forward runs it and the gate audit's fallback to ddl.py's body finds GPT.body."""
+    ref = scrambled(**VARIANTS["cc"]).float()
+    inner = scrambled(**VARIANTS["cc"]).float()
+    fast = fused.install(torch.compile(inner, backend="eager"))
+    assert inner.body.__func__ is fused.fused_body and inner.body.__self__ is inner
+    idx, tgt = (torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert fast(idx, tgt)[1].item() == pytest.approx(ref(idx, tgt)[1].item(), rel=1e-6)
+    check_same_gates(ref.gate_audit(idx), fast.gate_audit(idx))
+
+
+def test_fused_install_refuses_a_float64_model(fused):
+    """The kernels compute in fp32: a float64 model would get fp32-accurate results, silently; and only
+    the two dtypes the refusal names (float32, bfloat16) are taken."""
+    for model, dtype in ((scrambled(**VARIANTS["cc"]), "float64"), (tiny_model(**VARIANTS["cc"]).half(), "float16")):
+        with pytest.raises(ConfigError, match=re.escape(f"fused: dtype=torch.{dtype} is not supported: must be")):
+            fused.install(model)

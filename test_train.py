@@ -1,0 +1,638 @@
+"""train.py: the training loop against oracles, checkpoints and resume, torchrun, sampling, and the failures
+a user can hit. CPU, offline; the GPT-2 vocabulary comes from TIKTOKEN_CACHE_DIR in CI (.ci/run)."""
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+import prepare_data
+import train
+from ddl import GPT, ConfigError, GPTConfig
+from test_ddl import TINY, tiny_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ============================================================================ train.py
+
+TRAIN_TINY = ["--n_layer=2", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--batch_size=2",
+              "--total_batch=4", "--warmup_steps=2", "--lr=3e-3", "--eval_interval=4", "--val_tokens=128",
+              "--log_interval=1", "--sample_tokens=0", "--d_v=2", "--compressor=tc", "--device=cpu"]
+
+
+def run_train(shards, out, *extra):
+    train.main([*TRAIN_TINY, f"--data_dir={shards}", f"--out_dir={out}", *extra])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_writes_checkpoint_and_log(shards, tmp_path):
+    log = run_train(shards, tmp_path / "o", "--max_steps=5")
+    assert log[0]["type"] == "config" and log[0]["model_config"]["d_v"] == 2 and log[0]["torch"] == torch.__version__
+    tr = [r for r in log if r["type"] == "train"]
+    assert [r["step"] for r in tr] == [1, 2, 3, 4, 5]
+    assert set(tr[-1]) >= {"loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu", "train_time_s"}
+    assert tr[0]["ms_per_step"] is None and tr[-1]["ms_per_step"] > 0 and tr[-1]["train_time_s"] > 0
+    assert [r["step"] for r in log if r["type"] == "val"] == [0, 4, 5]
+    gates = [r for r in log if r["type"] == "gates"][-1]["gates"]
+    assert len(gates) == 4 and {"beta_mean", "beta_hist", "k_norm_mean", "e_pre_mean"} <= set(gates[0])
+    ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 5 and ckpt["model_config"]["compressor"] == "tc"
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert set(ckpt) >= {"model", "optimizer", "step", "config", "data", "rng"}
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    m = tiny_model(residual="delta", d_v=4, compressor="cc")
+    idx = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    first = m(idx[:, :-1], idx[:, 1:])[1].item()
+    for _ in range(60):
+        _, loss = m(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+
+
+def test_resume_is_exact(shards, tmp_path):
+    straight = run_train(shards, tmp_path / "a", "--max_steps=8", "--decay_steps=8")
+    run_train(shards, tmp_path / "b", "--max_steps=3", "--decay_steps=8")
+    resumed = run_train(shards, tmp_path / "b", "--max_steps=8", "--decay_steps=8", "--resume")
+    losses = lambda log: {r["step"]: r["loss"] for r in log if r["type"] == "train"}
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in range(1, 9))  # bit-exact on CPU
+    vals = lambda log: [(r["step"], r["loss"]) for r in log if r["type"] == "val"]
+    assert vals(straight)[-1] == vals(resumed)[-1]
+
+
+def test_two_gloo_processes_equal_one_with_double_accumulation(shards, tmp_path):
+    common = [*TRAIN_TINY, f"--data_dir={shards}", "--max_steps=4", "--decay_steps=4", "--total_batch=8", "--peak_tflops=1e-9"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    train.main([*common, f"--out_dir={tmp_path / 'one'}"])
+    read = lambda d: [json.loads(line) for line in open(tmp_path / d / "log.jsonl")]
+    ddp, one = read("ddp"), read("one")
+    assert ddp[0]["world_size"] == 2 and ddp[0]["grad_accum"] == 2 and one[0]["grad_accum"] == 4
+    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["world_size"] == 2  # a resume checks it
+    lt = lambda log: [r["loss"] for r in log if r["type"] in ("train", "val")]
+    assert len(lt(ddp)) == len(lt(one)) == 4 + 2
+    assert np.allclose(lt(ddp), lt(one), rtol=1e-5, atol=1e-6)
+    # tokens_per_s counts the whole step (total_batch x block_size over all processes); mfu is per GPU
+    flops = 6 * one[0]["params"] + 12 * 2 * 16 * 16
+    for log, world in ((ddp, 2), (one, 1)):
+        timed = [r for r in log if r["type"] == "train" and r["ms_per_step"]]
+        assert len(timed) == 3
+        for r in timed:
+            assert r["tokens_per_s"] * r["ms_per_step"] / 1000 == pytest.approx(8 * 16, rel=1e-9)
+            assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / world / 1000.0, rel=1e-9)
+
+
+def test_help_lists_every_key_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    keys = [f.name for kind in (train.TrainConfig, GPTConfig) for f in dataclasses.fields(kind)]
+    assert len(keys) == 42
+    for key in keys:
+        line = next(l for l in out.splitlines() if l.startswith(f"  --{key}="))
+        assert len(line.split(None, 1)) == 2, f"--{key} has no description"
+
+
+def test_training_errors(shards, tmp_path):
+    with pytest.raises(ValueError, match="no \\*_train_\\*.bin"):
+        train.main([*TRAIN_TINY, f"--data_dir={tmp_path / 'empty'}", f"--out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="unknown key --n_layers; did you mean --n_layer"):
+        train.main(["--n_layers=3"])
+    with pytest.raises(ValueError, match="--max_steps='ten': expected a int"):
+        train.main(["--max_steps=ten"])
+    with pytest.raises(ValueError, match="--preset='1b'"):
+        train.main(["--preset=1b"])
+    with pytest.raises(ValueError, match="--eval_interval=0: must be >= 1"):
+        train.main(["--eval_interval=0"])
+    with pytest.raises(ValueError, match="--mode='tune': allowed: train, sample"):
+        train.main(["--mode=tune"])
+    run_train(shards, tmp_path / "c", "--max_steps=1")
+    before = (tmp_path / "c" / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match="the checkpoint's n_layer was 2, asked: 3"):
+        run_train(shards, tmp_path / "c", "--max_steps=2", "--n_layer=3", "--resume")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        run_train(shards, tmp_path / "d", "--max_steps=2", "--resume")
+    assert (tmp_path / "c" / "ckpt.pt").read_bytes() == before
+    assert (tmp_path / "d" / "ckpt.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_token_stream_is_seeded_disjoint_and_resumable():
+    shard = [np.arange(1000, dtype=np.uint16), np.arange(1000, 1600, dtype=np.uint16)]
+    firsts = lambda s, n: [s.next_batch()[0][:, 0].tolist() for _ in range(n)]
+    a, b = train.TokenStream(shard, 10, 4, seed=1), train.TokenStream(shard, 10, 4, seed=2)
+    assert firsts(a, 3) != firsts(b, 3)
+    r0, r1 = train.TokenStream(shard, 10, 2, 1, 0, 2), train.TokenStream(shard, 10, 2, 1, 1, 2)
+    seen0, seen1 = set(sum(firsts(r0, 10), [])), set(sum(firsts(r1, 10), []))
+    assert not seen0 & seen1
+    s = train.TokenStream(shard, 10, 4, seed=1)
+    firsts(s, 5)
+    state = s.state()
+    rest = firsts(s, 30)  # crosses shards and epochs
+    t = train.TokenStream(shard, 10, 4, seed=1)
+    t.load_state(state)
+    assert firsts(t, 30) == rest
+
+
+def test_token_stream_windows_cover_each_shard_once_per_epoch_in_a_new_order():
+    """Shards A = 0..960 (96 windows of T=10: 24 batches of 4), B = 1000..1599 (59 windows: 14 batches, 3
+    left out) and C = 2000..2024 (2 windows: fewer than a batch, never drawn). x is a window, y the same
+    window one token on; an epoch is 38 batches, each shard's batches in one run of distinct windows."""
+    shards = [np.arange(0, 961, dtype=np.uint16), np.arange(1000, 1600, dtype=np.uint16), np.arange(2000, 2025, dtype=np.uint16)]
+    s = train.TokenStream(shards, 10, 4, seed=3)
+    epochs, shard_orders, states = [], set(), {}
+    for e in range(4):
+        starts = []
+        for b in range(38):
+            states[38 * e + b] = s.state()
+            x, y = s.next_batch()
+            assert s.state()["epoch"] == e  # every shard of the order read before the epoch ends
+            assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 10)
+            assert torch.equal(y, x + 1) and torch.equal(x - x[:, :1], torch.arange(10).expand(4, 10))
+            starts.append(x[:, 0].tolist())
+        kinds = [{v // 1000 for v in b} for b in starts]
+        assert all(len(k) == 1 for k in kinds)  # a batch comes from one shard
+        runs = [k.pop() for k in kinds]
+        shard_orders.add(tuple(dict.fromkeys(runs)))
+        assert sorted(runs) == [0] * 24 + [1] * 14 and runs in ([0] * 24 + [1] * 14, [1] * 14 + [0] * 24)
+        flat = sum(starts, [])
+        assert sorted(v for v in flat if v < 1000) == list(range(0, 960, 10))
+        b_windows = [v for v in flat if v >= 1000]
+        assert len(set(b_windows)) == 56 and set(b_windows) <= set(range(1000, 1590, 10))
+        epochs.append(flat)
+    assert len(shard_orders) == 2  # the shards' order is shuffled per epoch, and so is each shard's window order:
+    for lo, hi in ((0, 1000), (1000, 2000)):
+        assert len({tuple(v for v in e if lo <= v < hi) for e in epochs}) == 4
+    for at in (30, 45, 100):  # inside the second shard of an epoch, in the next epoch
+        t = train.TokenStream(shards, 10, 4, seed=3)
+        t.load_state(states[at])
+        assert [t.next_batch()[0][:, 0].tolist() for _ in range(40)] == [sum(epochs, [])[4 * i:4 * i + 4] for i in range(at, at + 40)]
+    # two ranks: disjoint halves of A's windows that together cover it
+    r0, r1 = (train.TokenStream(shards[:1], 10, 4, 3, r, 2) for r in (0, 1))
+    w0, w1 = (sum((st.next_batch()[0][:, 0].tolist() for _ in range(12)), []) for st in (r0, r1))
+    assert sorted(w0 + w1) == list(range(0, 960, 10))
+
+
+def test_token_stream_needs_one_batch_of_windows_per_process():
+    train.TokenStream([np.arange(41, dtype=np.uint16)], 10, 4, seed=0)  # 4 windows of 10 + 1 tokens: one batch
+    train.TokenStream([np.arange(81, dtype=np.uint16)], 10, 4, 0, 1, 2)  # 8 windows: 4 for each of 2 processes
+    for tokens, world in ((40, 1), (80, 2)):
+        with pytest.raises(prepare_data.DataError, match=f"too few tokens for batch_size=4 x block_size=10 x {world} processes"):
+            train.TokenStream([np.arange(tokens, dtype=np.uint16)], 10, 4, 0, 0, world)
+
+
+def test_smoke_preset_trains_on_the_repository_text_and_samples(tmp_path, capsys):
+    out = tmp_path / "smoke"
+    train.main(["--preset=smoke", "--max_steps=2", "--decay_steps=200", "--eval_interval=2", "--val_tokens=1024",
+                "--sample_tokens=5", "--device=cpu", f"--data_dir={tmp_path / 'none'}", f"--out_dir={out}"])
+    printed = capsys.readouterr().out
+    assert "sample: " in printed and "val loss" in printed
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert log[0]["model_config"]["d_v"] == 4 and [r["step"] for r in log if r["type"] == "val"] == [0, 2]
+    train.main(["--mode=sample", f"--out_dir={out}", "--prompt=def", "--sample_tokens=6", "--device=cpu"])
+    text = capsys.readouterr().out
+    assert text.startswith("def") and len(tiktoken.get_encoding("gpt2").encode_ordinary(text.strip())) >= 3
+
+
+# ---------------------------------------------------------------------------- train.py against oracles
+
+def train_cfg(**kw):
+    return train.TrainConfig(**{"device": "cpu", **kw})
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    """Linear warm-up reaches lr at step warmup_steps - 1; cosine from lr (step warmup_steps) to min_lr
+    (step decay_steps), then flat. Expected values written out."""
+    cfg = train_cfg(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110, max_steps=200)
+    want = {0: 1e-4, 4: 5e-4, 9: 1e-3, 10: 1e-3, 60: 5.5e-4, 35: 1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2,
+            110: 1e-4, 150: 1e-4, 199: 1e-4}
+    for step, lr in want.items():
+        assert train.lr_at(step, cfg) == pytest.approx(lr, rel=1e-12), step
+    cfg = train_cfg(lr=1e-3, min_lr=0.0, warmup_steps=0, decay_steps=0, max_steps=100)  # decay_steps 0: max_steps
+    assert train.lr_at(0, cfg) == pytest.approx(1e-3) and train.lr_at(50, cfg) == pytest.approx(5e-4)
+    assert train.lr_at(100, cfg) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_weight_decay_only_on_matrices_by_name():
+    m = tiny_model(residual="delta", d_v=4, compressor="cc", embed_conv=True)
+    opt = m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu")
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    want = {"wte.weight", "embed_conv.weight", "readout.mix"}
+    for i in range(2):
+        for s, mats in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
+            want |= {f"blocks.{i}.{s}.compressor.mix", f"blocks.{i}.{s}.W_v"} | {f"blocks.{i}.{s}.f.{w}.weight" for w in mats}
+    assert decayed == want
+    assert plain == {n for n, _ in m.named_parameters()} - want
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_gradient_accumulation_equals_one_batch_of_the_same_tokens():
+    """Two micro-batches of 3 with accumulation give the update of one batch of 6: with plain SGD
+    (no clipping at this size) the parameters after the step must agree, and the returned loss is the mean."""
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randint(0, 97, (6, 12), generator=gen), torch.randint(0, 97, (6, 12), generator=gen)
+    cfg = train_cfg(grad_clip=1e9)
+    results = []
+    for accum, batches in ((2, [(x[:3], y[:3]), (x[3:], y[3:])]), (1, [(x, y)])):
+        m = tiny_model(residual="delta", d_v=4, compressor="tc")
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        it = iter(batches)
+        loss, _ = train.train_step(m, m, opt, lambda: next(it), accum, 0.5, cfg, nullcontext())
+        results.append((loss.item(), [p.detach().clone() for p in m.parameters()]))
+    (la, pa), (lb, pb) = results
+    assert la == pytest.approx(lb, rel=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(pa, pb)) < 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(pa, tiny_model(residual="delta", d_v=4, compressor="tc").parameters())) > 1e-3
+
+
+def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
+    m = tiny_model(residual="delta", d_v=2, compressor="cc").eval()
+    T = m.config.block_size
+    val = np.random.default_rng(3).integers(0, 97, 8 * T).astype(np.uint16)
+    cfg = train_cfg(val_tokens=5 * T + 3, batch_size=2)  # 5 whole windows, not 6 (the shard holds 7)
+    got, gates = train.evaluate(m, m, val, cfg, nullcontext(), torch.device("cpu"), 0, 1)
+    windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(5)]
+    with torch.no_grad():
+        want = sum(m(w[:, :-1], w[:, 1:])[1].item() for w in windows) / 5
+    assert got == pytest.approx(want, rel=1e-6)
+    assert len(gates) == 4
+    # a budget beyond the shard: every whole window, 7 of the 8 T tokens (the 8th lacks its last target)
+    got, _ = train.evaluate(m, m, val, train_cfg(val_tokens=100 * T, batch_size=4), nullcontext(), torch.device("cpu"), 0, 1)
+    windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(7)]
+    with torch.no_grad():
+        assert got == pytest.approx(sum(m(w[:, :-1], w[:, 1:])[1].item() for w in windows) / 7, rel=1e-6)
+
+
+def test_adamw_takes_the_configured_betas_and_every_group_the_step_lr():
+    cfg = train_cfg(beta1=0.8, beta2=0.99, weight_decay=0.07)
+    m, _, opt = train.build(cfg, GPTConfig(**{**TINY, "d_v": 2, "compressor": "cc"}), torch.device("cpu"))
+    assert [g["betas"] for g in opt.param_groups] == [(0.8, 0.99), (0.8, 0.99)]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.07, 0.0]
+    x = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    train.train_step(m, m, opt, lambda: (x, x), 1, 0.0123, train_cfg(), nullcontext())
+    assert [g["lr"] for g in opt.param_groups] == [0.0123, 0.0123]
+
+
+def test_train_step_clips_the_accumulated_gradient_to_grad_clip_and_returns_the_unclipped_norm():
+    """Two plain-SGD steps of two micro-batches each against a hand-written step: the gradient of the
+    mean of the micro-batch losses, scaled by grad_clip / norm (torch's clip, with its 1e-6), fresh every step."""
+    gen = torch.Generator().manual_seed(11)
+    data = [(torch.randint(0, 97, (2, 12), generator=gen), torch.randint(0, 97, (2, 12), generator=gen)) for _ in range(4)]
+    clip, lr = 0.05, 0.5
+    m, ref = tiny_model(seed=3, residual="delta", d_v=4, compressor="cc"), tiny_model(seed=3, residual="delta", d_v=4, compressor="cc")
+    opt, it = torch.optim.SGD(m.parameters(), lr=lr), iter(data)
+    for step in range(2):
+        loss, norm = train.train_step(m, m, opt, lambda: next(it), 2, lr, train_cfg(grad_clip=clip), nullcontext())
+        losses = [ref(x, y)[1] for x, y in data[2 * step:2 * step + 2]]
+        grads = torch.autograd.grad((losses[0] + losses[1]) / 2, list(ref.parameters()))
+        want_norm = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
+        assert norm.item() == pytest.approx(want_norm, rel=1e-5) and want_norm > 4 * clip  # the clip bites
+        assert loss.item() == pytest.approx((losses[0].item() + losses[1].item()) / 2, rel=1e-6)
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p -= lr * clip / (want_norm + 1e-6) * g
+        assert max((a - b).abs().max().item() for a, b in zip(m.parameters(), ref.parameters())) < 1e-6, step
+
+
+def test_flops_per_token_is_6n_plus_12_layers_t_d():
+    m = tiny_model(residual="delta", d_v=2, compressor="cc")
+    n = sum(p.numel() for p in m.parameters())
+    assert m.flops_per_token(32) == 6 * n + 12 * 2 * 32 * 16
+    assert m.flops_per_token(7) == 6 * n + 12 * 2 * 7 * 16
+
+
+class FakeClock:
+    """train.py's clock: one second per training step, 100 seconds per evaluation."""
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        real_step, real_eval = train.train_step, train.evaluate
+        monkeypatch.setattr(train, "time", self)
+        monkeypatch.setattr(train, "train_step", lambda *a: (setattr(self, "now", self.now + 1.0), real_step(*a))[1])
+        monkeypatch.setattr(train, "evaluate", lambda *a: (setattr(self, "now", self.now + 100.0), real_eval(*a))[1])
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_log_lines_timing_tokens_per_s_and_mfu_on_a_fake_clock(shards, tmp_path, monkeypatch):
+    """Train records at the first step, every log_interval and the last; the clock starts after the first
+    step and pauses for evaluations, so with 1 s per step: ms_per_step 1000, train_time_s step - 1,
+    tokens_per_s total_batch x block_size = 64, mfu flops_per_token x 64 / peak."""
+    FakeClock(monkeypatch)
+    log = run_train(shards, tmp_path / "t", "--max_steps=7", "--log_interval=3", "--eval_interval=2",
+                    "--ckpt_interval=100", "--peak_tflops=1e-9")
+    tr = [r for r in log if r["type"] == "train"]
+    assert [r["step"] for r in tr] == [1, 3, 6, 7]
+    assert [r["train_time_s"] for r in tr] == [0.0, 2.0, 5.0, 6.0]
+    assert tr[0]["ms_per_step"] is None and tr[0]["tokens_per_s"] is None and tr[0]["mfu"] is None
+    flops = 6 * sum(p.numel() for p in GPT(GPTConfig(**log[0]["model_config"])).parameters()) + 12 * 2 * 16 * 16
+    for r in tr[1:]:
+        assert (r["ms_per_step"], r["tokens_per_s"]) == (1000.0, 64.0), r
+        assert r["mfu"] == pytest.approx(flops * 64 / 1000.0, rel=1e-12)
+    assert [r["step"] for r in log if r["type"] == "val"] == [0, 2, 4, 6, 7]
+    # the record of step s carries the lr its update used, lr_at(s - 1): warm-up 2 steps to 3e-3, cosine to 1e-4 at 7
+    cosine = lambda done: 1e-4 + 0.5 * (1 + math.cos(math.pi * done / 5)) * 2.9e-3
+    assert [r["lr"] for r in tr] == pytest.approx([1.5e-3, 3e-3, cosine(3), cosine(4)], rel=1e-12)
+
+
+def test_validation_loss_is_the_seeded_initial_model_on_the_val_shard(shards, tmp_path):
+    """max_steps=0: the one val record is the model as torch.manual_seed(seed) builds it, on the first
+    val_tokens // block_size windows of the val shard (not a train shard)."""
+    log = run_train(shards, tmp_path / "v", "--max_steps=0", "--seed=5")
+    assert [(r["type"], r["step"]) for r in log if r["type"] != "config"] == [("val", 0), ("gates", 0)]
+    torch.manual_seed(5)
+    m = GPT(GPTConfig(**log[0]["model_config"])).eval()
+    val = prepare_data.read_shard(os.path.join(shards, "local_val_000000.bin"))
+    rows = torch.from_numpy(np.stack([val[16 * w:16 * w + 17] for w in range(128 // 16)]).astype(np.int64))
+    with torch.no_grad():
+        want = m(rows[:, :-1], rows[:, 1:])[1].item()
+    assert log[-2]["loss"] == pytest.approx(want, rel=1e-5) and log[-2]["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
+
+
+def test_resume_changes_lists_the_new_settings_and_refuses_another_world_seed_data_or_model():
+    cfg, mcfg = train_cfg(), GPTConfig(**TINY)
+    ckpt = dict(config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg), world_size=1)
+    assert train.resume_changes(ckpt, dataclasses.replace(cfg, resume=True), mcfg, 1) == {}
+    assert train.resume_changes(ckpt, dataclasses.replace(cfg, resume=True, batch_size=4, lr=2e-3), mcfg, 1) == {
+        "batch_size": [16, 4], "lr": [1e-3, 2e-3]}
+    for new_cfg, new_mcfg, world, key in [(cfg, mcfg, 2, "world_size"), (dataclasses.replace(cfg, seed=1), mcfg, 1, "seed"),
+                                          (dataclasses.replace(cfg, data_dir="x"), mcfg, 1, "data_dir"),
+                                          (cfg, dataclasses.replace(mcfg, d_v=2), 1, "d_v")]:
+        with pytest.raises(ConfigError, match=f"the checkpoint's {key} was"):
+            train.resume_changes(ckpt, new_cfg, new_mcfg, world)
+
+
+def test_checkpoint_write_that_dies_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_atomic({"step": 1}, path)
+    real_save = torch.save
+
+    def dying_save(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(10)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        train.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+
+
+def test_training_checkpoint_that_dies_mid_write_leaves_the_previous_one(shards, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def dying_second_save(obj, f):
+        calls.append(f)
+        real_save(obj, f)
+        if len(calls) == 2:
+            with open(f, "r+b") as fh:
+                fh.truncate(10)
+            raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        run_train(shards, tmp_path / "c", "--max_steps=3", "--ckpt_interval=1", "--eval_interval=100")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+# ---------------------------------------------------------------------------- train.py: failures a user can hit
+
+def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    real_step, calls = train.train_step, []
+
+    def poisoned(model, raw, *args):
+        calls.append(1)
+        if len(calls) == 5:  # step 5's weights go non-finite
+            with torch.no_grad():
+                raw.wte.weight[0, 0] = float("nan")
+        return real_step(model, raw, *args)
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(FloatingPointError, match="not finite at step 5"):
+        run_train(shards, tmp_path / "nan", "--max_steps=8", "--ckpt_interval=2", "--log_interval=3")
+    ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    log = [json.loads(line) for line in open(tmp_path / "nan" / "log.jsonl")]
+    assert log[-1] == {"type": "diverged", "step": 5}
+
+
+@pytest.mark.parametrize("ckpt_interval,log_interval,last_train,ckpt_step", [
+    (2, 7, 1, 4),      # found by the check before the step-6 checkpoint, which is not written
+    (100, 3, 6, None),  # found at the step-6 log line, not only at the final checkpoint
+])
+def test_an_infinite_gradient_norm_alone_stops_training(shards, tmp_path, monkeypatch, ckpt_interval, log_interval,
+                                                        last_train, ckpt_step):
+    real_step, calls = train.train_step, []
+
+    def inf_norm_at_step_5(*args):
+        calls.append(1)
+        loss, norm = real_step(*args)
+        return loss, norm + float("inf") if len(calls) == 5 else norm
+
+    monkeypatch.setattr(train, "train_step", inf_norm_at_step_5)
+    with pytest.raises(FloatingPointError, match="not finite at step 5"):
+        run_train(shards, tmp_path / "inf", "--max_steps=8", f"--ckpt_interval={ckpt_interval}",
+                  f"--log_interval={log_interval}", "--eval_interval=100")
+    log = [json.loads(line) for line in open(tmp_path / "inf" / "log.jsonl")]
+    assert log[-1] == {"type": "diverged", "step": 5} and [r["step"] for r in log if r["type"] == "train"][-1] == last_train
+    ckpt = tmp_path / "inf" / "ckpt.pt"
+    assert (torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else None) == ckpt_step
+
+
+def test_resume_after_a_crash_continues_the_log_without_duplicates(shards, tmp_path, monkeypatch):
+    args = ("--max_steps=7", "--decay_steps=7", "--ckpt_interval=3", "--eval_interval=2")
+    straight = run_train(shards, tmp_path / "a", *args)
+    real_lr = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, cfg: real_lr(step, cfg) if step < 5 else 1 / 0)  # dies in step 6
+    with pytest.raises(ZeroDivisionError):
+        run_train(shards, tmp_path / "b", *args)
+    monkeypatch.undo()
+    crashed = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert max(r["step"] for r in crashed if "step" in r) == 5  # records after the step-3 checkpoint exist
+    resumed = run_train(shards, tmp_path / "b", *args, "--resume")
+    key = lambda log: [(r["type"], r["step"], r["loss"]) for r in log if r["type"] in ("train", "val")]
+    assert key(resumed) == key(straight)
+    assert [r["type"] for r in resumed].count("config") == 2 and resumed[-1]["type"] == "gates"
+
+
+def test_resume_allows_and_records_a_new_batch_size_and_refuses_other_data(shards, tmp_path):
+    run_train(shards, tmp_path / "r", "--max_steps=2")
+    log = run_train(shards, tmp_path / "r", "--max_steps=3", "--batch_size=4", "--resume")
+    config = [r for r in log if r["type"] == "config"][-1]
+    assert config["resumed_from"] == 2 and config["changed"]["batch_size"] == [2, 4]
+    for flag, key in ((f"--data_dir={tmp_path / 'r'}", "data_dir"), ("--seed=5", "seed")):
+        with pytest.raises(ConfigError, match=f"checkpoint's {key} was"):
+            train.main([*TRAIN_TINY, f"--data_dir={shards}", f"--out_dir={tmp_path / 'r'}", "--max_steps=4",
+                        "--resume", flag])
+    torch.save({"model": {}}, tmp_path / "r" / "ckpt.pt")
+    with pytest.raises(ConfigError, match="no optimizer, step, config, model_config"):
+        run_train(shards, tmp_path / "r", "--max_steps=4", "--resume")
+    with pytest.raises(ConfigError, match="it has no optimizer, .*model_config"):
+        train.main(["--mode=sample", f"--out_dir={tmp_path / 'r'}", "--device=cpu"])
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--lr=-1", "--lr=-1.0: must be > 0"), ("--grad_clip=-1", "--grad_clip=-1.0: must be > 0"),
+    ("--weight_decay=-0.1", "--weight_decay=-0.1: must be >= 0"), ("--seed=-1", "--seed=-1: must be >= 0"),
+    ("--min_lr=0.1", "--min_lr=0.1: must lie in"), ("--beta2=1", "--beta2=1.0: must lie in"),
+    ("--val_tokens=8", "--val_tokens=8: must be >= block_size=16"), ("--embed_conv=no", "--embed_conv='no': expected a bool"),
+    ("--n_layer=2.5", "--n_layer='2.5': expected a int"), ("--resume=maybe", "--resume='maybe': expected a bool"),
+    ("--total_batch=5", "--total_batch=5 must be a multiple of batch_size x processes = 2"),
+])
+def test_bad_settings_are_refused_naming_the_key(shards, tmp_path, flag, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_train(shards, tmp_path / "x", "--max_steps=1", flag)
+
+
+def test_data_dir_unfinished_or_with_a_val_shard_shorter_than_one_window(shards, tmp_path):
+    """A val shard of block_size + 1 = 17 tokens and --val_tokens=block_size is the smallest accepted."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in os.listdir(shards):
+        if "_train_" in f:
+            (data / f).write_bytes(open(os.path.join(shards, f), "rb").read())
+    for n in (16, 17):
+        prepare_data.write_shard(str(data / "local_val_000000.bin"), np.arange(n, dtype=np.uint16))
+        if n == 16:
+            with pytest.raises(prepare_data.DataError, match="the val shard holds 16 tokens, fewer than block_size \\+ 1 = 17"):
+                run_train(str(data), tmp_path / "o", "--max_steps=0", "--val_tokens=16")
+    log = run_train(str(data), tmp_path / "o", "--max_steps=0", "--val_tokens=16", "--seed=2")
+    torch.manual_seed(2)
+    m = GPT(GPTConfig(**log[0]["model_config"]))
+    with torch.no_grad():
+        want = m(torch.arange(16)[None], torch.arange(1, 17)[None])[1].item()
+    assert [r["type"] for r in log] == ["config", "val", "gates"] and log[1]["loss"] == pytest.approx(want, rel=1e-5)
+    (data / "run.json").write_text("{}")  # prepare_data.py still running, or died
+    with pytest.raises(prepare_data.DataError, match="prepare_data.py did not finish there; rerun it"):
+        run_train(str(data), tmp_path / "o", "--max_steps=0", "--val_tokens=16")
+
+
+GOOD_SETTINGS = dict(batch_size=1, total_batch=1, val_tokens=1, eval_interval=1, log_interval=1, ckpt_interval=1, seed=0,
+                     max_steps=0, decay_steps=0, warmup_steps=0, sample_tokens=0, weight_decay=0.0, peak_tflops=0.0,
+                     beta1=0.0, beta2=0.999, lr=1e-9, grad_clip=1e-9, min_lr=1e-9, mode="sample", device="auto")
+
+
+@pytest.mark.parametrize("key,bad", [
+    *((k, 0) for k in ("batch_size", "total_batch", "val_tokens", "eval_interval", "log_interval", "ckpt_interval")),
+    *((k, -1) for k in ("seed", "max_steps", "decay_steps", "warmup_steps", "sample_tokens")),
+    ("weight_decay", -1e-9), ("peak_tflops", -1.0), ("beta1", 1.0), ("beta2", 1.0), ("beta1", -0.1), ("lr", 0.0),
+    ("grad_clip", 0.0), ("min_lr", -1e-9), ("min_lr", 2e-9), ("mode", "bench"), ("device", "mps")])
+def test_train_config_refuses_just_outside_each_bound_and_takes_the_bound(key, bad):
+    train.TrainConfig(**GOOD_SETTINGS)
+    with pytest.raises(ConfigError, match=f"^--{key}={re.escape(repr(bad))}: "):
+        train.TrainConfig(**{**GOOD_SETTINGS, key: bad})
+
+
+def test_parse_args_bools_preset_first_and_the_argument_form():
+    for text, value in (("true", True), ("True", True), ("1", True), ("false", False), ("FALSE", False), ("0", False)):
+        cfg, _ = train.parse_args([f"--compile={text}", f"--resume={text}"])
+        assert cfg.compile is value and cfg.resume is value, text
+    assert train.parse_args(["--resume"])[0].resume is True and train.parse_args([])[0].resume is False
+    cfg, mcfg = train.parse_args(["--max_steps=3", "--preset=smoke", "--n_layer=3"])  # the keys given win over the preset
+    assert (cfg.max_steps, mcfg.n_layer, cfg.lr, cfg.batch_size, mcfg.d_v, cfg.out_dir) == (3, 3, 3e-3, 16, 4, "out-smoke")
+    cfg, mcfg = train.parse_args(["--lr=2e-3"])
+    assert (cfg.max_steps, mcfg.n_layer, cfg.lr, cfg.batch_size, mcfg.d_v) == (100_000, 12, 2e-3, 16, 1)
+    for arg in ("lr=0.1", "--lr", "-lr=0.1"):
+        with pytest.raises(ConfigError, match=f"^argument {re.escape(repr(arg))} is not of the form --key=value$"):
+            train.parse_args([arg])
+
+
+def test_124m_preset_runs_the_papers_480_sequences_per_step_on_1_to_16_gpus():
+    """Table 6's 480 x 1024 tokens per step, split into whole micro-batches on 1, 2, 4, 8 or 16 GPUs
+    (train.py refuses a total_batch that is not a multiple of batch_size x processes)."""
+    cfg, _ = train.parse_args(["--preset=124m"])
+    assert cfg.total_batch == 480
+    for world in (1, 2, 4, 8, 16):
+        assert cfg.total_batch % (cfg.batch_size * world) == 0, world
+
+
+def test_device_cpu_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rank, world, dev, ctx = train.setup(train_cfg(device="cpu"))
+    assert (rank, world, dev) == (0, 1, torch.device("cpu")) and isinstance(ctx, nullcontext)
+
+
+def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device='cuda': this torch finds no CUDA device"):
+        train.setup(train_cfg(device="cuda"))
+
+
+def test_sampling_never_emits_padding_ids(capsys):
+    """A model whose padding rows dominate the logits: unrestricted generation picks padding ids, which
+    tiktoken cannot decode; train.sample restricts to the 50257 real ids and decodes."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, head_dim=8, n_embd=16, block_size=16, residual="additive"))
+    with torch.no_grad():
+        m.wte.weight[50257:] = 50.0 * torch.randn(50304 - 50257, 16)
+    idx = torch.full((1, 1), 50256)
+    assert m.generate(idx, 4, top_k=5).max() >= 50257  # the restriction below is not vacuous
+    text = train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext())
+    assert isinstance(text, str) and text.startswith("Hi")
+    torch.rand(7)  # the sample is seeded by --seed: the global generator's state does not matter
+    assert train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext()) == text
+
+
+def test_sample_asks_for_sample_tokens_after_eot_and_the_prompt_and_decodes_them():
+    enc, calls = tiktoken.get_encoding("gpt2"), []
+
+    class Echo:  # generate appends " x" (id 2124) max_new_tokens times
+        def generate(self, idx, max_new_tokens, **kw):
+            calls.append((idx.tolist(), max_new_tokens, kw.get("n_vocab")))
+            return torch.cat([idx, torch.full((1, max_new_tokens), 2124)], 1)
+
+    assert enc.decode([2124]) == " x"
+    text = train.sample(Echo(), train_cfg(sample_tokens=3, prompt="Deep delta"), torch.device("cpu"), nullcontext())
+    assert text == "Deep delta x x x"
+    assert calls == [([[50256] + enc.encode_ordinary("Deep delta")], 3, 50257)]
+
+
+def test_sample_mode_continues_the_prompt_with_the_checkpoints_weights(shards, tmp_path, capsys):
+    """--mode=sample from the final checkpoint gives the sample that ended training (same seed and prompt)."""
+    run_train(shards, tmp_path / "s", "--max_steps=2", "--sample_tokens=6", "--prompt=The gate")
+    trained = capsys.readouterr().out.split("sample: ", 1)[1][:-1]
+    train.main(["--mode=sample", f"--out_dir={tmp_path / 's'}", "--sample_tokens=6", "--prompt=The gate", "--device=cpu"])
+    assert capsys.readouterr().out[:-1] == trained and trained.startswith("The gate")
+    assert len(tiktoken.get_encoding("gpt2").encode_ordinary(trained)) >= 3
+
+
+def run_script(*argv, code=None):
+    cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, os.path.join(HERE, "train.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=120)
+
+
+def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path):
+    r = run_script("--lr=-1")
+    assert r.returncode == 1 and r.stderr == "train.py: error: --lr=-1.0: must be > 0\n"
+    # a ValueError from inside a (modified) model is not the user's setting: its traceback must show
+    code = ("import runpy, sys, ddl\n"
+            "def broken(self, idx, targets=None): raise ValueError('inside the model')\n"
+            "ddl.GPT.forward = broken\nsys.argv = ['train.py'] + sys.argv[1:]\n"
+            "runpy.run_path('train.py', run_name='__main__')")
+    r = run_script("--preset=smoke", "--device=cpu", "--max_steps=1", f"--out_dir={tmp_path}", code=code)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: inside the model" in r.stderr
