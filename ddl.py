@@ -356,6 +356,7 @@ class GPT(nn.Module):
                 raise ValueError(f"{name} must lie in [{low}, {self.config.vocab_size}); got [{lo}, {hi}]")
 
     def forward(self, idx, targets=None):
+        """The logits (B, T, vocab) in fp32; with targets (-1: ignored), the mean cross-entropy only."""
         cfg = self.config
         B, T = idx.shape
         if not 1 <= T <= cfg.block_size:
@@ -371,14 +372,13 @@ class GPT(nn.Module):
         x = self.body(x)
         x = F.rms_norm(x, (cfg.n_embd,), self.norm_f.to(x.dtype), eps=1e-5)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]).float(), None
+            logits = self.lm_head(x)
+            return logits.to(torch.promote_types(logits.dtype, torch.float32))
         self.check_ids("targets", targets, -1)  # -1: ignored positions
-        # the loss is computed in fp32, but the logits stay in the autocast dtype: an fp32 copy of
-        # the (B, T, vocab) logits would be written out and held through the backward (3.3 GB at
-        # 16 x 1024 tokens) although training reads only the loss
+        # training gets the loss alone, never the (B, T, vocab) logits: a caller holding them would keep
+        # them alive through the backward (3 GiB at 16 x 1024 tokens). The loss is reduced in fp32.
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def body(self, X):
         """The blocks, then the readout compression (d_v > 1); fused.py's install() replaces this method."""
@@ -436,7 +436,7 @@ class GPT(nn.Module):
             if not ok:
                 raise ConfigError(f"generate: {name}={value!r} is invalid: must be {allowed}")
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :n_vocab]
             if temperature == 0 or top_k == 1:
                 nxt = logits.argmax(dim=-1, keepdim=True)

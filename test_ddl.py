@@ -304,7 +304,7 @@ def test_app_a_2_expanded_state_uses_the_autocast_dtype():
     seen = []
     m.blocks[0].attn.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = m(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
+        loss = m(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -314,7 +314,7 @@ def test_app_a_2_expanded_state_uses_the_autocast_dtype():
 def test_variant_trains_and_starts_at_uniform_loss(name):
     m = tiny_model(**VARIANTS[name])
     idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
-    logits, loss = m(idx, idx)
+    logits, loss = m(idx), m(idx, idx)
     assert logits.shape == (2, 32, 97)
     assert abs(loss.item() - math.log(97)) < 0.1
     loss.backward()
@@ -332,8 +332,8 @@ def test_causality(name):
     for t in (1, 7, 19):
         b = a.clone()
         b[:, t:] = torch.randint(0, 97, (1, 20 - t), generator=gen)
-        la, _ = m(a, a)
-        lb, _ = m(b, b)
+        la = m(a)
+        lb = m(b)
         assert torch.equal(la[:, :t], lb[:, :t])
         assert not torch.allclose(la[:, t:], lb[:, t:])
 
@@ -381,7 +381,7 @@ def test_gate_stats_costs_nothing_when_off_and_reports_when_on():
 @pytest.mark.parametrize("name", ["delta1", "cc_ec", "tc_ec", "write4"])
 def test_check_spectrum_passes_on_a_random_model(name):
     m = tiny_model(check_spectrum=True, **VARIANTS[name])
-    _, loss = m(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16)))
+    loss = m(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16)))
     assert torch.isfinite(loss)
 
 
@@ -402,7 +402,7 @@ def test_compiles_as_one_graph_when_check_spectrum_is_off():
     m = tiny_model(residual="delta", d_v=4, compressor="tc")
     idx = torch.randint(0, 97, (2, 16))
     compiled = torch.compile(m, backend="eager", fullgraph=True)
-    assert torch.allclose(compiled(idx, idx)[1], m(idx, idx)[1])
+    assert torch.allclose(compiled(idx, idx), m(idx, idx))
 
 
 @pytest.mark.parametrize("kw,field", [
@@ -474,12 +474,9 @@ def test_logits_and_loss_equal_the_explicit_model(name):
     gen = torch.Generator().manual_seed(13)
     idx, targets = torch.randint(0, 97, (2, 10), generator=gen), torch.randint(0, 97, (2, 10), generator=gen)
     want = o_logits(m, idx)
-    logits, loss = m(idx, targets)
+    logits, loss = m(idx), m(idx, targets)
     assert torch.allclose(logits, want, rtol=1e-5, atol=1e-5)
     assert loss.item() == pytest.approx(o_loss(want, targets).item(), rel=1e-6)
-    last, none = m(idx)  # without targets: the last position's logits only
-    assert none is None and last.shape == (2, 1, 97)
-    assert torch.allclose(last[:, 0].double(), want[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_forward_errors_and_ignored_targets():
@@ -495,7 +492,7 @@ def test_forward_errors_and_ignored_targets():
     targets = idx.clone()
     targets[0, :4] = -1
     targets[1, 2] = -1
-    logits, loss = m(idx, targets)
+    loss = m(idx, targets)
     assert loss.item() == pytest.approx(o_loss(o_logits(m, idx), targets).item(), rel=1e-6)
 
 
@@ -583,7 +580,7 @@ def test_check_spectrum_catches_a_gate_below_zero_and_a_contraction_off_by_ten_p
 def fixed_logits_model(logits):
     """A GPT whose next-token logits are `logits` (V,) at every step, whatever the input."""
     m = tiny_model()
-    m.forward = lambda idx, targets=None: (logits.expand(idx.shape[0], 1, -1), None)
+    m.forward = lambda idx, targets=None: logits.expand(idx.shape[0], idx.shape[1], -1)
     return m
 
 
@@ -594,7 +591,7 @@ def test_generate_greedy_paths_equal_an_explicit_argmax_loop():
     def greedy(n_vocab):
         idx = prompt
         for _ in range(9):  # past block_size: the context is cropped to the last 8 tokens
-            idx = torch.cat([idx, m(idx[:, -8:])[0][:, -1, :n_vocab].argmax(-1, keepdim=True)], dim=1)
+            idx = torch.cat([idx, m(idx[:, -8:])[:, -1, :n_vocab].argmax(-1, keepdim=True)], dim=1)
         return idx
     assert torch.equal(m.generate(prompt, 9, top_k=1), greedy(97))
     assert torch.equal(m.generate(prompt, 9, temperature=0), greedy(97))
@@ -607,10 +604,10 @@ def test_generate_top_k_restricts_the_support_to_the_k_largest_logits():
     torch.manual_seed(0)
     out = m.generate(prompt, 3, temperature=3.0, top_k=3)
     for t in range(3, 6):
-        top3 = m(out[:, :t])[0][:, -1].topk(3).indices
+        top3 = m(out[:, :t])[:, -1].topk(3).indices
         assert (top3 == out[:, t:t + 1]).any(-1).all()
     # not trivially greedy: some draws are not the argmax
-    assert (out[:, 3:] != torch.stack([m(out[:, :t])[0][:, -1].argmax(-1) for t in range(3, 6)], 1)).any()
+    assert (out[:, 3:] != torch.stack([m(out[:, :t])[:, -1].argmax(-1) for t in range(3, 6)], 1)).any()
 
 
 def test_generate_divides_the_logits_by_the_temperature_within_top_k_and_n_vocab():

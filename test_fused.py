@@ -183,7 +183,7 @@ def check_fused_model(ref, fast, B, T):
     idx, tgt = (torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     losses = []
     for m in (ref, fast):
-        loss = m(idx, tgt)[1]
+        loss = m(idx, tgt)
         loss.backward()
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
@@ -283,7 +283,7 @@ def test_fused_eval_and_generate_equal_ddl(fused):
     ref.eval(), fast.eval()
     idx = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        a, b = ref(idx)[0], fast(idx)[0]
+        a, b = ref(idx), fast(idx)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(ref.generate(idx, 4, temperature=0), fast.generate(idx, 4, temperature=0))
 
@@ -296,7 +296,7 @@ def test_fused_frozen_parameters_and_two_forwards_before_backward(fused):
                 p.requires_grad_(False)
     idx, tgt = (torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     for m in (ref, fast):
-        (m(idx, tgt)[1] + m(idx.flip(1), tgt)[1]).backward()
+        (m(idx, tgt) + m(idx.flip(1), tgt)).backward()
     for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
         if p.requires_grad:
             assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
@@ -337,7 +337,7 @@ def test_fused_install_on_a_compiled_model(fused):
     fast = fused.install(torch.compile(inner, backend="eager"))
     assert inner.body.__func__ is fused.fused_body and inner.body.__self__ is inner
     idx, tgt = (torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
-    assert fast(idx, tgt)[1].item() == pytest.approx(ref(idx, tgt)[1].item(), rel=1e-6)
+    assert fast(idx, tgt).item() == pytest.approx(ref(idx, tgt).item(), rel=1e-6)
     check_same_gates(ref.gate_audit(idx), fast.gate_audit(idx))
 
 

@@ -55,9 +55,9 @@ def test_tiny_model_overfits_a_fixed_batch():
     m = tiny_model(residual="delta", d_v=4, compressor="cc")
     idx = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    first = m(idx[:, :-1], idx[:, 1:])[1].item()
+    first = m(idx[:, :-1], idx[:, 1:]).item()
     for _ in range(60):
-        _, loss = m(idx[:, :-1], idx[:, 1:])
+        loss = m(idx[:, :-1], idx[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -275,14 +275,14 @@ def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
     got, gates = train.evaluate(m, m, val, cfg, nullcontext(), torch.device("cpu"), 0, 1)
     windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(5)]
     with torch.no_grad():
-        want = sum(m(w[:, :-1], w[:, 1:])[1].item() for w in windows) / 5
+        want = sum(m(w[:, :-1], w[:, 1:]).item() for w in windows) / 5
     assert got == pytest.approx(want, rel=1e-6)
     assert len(gates) == 4
     # a budget beyond the shard: every whole window, 7 of the 8 T tokens (the 8th lacks its last target)
     got, _ = train.evaluate(m, m, val, train_cfg(val_tokens=100 * T, batch_size=4), nullcontext(), torch.device("cpu"), 0, 1)
     windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(7)]
     with torch.no_grad():
-        assert got == pytest.approx(sum(m(w[:, :-1], w[:, 1:])[1].item() for w in windows) / 7, rel=1e-6)
+        assert got == pytest.approx(sum(m(w[:, :-1], w[:, 1:]).item() for w in windows) / 7, rel=1e-6)
 
 
 def test_adamw_takes_the_configured_betas_and_every_group_the_step_lr():
@@ -305,7 +305,7 @@ def test_train_step_clips_the_accumulated_gradient_to_grad_clip_and_returns_the_
     opt, it = torch.optim.SGD(m.parameters(), lr=lr), iter(data)
     for step in range(2):
         loss, norm = train.train_step(m, m, opt, lambda: next(it), 2, lr, train_cfg(grad_clip=clip), nullcontext())
-        losses = [ref(x, y)[1] for x, y in data[2 * step:2 * step + 2]]
+        losses = [ref(x, y) for x, y in data[2 * step:2 * step + 2]]
         grads = torch.autograd.grad((losses[0] + losses[1]) / 2, list(ref.parameters()))
         want_norm = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
         assert norm.item() == pytest.approx(want_norm, rel=1e-5) and want_norm > 4 * clip  # the clip bites
@@ -367,7 +367,7 @@ def test_validation_loss_is_the_seeded_initial_model_on_the_val_shard(shards, tm
     val = prepare_data.read_shard(os.path.join(shards, "local_val_000000.bin"))
     rows = torch.from_numpy(np.stack([val[16 * w:16 * w + 17] for w in range(128 // 16)]).astype(np.int64))
     with torch.no_grad():
-        want = m(rows[:, :-1], rows[:, 1:])[1].item()
+        want = m(rows[:, :-1], rows[:, 1:]).item()
     assert log[-2]["loss"] == pytest.approx(want, rel=1e-5) and log[-2]["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
 
 
@@ -525,7 +525,7 @@ def test_data_dir_unfinished_or_with_a_val_shard_shorter_than_one_window(shards,
     torch.manual_seed(2)
     m = GPT(GPTConfig(**log[0]["model_config"]))
     with torch.no_grad():
-        want = m(torch.arange(16)[None], torch.arange(1, 17)[None])[1].item()
+        want = m(torch.arange(16)[None], torch.arange(1, 17)[None]).item()
     assert [r["type"] for r in log] == ["config", "val", "gates"] and log[1]["loss"] == pytest.approx(want, rel=1e-5)
     (data / "run.json").write_text("{}")  # prepare_data.py still running, or died
     with pytest.raises(prepare_data.DataError, match="prepare_data.py did not finish there; rerun it"):

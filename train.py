@@ -179,7 +179,7 @@ def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
         last = not isinstance(model, DDP) or micro == accum - 1
         with nullcontext() if last else model.no_sync():
             with ctx:
-                _, loss = model(x, y)
+                loss = model(x, y)
             (loss / accum).backward()
         loss_sum = loss_sum + loss.detach() / accum
     norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
@@ -238,7 +238,7 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
         rows = np.stack([val[w * T:(w + 1) * T + 1] for w in windows[i:i + cfg.batch_size]]).astype(np.int64)
         rows = torch.from_numpy(rows).to(dev)
         with ctx:
-            total += model(rows[:, :-1], rows[:, 1:])[1].float() * len(rows)
+            total += model(rows[:, :-1], rows[:, 1:]).float() * len(rows)
         count += len(rows)
     with ctx:  # a rank may hold no val window
         gates = raw.gate_audit(rows[:, :-1]) if raw.config.residual != "additive" and windows else None
