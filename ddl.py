@@ -424,8 +424,8 @@ class GPT(nn.Module):
         return stats
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
-        """Sample max_new_tokens continuations of idx (B, T), nanoGPT style (no KV cache).
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+        """Yield max_new_tokens sampled continuation tokens of idx (B, T), each (B, 1), as they come.
         temperature 0 is greedy; top_k keeps the k likeliest ids; n_vocab limits sampling to ids
         below it: the tokenizer's own vocabulary, without the padding ids it cannot decode."""
         n_vocab = self.config.vocab_size if n_vocab is None else n_vocab
@@ -447,4 +447,8 @@ class GPT(nn.Module):
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
             idx = torch.cat([idx, nxt], dim=1)
-        return idx
+            yield nxt
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+        """idx (B, T) followed by max_new_tokens sampled tokens (generate_tokens), (B, T + max_new_tokens)."""
+        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, temperature, top_k, n_vocab)], dim=1)
