@@ -69,7 +69,7 @@ def matmul_peak_tflops(dev):
 def reference_step(X, k_tilde, v, beta, W, gamma, k_eps):
     """k from k~ (§3.1), Eq. 2.2, then the next CC read of the new state (mix W, (d, d_v)) and its norm
     (gain gamma): what the model computes between two sublayers, and what fused.step does in one kernel."""
-    Xn = delta_update(X, unit_direction(k_tilde, k_eps), v, beta)
+    Xn = delta_update(X, unit_direction(k_tilde, k_eps), v, beta[..., None])  # one beta per token
     x_in = torch.sum(Xn * W, dim=-1)
     return Xn, F.rms_norm(x_in, (x_in.shape[-1],), gamma, eps=1e-5)
 

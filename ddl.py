@@ -57,7 +57,8 @@ class GPTConfig:
                 raise ConfigError(f"GPTConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
         for f in fields(self):  # bool is an int in Python: a type check must not let True pass as 1
             value = getattr(self, f.name)
-            need(type(value) is f.type or (f.type is float and type(value) is int), f.name, f"must be a {f.type.__name__}")
+            ok = type(value) is f.type or (f.type is float and type(value) is int)
+            need(ok, f.name, f"must be a {f.type.__name__}")
         for name in ("vocab_size", "n_layer", "n_head", "head_dim", "block_size", "d_v", "conv_kernel"):
             need(getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(self.n_embd == self.n_head * self.head_dim, "n_embd",
@@ -85,6 +86,33 @@ def apply_rope(x, cos, sin):
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
+# ----------------------------------------------------------------------------- generation's cache
+
+class Cache:
+    """What cached generation keeps between forwards of a growing sequence (GPT.generate_tokens):
+    only attention and the causal token convolutions mix tokens, so each module's keys and values,
+    or its last conv_kernel - 1 inputs, are enough for a forward of the new tokens alone. pos counts
+    the tokens seen, the new tokens' RoPE offset."""
+    def __init__(self):
+        self.pos, self.store = 0, {}
+
+    def extend(self, module, tensors):
+        """module's cached tensors with `tensors` (new tokens along dim 2) appended, kept for the next call."""
+        if module in self.store:
+            tensors = tuple(torch.cat([old, new], dim=2) for old, new in zip(self.store[module], tensors))
+        self.store[module] = tensors
+        return tensors
+
+def with_past(cache, module, x, keep):
+    """x (B, T, ...) preceded by up to `keep` earlier tokens this cache saw for module, and how many
+    were prepended; the last `keep` tokens are kept. Without a cache: x itself and 0."""
+    if cache is None:
+        return x, 0
+    past = cache.store.get(module, x[:, :0])
+    x = torch.cat([past, x], dim=1)
+    cache.store[module] = x[:, max(0, x.shape[1] - keep):]
+    return x, past.shape[1]
+
 # ----------------------------------------------------------------------------- attention and MLP
 
 class CausalSelfAttention(nn.Module):
@@ -94,22 +122,29 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # fused q, k, v
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.c_proj.is_output_proj = True  # depth-scaled init, see GPT._init_weights
-        self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))  # QK RMSNorm gains
-        self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+        self.q_norm_gain = nn.Parameter(torch.ones(cfg.head_dim))  # QK RMSNorm gains
+        self.key_norm_gain = nn.Parameter(torch.ones(cfg.head_dim))
         cos, sin = rope_table(cfg.block_size, cfg.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        cos, sin = self.cos[:T], self.sin[:T]
+        pos = 0 if cache is None else cache.pos  # generation: the new tokens' place after the cached ones
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         # RoPE then QK RMSNorm, the order of the authors' code (the norm commutes with rotation
         # up to its elementwise gain).
-        q = F.rms_norm(apply_rope(q, cos, sin), (self.head_dim,), self.q_norm.to(q.dtype), eps=1e-5)
-        k = F.rms_norm(apply_rope(k, cos, sin), (self.head_dim,), self.k_norm.to(k.dtype), eps=1e-5)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True)
+        q = F.rms_norm(apply_rope(q, cos, sin), (self.head_dim,), self.q_norm_gain.to(q.dtype), eps=1e-5)
+        k = F.rms_norm(apply_rope(k, cos, sin), (self.head_dim,), self.key_norm_gain.to(k.dtype), eps=1e-5)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the new queries see every cached key and the new keys up to their own position
+            k, v = cache.extend(self, (k, v))
+            seen = torch.arange(pos + T, device=x.device)
+            mask = seen <= seen[pos:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class SwiGLU(nn.Module):
@@ -120,7 +155,7 @@ class SwiGLU(nn.Module):
         self.c_proj = nn.Linear(self.hidden, cfg.n_embd, bias=False)
         self.c_proj.is_output_proj = True
 
-    def forward(self, x):
+    def forward(self, x, cache=None):  # per token: nothing to cache in generation
         gate, up = self.c_fc(x).chunk(2, dim=-1)
         return self.c_proj(F.silu(gate) * up)
 
@@ -140,14 +175,15 @@ def readout_error(X, k, v):
 
 def delta_update(X, k, v, beta):
     """Eq. 2.2: X + beta k (v^T - k^T X) = X - beta k e^T, for X (..., d, d_v), k (..., d),
-    v (..., d_v), beta (...). The model runs this function; autograd derives its backward."""
+    v (..., d_v), beta (..., 1) (one gate per token; (..., d_v) would gate each value channel).
+    The model runs this function; autograd derives its backward."""
     e = readout_error(X, k, v)
-    return X - k.unsqueeze(-1) * (beta.to(e.dtype).unsqueeze(-1) * e).to(X.dtype).unsqueeze(-2)
+    return X - k.unsqueeze(-1) * (beta.to(e.dtype) * e).to(X.dtype).unsqueeze(-2)
 
 def write_update(X, k, v, beta):
     """The write-only control (§5): X + beta k v^T, the delta rule without its erase term."""
     acc = torch.promote_types(X.dtype, torch.float32)
-    return X + k.unsqueeze(-1) * (beta.to(acc).unsqueeze(-1) * v.to(acc)).to(X.dtype).unsqueeze(-2)
+    return X + k.unsqueeze(-1) * (beta.to(acc) * v.to(acc)).to(X.dtype).unsqueeze(-2)
 
 def unit_direction(k_tilde, eps):
     """k = k~ / sqrt(|k~|^2 + eps^2), computed as in §3.1: RMSNorm with eps^2/d, then / sqrt(d),
@@ -179,7 +215,7 @@ class ChannelCompressor(nn.Module):
         super().__init__()
         self.mix = nn.Parameter(torch.full((cfg.n_embd, cfg.d_v), 1.0 / cfg.d_v))
 
-    def forward(self, X):
+    def forward(self, X, cache=None):  # per token: nothing to cache in generation
         return torch.sum(X * self.mix.to(X.dtype), dim=-1)
 
 class TokenCompressor(nn.Module):
@@ -188,17 +224,18 @@ class TokenCompressor(nn.Module):
     (departure: our choice of init, so that TC starts as CC's channel mean)."""
     def __init__(self, cfg):
         super().__init__()
-        conv = torch.zeros(cfg.n_embd, cfg.d_v, cfg.conv_kernel)
-        conv[..., 0] = 1.0
-        self.conv = nn.Parameter(conv)
-        self.read = nn.Parameter(torch.full((cfg.d_v,), 1.0 / cfg.d_v))
+        taps = torch.zeros(cfg.n_embd, cfg.d_v, cfg.conv_kernel)
+        taps[..., 0] = 1.0
+        self.taps = nn.Parameter(taps)
+        self.channel_mix = nn.Parameter(torch.full((cfg.d_v,), 1.0 / cfg.d_v))
 
-    def forward(self, X):
-        # x_in[t, i] = sum_s sum_j read_j conv_ijs X[t - s, i, j]. Reducing over d_v before shifting
-        # is the same sum, but shifts (B, T, d) tensors instead of (B, T, d, d_v) copies of the state.
-        w = (self.conv * self.read[:, None]).to(X.dtype)                     # (d, d_v, K)
-        taps = torch.sum(X.unsqueeze(-1) * w, dim=-2)                         # (B, T, d, K)
-        return sum(shift_tokens(taps[..., s], s) for s in range(w.shape[-1]))
+    def forward(self, X, cache=None):
+        # x_in[t, i] = sum_s sum_j channel_mix_j taps_ijs X[t - s, i, j]. Reducing over d_v before
+        # shifting is the same sum, but shifts (B, T, d) tensors instead of (B, T, d, d_v) states.
+        w = (self.taps * self.channel_mix[:, None]).to(X.dtype)              # (d, d_v, K)
+        per_tap = torch.sum(X.unsqueeze(-1) * w, dim=-2)                     # (B, T, d, K)
+        per_tap, n_past = with_past(cache, self, per_tap, w.shape[-1] - 1)  # generation: earlier tokens
+        return sum(shift_tokens(per_tap[..., s], s) for s in range(w.shape[-1]))[:, n_past:]
 
 class EmbedConv(nn.Module):
     """EC (App. A.2): expands the embedding (B, T, d) into the state (B, T, d, d_v) with a causal
@@ -209,87 +246,103 @@ class EmbedConv(nn.Module):
         w[..., 0] = 1.0
         self.weight = nn.Parameter(w)
 
-    def forward(self, x):
-        return causal_token_conv(x.unsqueeze(-1), self.weight.to(x.dtype))
+    def forward(self, x, cache=None):
+        x, n_past = with_past(cache, self, x.unsqueeze(-1), self.weight.shape[-1] - 1)
+        return causal_token_conv(x, self.weight.to(x.dtype))[:, n_past:]
+
+def make_compressor(cfg):
+    """The compression of the state (B, T, d, d_v) to a sublayer's width d (§3.2)."""
+    return ChannelCompressor(cfg) if cfg.compressor == "cc" else TokenCompressor(cfg)
 
 # ----------------------------------------------------------------------------- the block
 
 class ResidualBranch(nn.Module):
-    """One sublayer with its residual interface: compress (d_v > 1), RMSNorm to c, run F(c),
-    then x + F(c) (additive) or the delta / write rewrite of the state."""
+    """One sublayer with its residual interface: compress (d_v > 1), RMSNorm to c, run the sublayer
+    F(c) = k~, then x + k~ (additive) or the delta / write rewrite of the state along k."""
     def __init__(self, cfg, sublayer, layer):
         super().__init__()
         self.cfg, self.name = cfg, f"layer {layer} {sublayer}"
-        self.norm = nn.Parameter(torch.ones(cfg.n_embd))
-        self.f = CausalSelfAttention(cfg) if sublayer == "attn" else SwiGLU(cfg)
+        self.norm_gain = nn.Parameter(torch.ones(cfg.n_embd))
+        self.sublayer = CausalSelfAttention(cfg) if sublayer == "attn" else SwiGLU(cfg)
         self.compressor = None
         if cfg.d_v > 1:  # departure: one compressor per sublayer (the authors' code shares one per block)
-            self.compressor = ChannelCompressor(cfg) if cfg.compressor == "cc" else TokenCompressor(cfg)
+            self.compressor = make_compressor(cfg)
         if cfg.residual != "additive":
             # v's projection W_v (d_v x d), initialised like the other matrices, and b_v = 0
             self.W_v = nn.Parameter(torch.randn(cfg.d_v, cfg.n_embd) * (0.5 / math.sqrt(cfg.n_embd)))
             self.b_v = nn.Parameter(torch.zeros(cfg.d_v))
             # beta = 2 sigmoid(w.c + b) with w = 0 and b = logit(beta_init / 2): every token starts at
             # exactly beta_init. Departure: the authors' global init perturbs w; we start it at zero.
+            # The gate's shape lives here and in gate(): one beta per token, broadcast over d_v.
             p = min(max(cfg.beta_init / 2, 1e-6), 1 - 1e-6)
-            self.w_beta = nn.Parameter(torch.zeros(cfg.n_embd))
-            self.b_beta = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
+            self.w_beta = nn.Parameter(torch.zeros(1, cfg.n_embd))
+            self.b_beta = nn.Parameter(torch.full((1,), math.log(p / (1 - p))))
         self.record = False  # set by GPT.record_gates(): keep this forward's gate statistics in .stats
         self.stats = None
+
+    def forward(self, X, cache=None):
+        x_in = X if self.compressor is None else self.compressor(X, cache)
+        c = self.input_norm(x_in)
+        k_tilde = self.sublayer(c, cache)
+        return self.update(X, k_in=k_tilde, v_in=c, beta_in=c)  # what feeds k, v and beta (Eq. 2.2)
+
+    def input_norm(self, x_in):
+        """c = RMSNorm(x_in), the sublayer's input, which also feeds v and beta."""
+        return F.rms_norm(x_in, (x_in.shape[-1],), self.norm_gain.to(x_in.dtype), eps=1e-5)
 
     # beta and v are written as fp32 elementwise products summed over d, not as matmuls: they stay
     # in fp32 under autocast, and torch.compile fuses them into the kernel that computes c, where
     # (d -> 1) and (d -> d_v) matrix products would each be a separate, nearly empty GEMM launch.
-    def beta(self, c):
-        """beta = 2 sigmoid(w_beta . c + b_beta) in (0, 2), in fp32 (§2.2)."""
-        return 2 * torch.sigmoid(torch.sum(c.float() * self.w_beta, dim=-1) + self.b_beta)
+    def gate(self, beta_in):
+        """beta = 2 sigmoid(w_beta . c + b_beta) in (0, 2), (..., 1) in fp32 (§2.2)."""
+        return 2 * torch.sigmoid(torch.sum(beta_in.float().unsqueeze(-2) * self.w_beta, dim=-1) + self.b_beta)
 
-    def value(self, c):
+    def value(self, v_in):
         """v in R^{d_v}, in fp32. The paper's text writes v = W_v c; the authors' code (and ours by
         default) bounds it as v = v_scale * sigmoid(W_v c + b_v), v_scale = 4; v_scale = 0 gives the
         plain linear form. Departure: v reads the normalised input c, as beta does (the authors' code
         feeds v the un-normalised compressed input)."""
-        v = torch.sum(c.float().unsqueeze(-2) * self.W_v, dim=-1) + self.b_v
+        v = torch.sum(v_in.float().unsqueeze(-2) * self.W_v, dim=-1) + self.b_v
         return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
 
-    def read(self, x_in):
-        """c = RMSNorm(x_in) and the sublayer's output k~ = F(c)."""
-        c = F.rms_norm(x_in, (x_in.shape[-1],), self.norm.to(x_in.dtype), eps=1e-5)
-        return c, self.f(c)
-
-    def forward(self, X):
-        x_in = X if self.compressor is None else self.compressor(X)
-        c, k_tilde = self.read(x_in)
+    def update(self, X, k_in, v_in, beta_in):
+        """The residual update of the state X from its named inputs: the baseline adds k_in = F(c);
+        DDL writes along k = k_in / |k_in| (§3.1) the gated difference to v(v_in), gate beta(beta_in)."""
         if self.cfg.residual == "additive":
-            return X + k_tilde
-        k, v, beta = unit_direction(k_tilde, self.cfg.k_eps), self.value(c), self.beta(c)
+            return X + k_in
+        k, v, beta = unit_direction(k_in, self.cfg.k_eps), self.value(v_in), self.gate(beta_in)
         state = X if self.cfg.d_v > 1 else X.unsqueeze(-1)  # d_v = 1: the same rule on (d, 1)
         rule = delta_update if self.cfg.residual == "delta" else write_update
         new_state = rule(state, k, v, beta)
         if self.record:
-            self.stats = dict(beta=beta.detach(), k_norm=k_tilde.detach().float().norm(dim=-1),
+            self.stats = dict(beta=beta.detach(), k_tilde_norm=k_in.detach().float().norm(dim=-1),
                               e_pre=readout_error(state, k, v).detach().abs())
         if self.cfg.check_spectrum:
-            self.check_spectrum(k_tilde, k, v, beta, state, new_state)
+            self.check_spectrum(k_in, k, v, beta, state, new_state)
         return new_state if self.cfg.d_v > 1 else new_state.squeeze(-1)
 
     def check_spectrum(self, k_tilde, k, v, beta, state, new_state):
-        """Prop. 2.1 and Eq. 2.4 in fp32: |k| = 1 where |k~| >> eps_k, 0 < beta < 2 and
-        e_post = (1 - beta) e_pre (delta rule only). Raises AssertionError naming the quantity."""
+        """Prop. 2.1 and Eq. 2.4 in fp32: 0 < beta < 2; for the delta rule the readout error contracts as
+        k^T X_{l+1} - v^T = (1 - beta |k|^2)(k^T X_l - v^T), an identity for any k, which is Eq. 2.4's
+        e_post = (1 - beta) e_pre where |k| = 1, checked where |k~| >> eps_k (§3.1). Raises
+        AssertionError naming the quantity."""
         def fail(what):
             raise AssertionError(f"check_spectrum: {self.name}: {what}")
-        big = k_tilde.float().norm(dim=-1) > 100 * self.cfg.k_eps
-        if bool((((k.float().norm(dim=-1) - 1).abs() > 1e-2) & big).any()):
-            fail("|k| != 1 where |k~| >> eps_k")
+        k_sq = k.float().square().sum(dim=-1, keepdim=True)
+        unit = k_tilde.float().norm(dim=-1, keepdim=True) > 100 * self.cfg.k_eps
+        if bool((((k_sq.sqrt() - 1).abs() > 1e-2) & unit).any()):
+            fail("|k| != 1 where |k~| >> eps_k (§3.1)")
         if not bool(((beta > 0) & (beta < 2)).all()):
             fail(f"beta outside (0, 2): min {beta.min().item():.4g}, max {beta.max().item():.4g}")
         if self.cfg.residual == "delta":
-            e_pre, e_post = readout_error(state.float(), k.float(), v), readout_error(new_state.float(), k.float(), v)
-            want = (1 - beta.float()).unsqueeze(-1) * e_pre
+            e_pre = readout_error(state.float(), k.float(), v)
+            e_post = readout_error(new_state.float(), k.float(), v)
+            want = (1 - beta.float() * k_sq) * e_pre
             scale = 1e-3 if new_state.dtype == torch.float32 else 3e-2
             tol = scale * (1 + new_state.float().abs().amax(dim=(-2, -1), keepdim=True).squeeze(-1))
             if bool(((e_post - want).abs() > tol).any()):
-                fail(f"e_post != (1 - beta) e_pre (Eq. 2.4), max error {(e_post - want).abs().max().item():.3g}")
+                err = (e_post - want).abs().max().item()
+                fail(f"e_post != (1 - beta |k|^2) e_pre (Eq. 2.4), max error {err:.3g}")
 
 class Block(nn.Module):
     def __init__(self, cfg, layer):
@@ -297,8 +350,8 @@ class Block(nn.Module):
         self.attn = ResidualBranch(cfg, "attn", layer)
         self.mlp = ResidualBranch(cfg, "mlp", layer)
 
-    def forward(self, X):
-        return self.mlp(self.attn(X))
+    def forward(self, X, cache=None):
+        return self.mlp(self.attn(X, cache), cache)
 
 # ----------------------------------------------------------------------------- the GPT
 
@@ -309,10 +362,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.embed_conv = EmbedConv(cfg) if cfg.d_v > 1 and cfg.embed_conv else None
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
-        self.readout = None  # compression before the final norm
-        if cfg.d_v > 1:
-            self.readout = ChannelCompressor(cfg) if cfg.compressor == "cc" else TokenCompressor(cfg)
-        self.norm_f = nn.Parameter(torch.ones(cfg.n_embd))
+        self.final_compressor = make_compressor(cfg) if cfg.d_v > 1 else None  # before the final norm
+        self.final_norm_gain = nn.Parameter(torch.ones(cfg.n_embd))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_weights)
@@ -339,13 +390,27 @@ class GPT(nn.Module):
         embedding counted once, as the LM head) plus 12 L T d for attention scores."""
         return 6 * self.num_params() + 12 * self.config.n_layer * T * self.config.n_embd
 
+    # Weight decay by a parameter's role, named by the last part of its name: the matrices that map
+    # features (the backbone's, W_v, the compressors' and EC's weights) decay; gains, biases, the gate's
+    # w_beta and TC's channel mix (a 1-D read over d_v, as in the authors' code) do not. A new parameter
+    # must be put in one of the two, so that nothing changes its decay by changing its shape.
+    DECAYED = ("weight", "W_v", "mix", "taps")
+    NOT_DECAYED = ("q_norm_gain", "key_norm_gain", "norm_gain", "final_norm_gain", "b_v", "w_beta", "b_beta",
+                   "channel_mix")
+
     def configure_optimizers(self, lr, weight_decay, betas, device_type):
-        """AdamW, fused on CUDA. Weight decay on every parameter of 2 or more dims: the matrices, and
-        also W_v and the compressor / EC weights; none on norm gains, biases and w_beta."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        """AdamW, fused on CUDA, with weight decay on the DECAYED roles only (see above)."""
+        groups = ([], [])
+        for name, p in self.named_parameters():
+            role = name.rsplit(".", 1)[-1]
+            if role not in self.DECAYED + self.NOT_DECAYED:
+                raise ValueError(f"configure_optimizers: parameter {name} has no weight-decay role: "
+                                 "add its name to GPT.DECAYED or GPT.NOT_DECAYED")
+            if p.requires_grad:
+                groups[role in self.NOT_DECAYED].append(p)
+        return torch.optim.AdamW([dict(params=groups[0], weight_decay=weight_decay),
+                                  dict(params=groups[1], weight_decay=0.0)],
+                                 lr=lr, betas=betas, fused=device_type == "cuda")
 
     def check_ids(self, name, ids, low):
         """Refuse ids outside [low, vocab_size): an index error deep inside the model names nothing."""
@@ -355,12 +420,14 @@ class GPT(nn.Module):
             if lo < low or hi >= self.config.vocab_size:
                 raise ValueError(f"{name} must lie in [{low}, {self.config.vocab_size}); got [{lo}, {hi}]")
 
-    def forward(self, idx, targets=None):
-        """The logits (B, T, vocab) in fp32; with targets (-1: ignored), the mean cross-entropy only."""
+    def forward(self, idx, targets=None, cache=None):
+        """The logits (B, T, vocab) in fp32; with targets (-1: ignored), the mean cross-entropy only.
+        With a Cache (generation): idx holds only the new tokens, and the logits are the last one's."""
         cfg = self.config
         B, T = idx.shape
-        if not 1 <= T <= cfg.block_size:
-            raise ValueError(f"sequence length {T} must lie in [1, block_size={cfg.block_size}]")
+        pos = 0 if cache is None else cache.pos
+        if not 1 <= T <= cfg.block_size - pos:
+            raise ValueError(f"sequence length {pos + T} must lie in [1, block_size={cfg.block_size}]")
         self.check_ids("token ids", idx, 0)
         x = self.wte(idx)
         if cfg.d_v > 1:  # expanded state X in R^{d x d_v} per token (§2.2)
@@ -368,9 +435,15 @@ class GPT(nn.Module):
                 # as in the authors' code, the d_v-fold state lives in the autocast dtype (bf16):
                 # half the memory and traffic; every reduction over it still runs in fp32
                 x = x.to(torch.get_autocast_dtype(x.device.type))
-            x = self.embed_conv(x) if self.embed_conv is not None else x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
-        x = self.body(x)
-        x = F.rms_norm(x, (cfg.n_embd,), self.norm_f.to(x.dtype), eps=1e-5)
+            if self.embed_conv is not None:
+                x = self.embed_conv(x, cache)
+            else:
+                x = x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
+        x = self.body(x, cache)
+        x = F.rms_norm(x, (cfg.n_embd,), self.final_norm_gain.to(x.dtype), eps=1e-5)
+        if cache is not None:
+            cache.pos += T
+            x = x[:, -1:]
         if targets is None:
             logits = self.lm_head(x)
             return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -380,11 +453,11 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def body(self, X):
-        """The blocks, then the readout compression (d_v > 1); fused.py's install() replaces this method."""
+    def body(self, X, cache=None):
+        """The blocks, then the final compression (d_v > 1); fused.py's install() replaces this method."""
         for block in self.blocks:
-            X = block(X)
-        return X if self.readout is None else self.readout(X)
+            X = block(X, cache)
+        return X if self.final_compressor is None else self.final_compressor(X, cache)
 
     def record_gates(self, on=True):
         """Make every residual branch keep its gate statistics from the next forwards (or stop)."""
@@ -407,7 +480,7 @@ class GPT(nn.Module):
                     raise RuntimeError("gate_stats: call model.record_gates() and run a forward first")
                 row = dict(layer=i, sublayer=name,
                            beta_hist=torch.histc(s["beta"].float(), bins=bins, min=0, max=2).long().tolist())
-                for key in ("beta", "k_norm", "e_pre"):
+                for key in ("beta", "k_tilde_norm", "e_pre"):
                     t = s[key].float()
                     row.update({f"{key}_min": t.min().item(), f"{key}_mean": t.mean().item(),
                                 f"{key}_max": t.max().item()})
@@ -427,7 +500,10 @@ class GPT(nn.Module):
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
         """Yield max_new_tokens sampled continuation tokens of idx (B, T), each (B, 1), as they come.
         temperature 0 is greedy; top_k keeps the k likeliest ids; n_vocab limits sampling to ids
-        below it: the tokenizer's own vocabulary, without the padding ids it cannot decode."""
+        below it: the tokenizer's own vocabulary, without the padding ids it cannot decode.
+        Cached: one forward of the prompt, then one of each new token alone (Cache). Past block_size,
+        as nanoGPT, each token sees the last block_size tokens, recomputed without the cache, since
+        every position has moved."""
         n_vocab = self.config.vocab_size if n_vocab is None else n_vocab
         for name, value, ok, allowed in (("temperature", temperature, temperature >= 0, ">= 0"),
                                          ("top_k", top_k, top_k is None or top_k >= 1, ">= 1 or None"),
@@ -435,20 +511,28 @@ class GPT(nn.Module):
                                           f"in [1, {self.config.vocab_size}]")):
             if not ok:
                 raise ConfigError(f"generate: {name}={value!r} is invalid: must be {allowed}")
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :n_vocab]
-            if temperature == 0 or top_k == 1:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
-            idx = torch.cat([idx, nxt], dim=1)
+        block_size, cache = self.config.block_size, Cache()
+        logits = self(idx[:, -block_size:], cache=cache)
+        for n in range(max_new_tokens):
+            nxt = self.sample(logits[:, -1, :n_vocab], temperature, top_k)
             yield nxt
+            if n + 1 < max_new_tokens:
+                idx = torch.cat([idx, nxt], dim=1)
+                logits = self(nxt, cache=cache) if idx.shape[1] <= block_size else self(idx[:, -block_size:])
+
+    @staticmethod
+    def sample(logits, temperature, top_k):
+        """One token id per row of logits (B, V): the argmax at temperature 0 or top_k 1, else drawn from
+        softmax(logits / temperature) over the top_k largest."""
+        if temperature == 0 or top_k == 1:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
         """idx (B, T) followed by max_new_tokens sampled tokens (generate_tokens), (B, T + max_new_tokens)."""
-        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, temperature, top_k, n_vocab)], dim=1)
+        new = self.generate_tokens(idx, max_new_tokens, temperature, top_k, n_vocab)
+        return torch.cat([idx, *new], dim=1)

@@ -17,10 +17,10 @@ def test_memorization_probe_ablations_run_and_unit_k_is_the_normalised_update():
     spec.loader.exec_module(mem)
     branch = tiny_model(residual="additive").blocks[1].mlp
     with torch.no_grad():
-        branch.norm.copy_(torch.rand(16) + 0.5)
+        branch.norm_gain.copy_(torch.rand(16) + 0.5)
     X = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(9))
-    c = X / torch.sqrt((X * X).mean(-1, keepdim=True) + 1e-5) * branch.norm
-    out = branch.f(c)
+    c = X / torch.sqrt((X * X).mean(-1, keepdim=True) + 1e-5) * branch.norm_gain
+    out = branch.sublayer(c)
     want = X + out / torch.sqrt((out * out).sum(-1, keepdim=True) + 1e-10)
     assert torch.allclose(mem.additive_with_unit_k(branch, X), want, atol=1e-5)
     cfg, mcfg = train.parse_args(["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=8",

@@ -1,5 +1,6 @@
 """fused.py: the Triton path pinned to ddl.py and to the written-out rule. The kernels run in Triton's CPU
 interpreter (TRITON_INTERPRET=1, set in conftest.py before anything imports Triton); without Triton they skip."""
+import dataclasses
 import json
 import math
 import os
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import ddl
 import train
-from ddl import ConfigError, delta_update, unit_direction
+from ddl import GPT, ConfigError, GPTConfig, delta_update, unit_direction
 from test_bench import BENCH_KINDS
 from test_ddl import F64, VARIANTS, o_rms, scrambled, tiny_model
 
@@ -109,7 +111,7 @@ def test_fused_step_in_bf16_is_within_bf16_rounding_of_the_rule(fused):
     got = outputs_and_grads(fused_step(fused, True), inputs, grads)
 
     def ddl_step(X, k_tilde, v, beta, W, gamma):
-        Xn = delta_update(X, unit_direction(k_tilde, EPS_K), v, beta)
+        Xn = delta_update(X, unit_direction(k_tilde, EPS_K), v, beta[..., None])
         x_in = torch.sum(Xn * W, dim=-1)
         return Xn, F.rms_norm(x_in, (x_in.shape[-1],), gamma, eps=1e-5)
 
@@ -230,6 +232,45 @@ def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
         fused.install(tiny_model(d_v=4))
 
 
+# ---------------------------------------------------------------------------- the fast path cannot drift from ddl.py
+# Changes a reader of the paper would make in ddl.py: install() must refuse each, never train the old rule.
+
+def test_fused_install_refuses_a_config_field_it_has_not_declared(fused):
+    @dataclasses.dataclass
+    class WithNewOption(GPTConfig):
+        per_channel_gate: bool = False
+    model = tiny_model(d_v=4)
+    model.config = WithNewOption(**dataclasses.asdict(model.config))
+    with pytest.raises(ConfigError, match=r"GPTConfig.per_channel_gate is not declared in fused.SUPPORTED"):
+        fused.install(model)
+
+
+def test_fused_install_refuses_when_k_comes_from_another_input(fused, monkeypatch):
+    """k from the sublayer's input c instead of its output: the loss and every gradient change."""
+    def forward(self, X, cache=None):
+        c = self.input_norm(self.compressor(X))
+        self.sublayer(c, cache)
+        return self.update(X, k_in=c, v_in=c, beta_in=c)
+    monkeypatch.setattr(ddl.ResidualBranch, "forward", forward)
+    model = tiny_model(d_v=4)
+    with pytest.raises(ConfigError, match="fused.py disagrees with ddl.py on this model: .* off by"):
+        fused.install(model)
+    assert model.body.__func__ is GPT.body  # nothing was replaced
+
+
+def test_fused_install_refuses_a_changed_update_rule_and_a_per_channel_gate(fused, monkeypatch):
+    real = ddl.delta_update
+    monkeypatch.setattr(ddl, "delta_update", lambda X, k, v, beta: real(X, k, v, 0.5 * beta))
+    with pytest.raises(ConfigError, match="fused.py disagrees with ddl.py"):
+        fused.install(tiny_model(d_v=4))
+    monkeypatch.undo()
+    # beta per value channel, (..., d_v): the kernels take one beta per token and say so
+    monkeypatch.setattr(ddl.ResidualBranch, "gate",
+                        lambda self, c: 2 * torch.sigmoid(c.float()[..., :4] + self.b_beta))
+    with pytest.raises(ValueError, match=r"fused: beta has shape \(2, 7, 4\), the kernels take \(2, 7\)"):
+        fused.install(tiny_model(d_v=4))
+
+
 def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path, monkeypatch):
     """--fused=true changes the kernels, not the run: the same train and val losses, step by step."""
     calls, step = [], fused.step
@@ -292,7 +333,7 @@ def test_fused_frozen_parameters_and_two_forwards_before_backward(fused):
     ref, fast = fused_pair(fused, **VARIANTS["cc"], n_layer=1)
     for m in (ref, fast):
         for n, p in m.named_parameters():
-            if "compressor" in n or "readout" in n or "norm" in n or n == "wte.weight":
+            if "compressor" in n or "final_compressor" in n or "norm" in n or n == "wte.weight":
                 p.requires_grad_(False)
     idx, tgt = (torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     for m in (ref, fast):

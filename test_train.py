@@ -44,7 +44,7 @@ def test_training_writes_checkpoint_and_log(shards, tmp_path):
     assert tr[0]["ms_per_step"] is None and tr[-1]["ms_per_step"] > 0 and tr[-1]["train_time_s"] > 0
     assert [r["step"] for r in log if r["type"] == "val"] == [0, 4, 5]
     gates = [r for r in log if r["type"] == "gates"][-1]["gates"]
-    assert len(gates) == 4 and {"beta_mean", "beta_hist", "k_norm_mean", "e_pre_mean"} <= set(gates[0])
+    assert len(gates) == 4 and {"beta_mean", "beta_hist", "k_tilde_norm_mean", "e_pre_mean"} <= set(gates[0])
     ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 5 and ckpt["model_config"]["compressor"] == "tc"
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
@@ -239,10 +239,10 @@ def test_weight_decay_only_on_matrices_by_name():
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
     plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
-    want = {"wte.weight", "embed_conv.weight", "readout.mix"}
+    want = {"wte.weight", "embed_conv.weight", "final_compressor.mix"}
     for i in range(2):
         for s, mats in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
-            want |= {f"blocks.{i}.{s}.compressor.mix", f"blocks.{i}.{s}.W_v"} | {f"blocks.{i}.{s}.f.{w}.weight" for w in mats}
+            want |= {f"blocks.{i}.{s}.compressor.mix", f"blocks.{i}.{s}.W_v"} | {f"blocks.{i}.{s}.sublayer.{w}.weight" for w in mats}
     assert decayed == want
     assert plain == {n for n, _ in m.named_parameters()} - want
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0

@@ -35,10 +35,10 @@ VARIANTS = {  # name: (GPTConfig overrides, ablation)
 }
 
 
-def additive_with_unit_k(branch, X):
+def additive_with_unit_k(branch, X, cache=None):
     """The additive residual with the sublayer output normalised as DDL normalises k: X + k."""
-    c = F.rms_norm(X, (X.shape[-1],), branch.norm.to(X.dtype), eps=1e-5)
-    return X + ddl.unit_direction(branch.f(c), branch.cfg.k_eps)
+    c = F.rms_norm(X, (X.shape[-1],), branch.norm_gain.to(X.dtype), eps=1e-5)
+    return X + ddl.unit_direction(branch.sublayer(c, cache), branch.cfg.k_eps)
 
 
 def probe(cfg, mcfg, name, lr, steps, dev, ctx, x, y):
