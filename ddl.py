@@ -97,7 +97,7 @@ class Cache:
         self.pos, self.store = 0, {}
 
     def extend(self, module, tensors):
-        """module's cached tensors with `tensors` (new tokens along dim 2) appended, kept for the next call."""
+        """module's cached tensors with `tensors` (new tokens along dim 2) appended, kept for next time."""
         if module in self.store:
             tensors = tuple(torch.cat([old, new], dim=2) for old, new in zip(self.store[module], tensors))
         self.store[module] = tensors
@@ -160,12 +160,6 @@ class SwiGLU(nn.Module):
         return self.c_proj(F.silu(gate) * up)
 
 # ----------------------------------------------------------------------------- the delta operator
-
-def delta_operator(k, beta):
-    """A = I - beta k k^T (Eq. 2.2's shortcut), shape (..., d, d). For analysis and tests only:
-    the model never builds this d x d matrix."""
-    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
-    return eye - beta[..., None, None] * k[..., :, None] * k[..., None, :]
 
 def readout_error(X, k, v):
     """e = k^T X - v^T, the readout error of Eq. 2.4 (one sign convention everywhere), (..., d_v).
@@ -435,22 +429,18 @@ class GPT(nn.Module):
                 # as in the authors' code, the d_v-fold state lives in the autocast dtype (bf16):
                 # half the memory and traffic; every reduction over it still runs in fp32
                 x = x.to(torch.get_autocast_dtype(x.device.type))
-            if self.embed_conv is not None:
-                x = self.embed_conv(x, cache)
-            else:
-                x = x.unsqueeze(-1).expand(-1, -1, -1, cfg.d_v)
+            x = self.embed_conv(x, cache) if cfg.embed_conv else x.unsqueeze(-1).expand(*x.shape, cfg.d_v)
         x = self.body(x, cache)
         x = F.rms_norm(x, (cfg.n_embd,), self.final_norm_gain.to(x.dtype), eps=1e-5)
         if cache is not None:
             cache.pos += T
             x = x[:, -1:]
+        logits = self.lm_head(x)
         if targets is None:
-            logits = self.lm_head(x)
             return logits.to(torch.promote_types(logits.dtype, torch.float32))
         self.check_ids("targets", targets, -1)  # -1: ignored positions
         # training gets the loss alone, never the (B, T, vocab) logits: a caller holding them would keep
         # them alive through the backward (3 GiB at 16 x 1024 tokens). The loss is reduced in fp32.
-        logits = self.lm_head(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def body(self, X, cache=None):
@@ -526,11 +516,11 @@ class GPT(nn.Module):
         softmax(logits / temperature) over the top_k largest."""
         if temperature == 0 or top_k == 1:
             return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        return torch.multinomial(F.softmax(logits, dim=-1), 1)
+        if top_k is None:
+            return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)
+        # a draw among the top_k alone: the same distribution, without a softmax over the whole vocabulary
+        top, ids = torch.topk(logits, min(top_k, logits.size(-1)))
+        return ids.gather(-1, torch.multinomial(F.softmax(top / temperature, dim=-1), 1))
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
         """idx (B, T) followed by max_new_tokens sampled tokens (generate_tokens), (B, T + max_new_tokens)."""

@@ -7,6 +7,10 @@ you ask for it:
     python train.py --preset=124m --d_v=4 --fused=true        # or: bench.py ... --fused=true
     import fused; fused.install(model)                        # replaces model.body, nothing else
 
+install() refuses a config field it has not declared (SUPPORTED) and first runs one forward and backward
+of a perturbed fp32 copy of the model through both bodies: if ddl.py's update has changed, it refuses,
+so the fast path never trains a rule that ddl.py does not run.
+
 Per token, one kernel takes the state X_l, the sublayer's output k~ and the gates v, beta, and gives
 
     k = k~ / sqrt(|k~|^2 + eps_k^2)                      (§3.1, as ddl.py's unit_direction)
@@ -21,10 +25,11 @@ of X_l, k~, v and beta,
     g_k = -beta (G e + X_l u),  g_v = beta u,  g_beta = -u . e   (write-only: g_X = G, g_k = -beta G e)
 
 (g_ names a gradient: g_X = dL/dX_l) and g_k~ from g_k (unit_direction's backward); a second kernel
-reduces over tokens for W's and the norm gain's gradients, g_W[i, j] = sum_t g[t, i] X_{l+1}[t, i, j]. X_{l+1}, x_in and g are recomputed from X_l, so
-the op keeps X_l, k~, beta, e and two norms per token for its backward; taking k~ and giving c, it
-spares torch.compile keeping k and x_in around it (1.1 GiB at the 124m size, measured). TC's read spans
-neighbouring tokens and is not fused. Measured on H100/H200, with what still costs: docs/performance.md.
+reduces over tokens for W's and the norm gain's gradients, g_W[i, j] = sum_t g[t, i] X_{l+1}[t, i, j].
+X_{l+1}, x_in and g are recomputed from X_l, so the op keeps X_l, k~, beta, e and two norms per token
+for its backward; taking k~ and giving c, it spares torch.compile keeping k and x_in around it (1.1 GiB
+at the 124m size, measured). TC's read spans neighbouring tokens and is not fused. Measured on H100/H200,
+with what still costs: docs/performance.md.
 
 Everything is computed in fp32 and rounded to the state's dtype where ddl.py's functions return a
 value in it: k (twice, as unit_direction), X_{l+1}, x_in and c. ddl.py's eager products (beta e,
@@ -72,8 +77,9 @@ def _new_state(x, k, e, beta, X):
 
 @_tuned(tokens=(1, 4), warps=(4, 8, 16))
 @triton.jit
-def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_scale, d: tl.constexpr, d_v: tl.constexpr,
-              ERASE: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
+def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_scale,
+              d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]  # feature index, (BLOCK_D, 1)
     j = tl.arange(0, BLOCK_V)[None, :]  # value channel, (1, BLOCK_V)
     for n in tl.range(0, TOKENS):
@@ -107,9 +113,9 @@ def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_sca
 
 @_tuned(tokens=(1, 4), warps=(4, 8, 16))
 @triton.jit
-def _step_bwd(GXN, GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, k_scale, d: tl.constexpr,
-              d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-              TOKENS: tl.constexpr):
+def _step_bwd(GXN, GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, k_scale,
+              d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]
     j = tl.arange(0, BLOCK_V)[None, :]
     for n in tl.range(0, TOKENS):
@@ -146,13 +152,15 @@ def _step_bwd(GXN, GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BET
         tl.store(G_V + t * d_v + j, (beta * u).to(G_V.dtype.element_ty), mask=mj)
         tl.store(G_BETA + t, (-tl.sum(u * e)).to(G_BETA.dtype.element_ty), mask=live)
 
-CHUNK = 64  # tokens per program of the weight's gradient: partial sums (n_tok / CHUNK, d, d_v), added up after
+CHUNK = 64  # tokens per program of the weight's gradient: partial sums (n_tok / CHUNK, d, d_v), summed after
+WEIGHT_TILES = [triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w)
+                for bi in (16, 32, 64) for bt in (8, 16) for w in (2, 4)]
 
-@triton.autotune([triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w) for bi in (16, 32, 64) for bt in (8, 16)
-                  for w in (2, 4)][:1 if INTERPRET else None], key=["d", "d_v", "NORM", "CHUNK"])
+@triton.autotune(WEIGHT_TILES[:1] if INTERPRET else WEIGHT_TILES, key=["d", "d_v", "NORM", "CHUNK"])
 @triton.jit
-def _weight_bwd(GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale, CHUNK: tl.constexpr, d: tl.constexpr,
-                d_v: tl.constexpr, NORM: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
+def _weight_bwd(GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale,
+                CHUNK: tl.constexpr, d: tl.constexpr, d_v: tl.constexpr, NORM: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
     # dW[i, j] = sum over tokens of g[t, i] X_{l+1}[t, i, j] and g_gamma[i] = sum of dc[t, i] x_in[t, i] r[t],
     # with X_{l+1}, x_in and g recomputed; this program: features [i0, i0 + BLOCK_I), tokens [t0, t0 + CHUNK)
     i0, t0 = tl.program_id(0) * BLOCK_I, tl.program_id(1) * CHUNK
@@ -177,7 +185,8 @@ def _weight_bwd(GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, 
             xin = _rounded(tl.sum(w * xn, axis=2, keep_dims=True), X)
             r = tl.load(RSTD + t, mask=live, other=0.0)
             g_gamma += g * xin * r
-            g = r * g * tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32) - xin * tl.load(S + t, mask=live, other=0.0)
+            gamma = tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
+            g = r * g * gamma - xin * tl.load(S + t, mask=live, other=0.0)
         g_w += xn * g
     ii = i0 + tl.arange(0, BLOCK_I)[:, None]
     jj = tl.arange(0, BLOCK_V)[None, :]
@@ -191,8 +200,8 @@ def _fp32_per_token(beta, *trailing):
     return beta.new_empty(*beta.shape, *trailing, dtype=torch.float32)
 
 @torch.library.custom_op("ddl_fused::step", mutates_args=())
-def step(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: Optional[Tensor], k_eps: float,
-         erase: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def step(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: Optional[Tensor],
+         k_eps: float, erase: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """X (..., d, d_v), k~ (..., d), v (..., d_v), beta (...), W (d, d_v) the next CC mix, gamma (d) the next
     norm's gain (None: no norm, c = x_in) -> X_{l+1}, c (..., d) in X's dtype, and in fp32 for the
     backward: e (..., d_v), 1 / rms(k~) and 1 / rms(x_in) (...)."""
@@ -209,8 +218,8 @@ def step(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: 
 @step.register_fake
 def _(X, k_tilde, v, beta, W, gamma, k_eps, erase):
     d_v = W.shape[1]  # contiguous outputs, as the op's (it makes its inputs contiguous first)
-    return (X.new_empty(X.shape), X.new_empty(X.shape[:-1]), _fp32_per_token(beta, d_v), _fp32_per_token(beta),
-            _fp32_per_token(beta))
+    per_token = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
+    return (X.new_empty(X.shape), X.new_empty(X.shape[:-1]), *per_token)
 
 @torch.library.custom_op("ddl_fused::step_backward", mutates_args=())
 def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, k_tilde: Tensor, e: Tensor, beta: Tensor, W: Tensor,
@@ -272,7 +281,8 @@ def fused_body(model, X, cache=None):
     for n, branch in enumerate(branches):
         nxt = branches[n + 1] if n + 1 < len(branches) else None
         # the next sublayer's compressor and norm; after the last sublayer, the final compressor, no norm
-        compressor, gamma = (nxt.compressor, nxt.norm_gain.to(X.dtype)) if nxt else (model.final_compressor, None)
+        compressor, gamma = (nxt.compressor, nxt.norm_gain) if nxt else (model.final_compressor, None)
+        gamma = None if gamma is None else gamma.to(X.dtype)
         X, c, *_ = checked_step(X, k_tilde, branch.value(c), branch.gate(c).squeeze(-1),
                                 compressor.mix.to(X.dtype), gamma, model.config.k_eps,
                                 model.config.residual == "delta")
@@ -294,8 +304,9 @@ def check_config(gpt):
     for f in dataclasses.fields(gpt.config):
         value = getattr(gpt.config, f.name)
         if f.name not in SUPPORTED:
-            raise ConfigError(f"fused: GPTConfig.{f.name} is not declared in fused.SUPPORTED: fused.py does not "
-                              "know whether its kernels run it; declare it there, with a test, or run unfused")
+            raise ConfigError(f"fused: GPTConfig.{f.name} is not declared in fused.SUPPORTED: fused.py "
+                              "does not know whether its kernels run it; declare it there, with a test, "
+                              "or run unfused")
         if SUPPORTED[f.name] is not None and value not in SUPPORTED[f.name]:
             raise ConfigError(f"fused: {f.name}={value!r} is not supported: must be {WHY[f.name]}")
     dtype, device = gpt.wte.weight.dtype, gpt.wte.weight.device
@@ -324,13 +335,16 @@ def check_against_ddl(gpt, tol=1e-4):
         loss = ref(idx[:, :-1], idx[:, 1:])
         loss.backward()
         results.append({"loss": loss.detach(), **{n: p.grad for n, p in ref.named_parameters()}})
+    for kernel in (_step_fwd, _step_bwd, _weight_bwd):
+        kernel.cache.clear()  # tiles autotuned on the check's few tokens must not serve the real run
     for name, want in results[0].items():
         got = results[1][name]
         err = (got - want).abs().max().item() / (want.abs().max().item() + 1e-12)
         if not err <= tol:
             raise ConfigError(f"fused: fused.py disagrees with ddl.py on this model: {name} "
                               f"{'' if name == 'loss' else 'gradient '}off by {err:.2g} (relative, fp32): "
-                              "ddl.py's update runs a rule the kernels do not; update fused.py or run unfused")
+                              "ddl.py's update runs a rule the kernels do not; update fused.py or run "
+                              "unfused")
 
 def install(model):
     """Run model's state updates through the fused kernels (replaces model.body, nothing else), after

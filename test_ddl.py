@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ddl
-from ddl import GPT, GPTConfig, delta_operator, delta_update, unit_direction
+from ddl import GPT, GPTConfig, delta_update, unit_direction
 
 TINY = dict(vocab_size=97, n_layer=2, n_head=2, head_dim=8, n_embd=16, block_size=32)
 VARIANTS = {
@@ -76,7 +76,10 @@ def o_rope(x, offset=0):
     for i in range(D // 2):
         angle = torch.arange(offset, offset + T, dtype=F64)[:, None] * 10000.0 ** (-2 * i / D)
         a, b = x[..., i], x[..., i + D // 2]
-        out[..., i], out[..., i + D // 2] = a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()
+        out[..., i], out[..., i + D // 2] = (
+            a * angle.cos() - b * angle.sin(),
+            a * angle.sin() + b * angle.cos(),
+        )
     return out
 
 
@@ -157,14 +160,14 @@ def o_loss(logits, targets):
     return -logp[keep].gather(-1, targets[keep][:, None]).mean()
 
 
-# ============================================================================ Prop. 2.1: the spectrum of A = I - beta k k^T
+# ======================================================= Prop. 2.1: the spectrum of A = I - beta k k^T
 
 @pytest.mark.parametrize("d", [2, 7, 64])
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0, 1.5, 2.0])
 def test_proposition_2_1_spectrum(d, beta):
     gen = torch.Generator().manual_seed(d)
     k, b = random_unit(d, gen), torch.tensor(beta, dtype=F64)
-    A = delta_operator(k, b)
+    A = torch.eye(d, dtype=F64) - beta * torch.outer(k, k)  # Eq. 2.2's shortcut (the model never builds it)
     want = torch.tensor(sorted([1 - beta] + [1.0] * (d - 1)), dtype=F64)
     check_tensor("eigenvalues of A", torch.linalg.eigvalsh(A), want, atol=1e-12)
     check_tensor("A k", A @ k, (1 - beta) * k, atol=1e-12)
@@ -179,16 +182,18 @@ def test_proposition_2_1_spectrum(d, beta):
     if beta == 2.0:  # Householder reflection
         check_tensor("A^T A (reflection)", A.T @ A, I, atol=1e-12)
         check_tensor("A A (reflection)", A @ A, I, atol=1e-12)
-    # the d_v columns of X each see A: vec(A X) = (I_dv kron A) vec(X), and the write adds beta k v^T
+    # what the model runs, delta_update, is A X + beta k v^T: each of the d_v columns of X sees A
     X = torch.randn(d, 3, dtype=F64, generator=gen)
     v = torch.randn(3, dtype=F64, generator=gen)
     kron = torch.kron(torch.eye(3, dtype=F64), A)
     vec = lambda M: M.T.reshape(-1)
-    check_tensor("vec(A X)", vec(delta_update(X, k, torch.zeros(3, dtype=F64), b[None])), kron @ vec(X), atol=1e-12)
+    check_tensor(
+        "vec(A X)", vec(delta_update(X, k, torch.zeros(3, dtype=F64), b[None])), kron @ vec(X), atol=1e-12
+    )
     check_tensor("delta_update", delta_update(X, k, v, b[None]), A @ X + beta * torch.outer(k, v), atol=1e-12)
 
 
-# ============================================================================ Eq. 2.2-2.4: the update and its readout error
+# ======================================================= Eq. 2.2-2.4: the update and its readout error
 
 def test_eq_2_4_readout_error_contracts_by_one_minus_beta():
     gen = torch.Generator().manual_seed(1)
@@ -200,7 +205,9 @@ def test_eq_2_4_readout_error_contracts_by_one_minus_beta():
     e_pre, e_post = readout(X) - v, readout(delta_update(X, k, v, beta)) - v
     check_tensor("e_post", e_post, (1 - beta) * e_pre, atol=1e-12)
     assert e_pre.abs().min() > 1e-3  # the check above is not vacuous
-    check_tensor("k^T X at beta = 1", readout(delta_update(X, k, v, torch.ones(5, 1, dtype=F64))), v, atol=1e-12)
+    check_tensor(
+        "k^T X at beta = 1", readout(delta_update(X, k, v, torch.ones(5, 1, dtype=F64))), v, atol=1e-12
+    )
     assert torch.equal(delta_update(X, k, v, torch.zeros(5, 1, dtype=F64)), X)
 
 
@@ -243,11 +250,14 @@ def test_eq_2_2_write_control_has_no_erase_term_and_readout_error_sign():
     beta = torch.rand(3, 1, dtype=F64, generator=gen) * 2
     want = X + beta[..., None] * k[:, :, None] * v[:, None, :]
     check_tensor("write_update", ddl.write_update(X, k, v, beta), want, atol=1e-12)
-    check_tensor("readout_error", ddl.readout_error(X, k, v), torch.einsum("ni,nij->nj", k, X) - v, atol=1e-12)
+    check_tensor(
+        "readout_error", ddl.readout_error(X, k, v), torch.einsum("ni,nij->nj", k, X) - v, atol=1e-12
+    )
 
 
 def test_eq_2_2_value_and_gate_projections():
-    """v = v_scale sigmoid(W_v c + b_v) (v_scale = 0: W_v c + b_v), beta = 2 sigmoid(w.c + b), one per token."""
+    """v = v_scale sigmoid(W_v c + b_v) (v_scale = 0: W_v c + b_v); beta = 2 sigmoid(w.c + b), one per
+    token."""
     gen = torch.Generator().manual_seed(6)
     c = torch.randn(2, 5, 16, dtype=F64, generator=gen)
     for v_scale in (2.5, 0.0):
@@ -258,15 +268,24 @@ def test_eq_2_2_value_and_gate_projections():
         check_tensor("beta", br.gate(c), want[..., None], atol=1e-6)
 
 
-BRANCH_CASES = [("additive", 1, "cc", 4.0), ("delta", 1, "cc", 2.5), ("write", 1, "cc", 0.0),
-                ("delta", 4, "cc", 2.5), ("delta", 4, "tc", 0.0), ("write", 4, "cc", 2.5), ("write", 4, "tc", 4.0)]
+BRANCH_CASES = [
+    ("additive", 1, "cc", 4.0),
+    ("delta", 1, "cc", 2.5),
+    ("write", 1, "cc", 0.0),
+    ("delta", 4, "cc", 2.5),
+    ("delta", 4, "tc", 0.0),
+    ("write", 4, "cc", 2.5),
+    ("write", 4, "tc", 4.0),
+]
 
 
 @pytest.mark.parametrize("residual,d_v,compressor,v_scale", BRANCH_CASES)
 def test_eq_2_2_each_residual_kind_follows_its_own_formula(residual, d_v, compressor, v_scale):
     """additive: X + F(c); delta: X + beta k (v^T - k^T X); write: X + beta k v^T, with
     c = RMSNorm(compress(X)) * gain, k = F(c) / sqrt(|F(c)|^2 + eps^2), on random parameters."""
-    m = scrambled(residual=residual, d_v=d_v, compressor=compressor, v_scale=v_scale, k_eps=0.5, conv_kernel=3)
+    m = scrambled(
+        residual=residual, d_v=d_v, compressor=compressor, v_scale=v_scale, k_eps=0.5, conv_kernel=3
+    )
     gen = torch.Generator().manual_seed(7)
     for br in (m.blocks[0].attn, m.blocks[1].mlp):
         X = torch.randn(2, 9, 16, d_v, dtype=F64, generator=gen)
@@ -286,11 +305,13 @@ def test_section_3_1_unit_direction_is_the_eps_regularised_normalisation():
     check_tensor("|k| at eps 0", unit_direction(kt, 0.0).norm(dim=-1), torch.ones(4, dtype=F64), atol=1e-12)
 
 
-# ============================================================================ §3.2 and App. A.2: the expanded state, compressors, EC
+# ============================================== §3.2 and App. A.2: the expanded state, compressors, EC
 
 def test_section_3_2_token_compressor_equals_convolution_then_read():
     """DDL-TC sums over d_v before shifting tokens; that must equal the conv-then-read definition."""
-    tc = tiny_model(residual="delta", d_v=4, compressor="tc", conv_kernel=3).blocks[0].attn.compressor.double()
+    tc = (
+        tiny_model(residual="delta", d_v=4, compressor="tc", conv_kernel=3).blocks[0].attn.compressor.double()
+    )
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         tc.taps.copy_(torch.randn(tc.taps.shape, generator=gen))
@@ -331,7 +352,7 @@ def test_app_a_2_expanded_state_uses_the_autocast_dtype():
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
-# ============================================================================ the model: gradients, causality, the whole forward
+# ================================================== the model: gradients, causality, the whole forward
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_parameter_of_every_variant_receives_a_gradient(name):
@@ -490,7 +511,9 @@ def test_weight_decay_by_role_and_a_new_parameter_must_declare_one():
     """Decayed: the matrices (Linear and embedding weights, W_v, CC's mix, TC's taps, EC's weight); not
     decayed: gains, biases, the gate's w_beta (2-D, decided by name, not rank) and TC's channel mix."""
     m = tiny_model(residual="delta", d_v=4, compressor="tc")
-    decayed, plain = (set(map(id, g["params"])) for g in m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu").param_groups)
+    decayed, plain = (
+        set(map(id, g["params"])) for g in m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
+    )
     names = {n: id(p) in decayed for n, p in m.named_parameters()}
     for n, is_decayed in names.items():
         role = n.rsplit(".", 1)[-1]
@@ -501,14 +524,28 @@ def test_weight_decay_by_role_and_a_new_parameter_must_declare_one():
         m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu")
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(n_embd=20), "n_embd"), (dict(d_v=0), "d_v"), (dict(residual="sum"), "residual"),
-    (dict(compressor="xx"), "compressor"), (dict(beta_init=2.5), "beta_init"), (dict(conv_kernel=0), "conv_kernel"),
-    (dict(residual="additive", d_v=4), "d_v"), (dict(k_eps=0.0), "k_eps"), (dict(v_scale=-1.0), "v_scale"),
-    (dict(embed_conv="no"), "embed_conv"), (dict(n_layer=True), "n_layer"), (dict(d_v=2.0), "d_v"),
-    (dict(vocab_size=0), "vocab_size"), (dict(n_layer=0), "n_layer"), (dict(block_size=0), "block_size"),
-    (dict(n_head=4, head_dim=3, n_embd=12), "head_dim"), (dict(beta_init=-0.1), "beta_init"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(n_embd=20), "n_embd"),
+        (dict(d_v=0), "d_v"),
+        (dict(residual="sum"), "residual"),
+        (dict(compressor="xx"), "compressor"),
+        (dict(beta_init=2.5), "beta_init"),
+        (dict(conv_kernel=0), "conv_kernel"),
+        (dict(residual="additive", d_v=4), "d_v"),
+        (dict(k_eps=0.0), "k_eps"),
+        (dict(v_scale=-1.0), "v_scale"),
+        (dict(embed_conv="no"), "embed_conv"),
+        (dict(n_layer=True), "n_layer"),
+        (dict(d_v=2.0), "d_v"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(block_size=0), "block_size"),
+        (dict(n_head=4, head_dim=3, n_embd=12), "head_dim"),
+        (dict(beta_init=-0.1), "beta_init"),
+    ],
+)
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ddl.ConfigError, match=f"GPTConfig.{field}="):
         GPTConfig(**{**TINY, **kw})
@@ -516,11 +553,16 @@ def test_config_errors_name_the_field(kw, field):
 
 
 def test_config_accepts_the_edges_of_its_ranges_and_ints_for_floats():
-    for kw in (dict(beta_init=0.0), dict(beta_init=2), dict(v_scale=0), dict(d_v=1, conv_kernel=1, n_layer=1)):
+    for kw in (
+        dict(beta_init=0.0),
+        dict(beta_init=2),
+        dict(v_scale=0),
+        dict(d_v=1, conv_kernel=1, n_layer=1),
+    ):
         GPTConfig(**{**TINY, **kw})
 
 
-# ============================================================================ §5: the gate audit, and check_spectrum
+# ============================================================== §5: the gate audit, and check_spectrum
 
 def test_gate_stats_costs_nothing_when_off_and_reports_when_on():
     m = tiny_model(residual="delta", d_v=4)
@@ -532,7 +574,9 @@ def test_gate_stats_costs_nothing_when_off_and_reports_when_on():
     m(torch.randint(0, 97, (1, 8)))
     rows = m.gate_stats()
     assert [(r["layer"], r["sublayer"]) for r in rows] == [(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")]
-    assert all(r["k_tilde_norm_min"] > 0 and r["e_pre_max"] >= r["e_pre_mean"] >= r["e_pre_min"] >= 0 for r in rows)
+    assert all(
+        r["k_tilde_norm_min"] > 0 and r["e_pre_max"] >= r["e_pre_mean"] >= r["e_pre_min"] >= 0 for r in rows
+    )
     with pytest.raises(ValueError, match="additive"):
         tiny_model(residual="additive").gate_stats()
 
@@ -557,7 +601,9 @@ def test_gate_stats_equal_a_hand_computation():
         assert row["beta_hist"] == hist.tolist()
         for key, t in (("beta", beta), ("k_tilde_norm", k_tilde_norm), ("e_pre", e_pre)):
             got = [row[f"{key}_{s}"] for s in ("min", "mean", "max")]
-            assert got == pytest.approx([t.min().item(), t.mean().item(), t.max().item()], rel=1e-5, abs=1e-6), key
+            assert got == pytest.approx(
+                [t.min().item(), t.mean().item(), t.max().item()], rel=1e-5, abs=1e-6
+            ), key
     m.record_gates(False)
     assert all(blk.attn.stats is None and not blk.mlp.record for blk in m.blocks)
 
@@ -629,8 +675,10 @@ def test_cached_forward_equals_the_full_forward_token_by_token(name):
         want = m(seq[:, :prompt_len])[:, -1:]
         check_tensor(f"{name}: logits after a prompt of {prompt_len}", got, want, atol=1e-5, rtol=1e-5)
         for t in range(prompt_len + 1, 13):
-            got = m(seq[:, t - 1:t], cache=cache)
-            check_tensor(f"{name}: cached logits at length {t}", got, m(seq[:, :t])[:, -1:], atol=1e-5, rtol=1e-5)
+            got = m(seq[:, t - 1 : t], cache=cache)
+            check_tensor(
+                f"{name}: cached logits at length {t}", got, m(seq[:, :t])[:, -1:], atol=1e-5, rtol=1e-5
+            )
         assert cache.pos == 12
 
 
@@ -641,10 +689,10 @@ def full_recompute_generate(m, prompt, steps, temperature, top_k):
         logits = m(idx[:, -m.config.block_size:])[:, -1]
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            kth = logits.topk(top_k).values[:, [-1]]
-            nxt = torch.multinomial(logits.masked_fill(logits < kth, -math.inf).softmax(-1), 1)
+        else:  # a draw among the top_k, with probabilities softmax(logits / temperature) over them
+            top, ids = logits.topk(top_k)
+            p = torch.exp(top / temperature - (top / temperature).logsumexp(-1, keepdim=True))
+            nxt = ids.gather(-1, torch.multinomial(p, 1))
         idx = torch.cat([idx, nxt], dim=1)
     return idx
 
@@ -705,7 +753,9 @@ def test_generate_divides_the_logits_by_the_temperature_within_top_k_and_n_vocab
     m = fixed_logits_model(torch.cat([logits, torch.full((90,), -5.0)]))
     prompt = torch.zeros(4000, 1, dtype=torch.long)
     torch.manual_seed(0)
-    freq = lambda **kw: torch.bincount(m.generate(prompt, 1, n_vocab=5, **kw)[:, 1], minlength=97).float() / 4000
+    freq = lambda **kw: (
+        torch.bincount(m.generate(prompt, 1, n_vocab=5, **kw)[:, 1], minlength=97).float() / 4000
+    )
     want = torch.zeros(97)
     want[2:5] = torch.softmax(logits[2:5] / 2.0, dim=0)  # top_k = 3 of the first 5, temperature 2
     check_tensor("frequencies at temperature 2, top_k 3", freq(temperature=2.0, top_k=3), want, atol=0.03)

@@ -1,5 +1,6 @@
 """fused.py: the Triton path pinned to ddl.py and to the written-out rule. The kernels run in Triton's CPU
-interpreter (TRITON_INTERPRET=1, set in conftest.py before anything imports Triton); without Triton they skip."""
+interpreter (TRITON_INTERPRET=1, set in conftest.py before anything imports Triton); without Triton they
+skip."""
 import dataclasses
 import json
 import math
@@ -20,7 +21,7 @@ from test_ddl import F64, VARIANTS, o_rms, scrambled, tiny_model
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ---------------------------------------------------------------------------- fused.py: the Triton path, pinned to the reference
+# -------------------------------------------------- fused.py: the Triton path, pinned to the reference
 # The kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before fused.py is imported).
 # CI installs Triton for these tests (.ci/run); without it they are skipped.
 
@@ -53,9 +54,18 @@ def step_inputs(dtype, B=2, T=5, d=24, d_v=3, seed=5):
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(B, T, d, d_v, generator=gen, dtype=F64)
     k_tilde = torch.randn(B, T, d, generator=gen, dtype=F64) * torch.rand(B, T, 1, generator=gen, dtype=F64)
-    v, beta = 4 * torch.rand(B, T, d_v, generator=gen, dtype=F64), 2 * torch.rand(B, T, generator=gen, dtype=F64)
-    W, gamma = torch.randn(d, d_v, generator=gen, dtype=F64) / 2, 1 + torch.randn(d, generator=gen, dtype=F64) / 2
-    grads = torch.randn(B, T, d, d_v, generator=gen, dtype=F64), torch.randn(B, T, d, generator=gen, dtype=F64)
+    v, beta = (
+        4 * torch.rand(B, T, d_v, generator=gen, dtype=F64),
+        2 * torch.rand(B, T, generator=gen, dtype=F64),
+    )
+    W, gamma = (
+        torch.randn(d, d_v, generator=gen, dtype=F64) / 2,
+        1 + torch.randn(d, generator=gen, dtype=F64) / 2,
+    )
+    grads = (
+        torch.randn(B, T, d, d_v, generator=gen, dtype=F64),
+        torch.randn(B, T, d, generator=gen, dtype=F64),
+    )
     return [X.to(dtype), k_tilde.to(dtype), v.float(), beta.float(), W.to(dtype), gamma.to(dtype)], grads
 
 
@@ -72,7 +82,9 @@ def rel_err(a, b):
 
 def fused_step(fused, erase, norm=True):
     """fused.step on step_inputs' list; without the norm, gamma is not passed (and gets no gradient)."""
-    return lambda X, kt, v, beta, W, gamma: fused.step(X, kt, v, beta, W, gamma if norm else None, EPS_K, erase)
+    return lambda X, kt, v, beta, W, gamma: fused.step(
+        X, kt, v, beta, W, gamma if norm else None, EPS_K, erase
+    )
 
 
 def oracle_step(erase, norm=True):
@@ -138,11 +150,13 @@ def test_fused_step_rounds_where_ddl_rounds_in_bf16(fused):
     R, dc = bf16_toward_zero, dc.float()
     with torch.no_grad():
         k = R(R(kt.float() * rk[..., None]) * (1 / math.sqrt(40)))
-        assert torch.equal(Xn.float(), R(X.float() - beta[..., None, None] * k[..., :, None] * e[..., None, :]))
+        assert torch.equal(
+            Xn.float(), R(X.float() - beta[..., None, None] * k[..., :, None] * e[..., None, :])
+        )
         x_in = R((W * Xn.float()).sum(-1))
         r = torch.rsqrt((x_in * x_in).mean(-1, keepdim=True) + 1e-5)
         assert (R(x_in * r * gamma) == c.float()).float().mean() > 0.99
-        s = (gamma * dc * x_in).sum(-1, keepdim=True) * r ** 3 / 40
+        s = (gamma * dc * x_in).sum(-1, keepdim=True) * r**3 / 40
         assert rel_err(W.grad, ((r * gamma * dc - x_in * s)[..., None] * Xn.float()).sum((0, 1))) < 1e-5
         assert rel_err(gamma.grad, (dc * x_in * r).sum((0, 1))) < 1e-5
 
@@ -153,7 +167,9 @@ def test_fused_kernels_read_nothing_past_their_inputs(fused):
     inputs, grads = step_inputs(torch.float32)
 
     def nan_tailed(t):
-        return torch.cat([t.flatten(), torch.full((256,), float("nan"), dtype=t.dtype)])[:t.numel()].view(t.shape)
+        return torch.cat([t.flatten(), torch.full((256,), float("nan"), dtype=t.dtype)])[: t.numel()].view(
+            t.shape
+        )
 
     got = outputs_and_grads(fused_step(fused, True), inputs, grads)  # clean copies
     ins = [nan_tailed(t).requires_grad_() for t in inputs]
@@ -222,9 +238,11 @@ def test_fused_gate_audit_records_through_ddl_forward(fused):
 
 
 def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
-    for kw, message in ((dict(d_v=1), "fused: d_v=1 is not supported: must be > 1"),
-                        (dict(d_v=4, check_spectrum=True), "fused: check_spectrum=True is not supported"),
-                        (dict(d_v=4, compressor="tc"), "fused: compressor='tc' is not supported: must be cc")):
+    for kw, message in (
+        (dict(d_v=1), "fused: d_v=1 is not supported: must be > 1"),
+        (dict(d_v=4, check_spectrum=True), "fused: check_spectrum=True is not supported"),
+        (dict(d_v=4, compressor="tc"), "fused: compressor='tc' is not supported: must be cc"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             fused.install(tiny_model(**kw))
     monkeypatch.setattr(fused, "INTERPRET", False)  # a CPU model without the interpreter
@@ -232,7 +250,7 @@ def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
         fused.install(tiny_model(d_v=4))
 
 
-# ---------------------------------------------------------------------------- the fast path cannot drift from ddl.py
+# -------------------------------------------------------------- the fast path cannot drift from ddl.py
 # Changes a reader of the paper would make in ddl.py: install() must refuse each, never train the old rule.
 
 def test_fused_install_refuses_a_config_field_it_has_not_declared(fused):
@@ -278,18 +296,35 @@ def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path, monk
     logs, steps_run = [], []
     for on in ("false", "true"):
         out = tmp_path / on
-        train.main(["--preset=smoke", "--n_embd=16", "--head_dim=8", "--block_size=16", "--max_steps=1", "--eval_interval=1",
-                    "--val_tokens=32", "--log_interval=1", "--batch_size=2", "--total_batch=2", "--sample_tokens=0",
-                    "--device=cpu", f"--fused={on}",
-                    f"--data_dir={tmp_path / 'none'}", f"--out_dir={out}"])
-        logs.append([r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if r["type"] in ("train", "val")])
+        train.main(
+            [
+                "--preset=smoke",
+                "--n_embd=16",
+                "--head_dim=8",
+                "--block_size=16",
+                "--max_steps=1",
+                "--eval_interval=1",
+                "--val_tokens=32",
+                "--log_interval=1",
+                "--batch_size=2",
+                "--total_batch=2",
+                "--sample_tokens=0",
+                "--device=cpu",
+                f"--fused={on}",
+                f"--out_dir={out}",
+            ]
+        )
+        logs.append(
+            [r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if r["type"] in ("train", "val")]
+        )
         steps_run.append(len(calls))
     assert steps_run[0] == 0 and steps_run[1] > 0  # the kernels ran in the fused run only
     assert len(logs[0]) == 3 and logs[1] == pytest.approx(logs[0], rel=1e-5)  # val 0, train 1, val 1
 
 
 def test_bench_reference_step_is_the_written_out_rule():
-    """bench.py's float64 reference for the fast-path check (k, Eq. 2.2, the next read and norm) against o_step."""
+    """bench.py's float64 reference for the fast-path check (k, Eq. 2.2, the next read and norm) against
+    o_step."""
     inputs, _ = step_inputs(F64)
     for got, want in zip(bench.reference_step(*inputs, EPS_K), o_step(*inputs, True)):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
@@ -298,9 +333,24 @@ def test_bench_reference_step_is_the_written_out_rule():
 def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
     monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile, fused: None)
     monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: (fn(), 1.0)[1])  # one call each, untimed
-    rows = bench.bench(*train.parse_args(
-        ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
-         "--bench_batch=2", "--bench_steps=1", "--bench_variants=additive,cc,tc", "--fused=true", "--device=cpu"], BENCH_KINDS))
+    rows = bench.bench(
+        *train.parse_args(
+            [
+                "--n_layer=1",
+                "--n_head=2",
+                "--head_dim=8",
+                "--n_embd=16",
+                "--block_size=16",
+                "--vocab_size=64",
+                "--bench_batch=2",
+                "--bench_steps=1",
+                "--bench_variants=additive,cc,tc",
+                "--fused=true",
+                "--device=cpu",
+            ],
+            BENCH_KINDS,
+        )
+    )
     assert [r["variant"] for r in rows] == ["additive", "cc+fused", "tc"]  # TC runs ddl.py's read
 
 
@@ -310,7 +360,9 @@ FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24, a large k_eps
     "dv8": dict(residual="delta", d_v=8, compressor="cc", embed_conv=False, n_layer=1),
     "write_dv3": dict(residual="write", d_v=3, compressor="cc", embed_conv=False),
     "d24": dict(residual="delta", d_v=3, compressor="cc", n_head=3, head_dim=8, n_embd=24, n_layer=1),
-    "k_eps": dict(residual="delta", d_v=3, compressor="cc", embed_conv=False, n_layer=1, k_eps=0.5),  # config.k_eps reaches the op
+    "k_eps": dict(
+        residual="delta", d_v=3, compressor="cc", embed_conv=False, n_layer=1, k_eps=0.5
+    ),  # config.k_eps reaches the op
 }
 
 
@@ -349,9 +401,14 @@ def test_fused_step_takes_non_contiguous_inputs(fused):
     inputs, grads = step_inputs(torch.float32, d=20, d_v=3)
     X, k_tilde, v, beta, W, gamma = inputs
     # transposed or strided storage: same values, other strides
-    nc = [X.transpose(0, 1).contiguous().transpose(0, 1), k_tilde.transpose(0, 1).contiguous().transpose(0, 1),
-          v.transpose(0, 1).contiguous().transpose(0, 1), beta.t().contiguous().t(), W.t().contiguous().t(),
-          torch.stack([gamma, gamma], -1)[:, 0]]
+    nc = [
+        X.transpose(0, 1).contiguous().transpose(0, 1),
+        k_tilde.transpose(0, 1).contiguous().transpose(0, 1),
+        v.transpose(0, 1).contiguous().transpose(0, 1),
+        beta.t().contiguous().t(),
+        W.t().contiguous().t(),
+        torch.stack([gamma, gamma], -1)[:, 0],
+    ]
     assert not any(t.is_contiguous() for t in nc)
     got = outputs_and_grads(fused_step(fused, True), nc, grads)
     check_step(got, outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads), 1e-5)
@@ -360,10 +417,15 @@ def test_fused_step_takes_non_contiguous_inputs(fused):
 @pytest.mark.parametrize("tokens,block_i,block_t", [(4, 16, 4), (4, 32, 8), (1, 64, 4)])
 def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block_i, block_t):
     """The autotuner's other configs (the interpreter runs only the first): tokens per program not dividing
-    the token count, feature blocks not dividing d, weight-gradient chunks longer than BLOCK_T and not a multiple."""
+    the token count, feature blocks not dividing d, weight-gradient chunks longer than BLOCK_T and not a
+    multiple."""
     for kern in (fused._step_fwd, fused._step_bwd):
         monkeypatch.setattr(kern, "configs", [fused.triton.Config(dict(TOKENS=tokens), num_warps=4)])
-    monkeypatch.setattr(fused._weight_bwd, "configs", [fused.triton.Config(dict(BLOCK_I=block_i, BLOCK_T=block_t), num_warps=2)])
+    monkeypatch.setattr(
+        fused._weight_bwd,
+        "configs",
+        [fused.triton.Config(dict(BLOCK_I=block_i, BLOCK_T=block_t), num_warps=2)],
+    )
     monkeypatch.setattr(fused, "CHUNK", 10)  # 38 tokens: chunks of 10 (> BLOCK_T, not a multiple), the last 8
     inputs, grads = step_inputs(torch.float32, B=2, T=19, d=40, d_v=3, seed=9)
     got = outputs_and_grads(fused_step(fused, True), inputs, grads)
@@ -385,6 +447,11 @@ def test_fused_install_on_a_compiled_model(fused):
 def test_fused_install_refuses_a_float64_model(fused):
     """The kernels compute in fp32: a float64 model would get fp32-accurate results, silently; and only
     the two dtypes the refusal names (float32, bfloat16) are taken."""
-    for model, dtype in ((scrambled(**VARIANTS["cc"]), "float64"), (tiny_model(**VARIANTS["cc"]).half(), "float16")):
-        with pytest.raises(ConfigError, match=re.escape(f"fused: dtype=torch.{dtype} is not supported: must be")):
+    for model, dtype in (
+        (scrambled(**VARIANTS["cc"]), "float64"),
+        (tiny_model(**VARIANTS["cc"]).half(), "float16"),
+    ):
+        with pytest.raises(
+            ConfigError, match=re.escape(f"fused: dtype=torch.{dtype} is not supported: must be")
+        ):
             fused.install(model)
