@@ -122,6 +122,9 @@ def bench(cfg, mcfg, bcfg):
     """Training and inference throughput of each variant at mcfg's size against the additive
     baseline (or the first variant); prints one table and returns its rows."""
     _, _, dev, ctx = setup(cfg)
+    if cfg.fused and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # as fused.install says
+        raise ConfigError(f"--fused=true: device={dev.type!r} is not supported: fused.py's kernels need cuda "
+                          "(or TRITON_INTERPRET=1 on the CPU)")
     B, T = bcfg.bench_batch, mcfg.block_size
     names = bcfg.bench_variants.split(",")
     if dev.type == "cpu":

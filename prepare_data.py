@@ -4,9 +4,10 @@
     python prepare_data.py --input corpus/ --out data/local   # offline: .txt, .jsonl(.gz), .parquet
 
 Each document (a .txt file, a JSON line, a parquet row): the end-of-text token 50256, then tiktoken GPT-2's
-ordinary encoding of its UTF-8 text as stored. Shards use llm.c's .bin layout (256 int32 header: magic, version,
-token count; uint16 tokens): {prefix}_val_000000.bin holds the input's first --val_tokens (to hold out a file,
-name it first), then {prefix}_train_{k:06d}.bin. run.json marks an unfinished output, manifest.json a complete one.
+ordinary encoding of its UTF-8 text as stored. Shards use llm.c's .bin layout (256 int32 header: magic,
+version, token count; uint16 tokens): {prefix}_val_000000.bin holds the input's first --val_tokens (to hold
+out a file, name it first), then {prefix}_train_{k:06d}.bin. run.json marks an unfinished output,
+manifest.json a complete one.
 """
 import argparse
 import gzip
@@ -35,9 +36,9 @@ def read_shard(path):
         raise DataError(f"{path}: {size} bytes is shorter than the {head}-byte shard header")
     magic, version, n = np.fromfile(path, dtype="<i4", count=3).tolist()
     if (magic, version) != (MAGIC, VERSION):
-        raise DataError(f"{path}: magic {magic}, version {version} (expected {MAGIC}, {VERSION}): not a token shard")
-    if size != head + 2 * n:
-        raise DataError(f"{path}: header says {n} tokens ({head + 2 * n} bytes), the file has {size}: corrupt")
+        raise DataError(f"{path}: magic {magic}, version {version} (not {MAGIC}, {VERSION}): not a shard")
+    if size != (want := head + 2 * n):
+        raise DataError(f"{path}: header says {n} tokens ({want} bytes), the file has {size}: corrupt")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=head, shape=(n,))
 
 def write_atomic(path, *chunks):
@@ -55,7 +56,8 @@ def local_files(paths):
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if f.endswith(EXTENSIONS))
+            files += sorted(os.path.join(r, f) for r, _, fs in os.walk(p)
+                            for f in fs if f.endswith(EXTENSIONS))
         elif os.path.exists(p) and p.endswith(EXTENSIONS):
             files.append(p)
         else:
@@ -85,7 +87,7 @@ def file_documents(path, text_field):
             yield row_text(row, text_field, f"{path} row {i}"), f"{path} row {i}", path
         return
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        for lineno, data in enumerate([f.read()] if path.endswith(".txt") else f, 1):  # a .txt is one document
+        for lineno, data in enumerate([f.read()] if path.endswith(".txt") else f, 1):  # .txt: one document
             try:
                 text, where = data.decode("utf-8"), f"{path} line {lineno}"
             except UnicodeDecodeError as e:
@@ -108,26 +110,26 @@ def documents(args, files):
         try:
             import datasets
         except ImportError:
-            raise DataError("FineWeb-Edu from the hub needs `pip install datasets` (or use --input)") from None
+            raise DataError("FineWeb-Edu from the hub needs `pip install datasets` (or --input)") from None
         source = f"{HUB_DATASET}:{args.name}"
-        for i, row in enumerate(datasets.load_dataset(HUB_DATASET, name=args.name, split="train", streaming=True)):
+        rows = datasets.load_dataset(HUB_DATASET, name=args.name, split="train", streaming=True)
+        for i, row in enumerate(rows):
             yield row_text(row, args.text_field, f"{source} row {i}"), f"{source} row {i}", source
 
 def tokenize(item):
     """(source, tokens) of one document (text, where, source): EOT, then the text's ordinary encoding."""
     text, where, source = item
     try:  # encode_ordinary's tokens as numpy; unlike encode_ordinary it refuses lone surrogates (not UTF-8)
-        body = tiktoken.get_encoding("gpt2").encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        body = tiktoken.get_encoding("gpt2").encode_to_numpy(text, disallowed_special=())
     except UnicodeEncodeError:
         raise DataError(f"{where}: text is not valid UTF-8") from None
     return source, np.concatenate([[EOT], body]).astype(np.uint16)
 
 class ShardWriter:
-    """Cuts the token stream into the val shard, then train shards; val_sources: tokens each source gave val."""
+    """Cuts the token stream into the val shard, then train shards; val_sources: tokens from each source."""
     def __init__(self, args):
         self.args, self.shards, self.val_sources, self.fill = args, [], {}, 0
-        self.split = "val" if args.val_tokens else "train"
-        self.buf = np.empty(args.val_tokens or args.shard_tokens, dtype=np.uint16)
+        self.split, self.buf = "val", np.empty(args.val_tokens, dtype=np.uint16)
 
     def add(self, tokens, source):
         while len(tokens):
@@ -140,17 +142,15 @@ class ShardWriter:
 
     def flush(self):
         if self.fill:
-            name = f"{self.args.prefix}_{self.split}_{sum(s['split'] == self.split for s in self.shards):06d}.bin"
+            k = sum(s["split"] == self.split for s in self.shards)
+            name = f"{self.args.prefix}_{self.split}_{k:06d}.bin"
             write_shard(os.path.join(self.args.out, name), self.buf[:self.fill])
             self.shards.append({"file": name, "split": self.split, "tokens": self.fill})
             print(f"wrote {name}: {self.fill:,} tokens", file=sys.stderr, flush=True)
             self.split, self.fill, self.buf = "train", 0, np.empty(self.args.shard_tokens, dtype=np.uint16)
 
-def read_json(path):
-    """The JSON object in path, or None if there is no such file."""
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+def read_json(path):  # None if there is no such file
+    return json.loads(open(path).read()) if os.path.exists(path) else None
 
 def claim_output(out, run_args, force):
     """The manifest if the same run is complete in `out` (unless force); else clears `out` (another run's
@@ -173,7 +173,8 @@ def prepare(args):
     run_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("workers", "force")}
     manifest = claim_output(args.out, run_args, args.force)
     if manifest:
-        print(f"{args.out} is already complete ({manifest['total_tokens']:,} tokens); --force to redo", file=sys.stderr)
+        print(f"{args.out} is already complete ({manifest['total_tokens']:,} tokens); --force to redo",
+              file=sys.stderr)
         return manifest
     writer, t0, docs, total = ShardWriter(args), time.time(), 0, 0
     tiktoken.get_encoding("gpt2")  # load the BPE once here: forked workers inherit it ready-made
@@ -186,7 +187,8 @@ def prepare(args):
             if args.max_tokens and total >= args.max_tokens:
                 break
     if total <= args.val_tokens:
-        raise DataError(f"the input gave {total:,} tokens: --val_tokens={args.val_tokens} leaves none to train on")
+        raise DataError(f"the input gave {total:,} tokens: --val_tokens={args.val_tokens} leaves none "
+                        "to train on")
     writer.flush()
     manifest = dict(source=args.input or f"{HUB_DATASET}:{args.name}", documents=docs, total_tokens=total,
                     tokenizer="tiktoken gpt2 ordinary encoding, <|endoftext|> (50256) before every document",
@@ -203,22 +205,32 @@ def prepare(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", help="local files or folders (default: FineWeb-Edu from the hub)")
-    p.add_argument("--name", default="sample-10BT", help="FineWeb-Edu config (default: %(default)s)")
+    d = " (default: %(default)s)"
+    p.add_argument("--name", default="sample-10BT", help="FineWeb-Edu config" + d)
     p.add_argument("--out", help="output folder (default: data/fineweb_edu, or data/local with --input)")
     p.add_argument("--prefix", help="shard name prefix (default: fineweb_edu, or local with --input)")
-    p.add_argument("--text_field", default="text", help="JSON / parquet field of the text (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokeniser processes (default: %(default)s)")
-    p.add_argument("--val_tokens", type=int, default=10_485_760, help="val shard tokens (default: %(default)s)")
-    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="train shard tokens (default: %(default)s)")
-    p.add_argument("--max_tokens", type=int, default=0, help="stop after this many tokens (default: %(default)s: all)")
-    p.add_argument("--force", action="store_true", help="redo the output, even a complete one or another run's")
+    p.add_argument("--text_field", default="text", help="JSON / parquet field of the text" + d)
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokeniser processes" + d)
+    p.add_argument("--val_tokens", type=int, default=10_485_760, help="val shard tokens, >= 1" + d)
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="train shard tokens" + d)
+    p.add_argument("--max_tokens", type=int, default=0, help="stop after this many tokens, 0: all" + d)
+    p.add_argument("--force", action="store_true", help="redo the output, even a complete one or another's")
     args = p.parse_args(argv)
     default = "local" if args.input else "fineweb_edu"
     args.out, args.prefix = args.out or os.path.join("data", default), args.prefix or default
-    for field, low in (("workers", 1), ("shard_tokens", 1), ("val_tokens", 0), ("max_tokens", 0)):
+    for field, low in (("workers", 1), ("shard_tokens", 1), ("val_tokens", 1), ("max_tokens", 0)):
         if getattr(args, field) < low:
             raise DataError(f"--{field}={getattr(args, field)} is invalid: must be >= {low}")
+    check_folder("--out", args.out)
     return args
+
+def check_folder(flag, path):
+    """Refuse an output folder that a file stands in the way of (path, or a parent of it), before any work."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise DataError(f"{flag}={path}: {p} is a file, not a folder; choose another {flag}")
 
 def main(argv=None):
     """User errors (DataError) and Ctrl-C end in one line; any other error keeps its traceback."""
@@ -227,7 +239,8 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"prepare_data.py: error: {e}")
     except KeyboardInterrupt:
-        print("prepare_data.py: interrupted: the output is incomplete; rerun to restart from scratch", file=sys.stderr)
+        print("prepare_data.py: interrupted: the output is incomplete; rerun to restart from scratch",
+              file=sys.stderr)
         sys.exit(130)
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def test_bench_fast_path_check_fails_beyond_1e_2_in_bf16_and_1e_5_in_fp32(monkey
     def stand_in(off_bf16, off_fp32):
         def rule(X, k, v, beta):
             scale = {torch.float64: 1.0, torch.bfloat16: 1 + off_bf16, torch.float32: 1 + off_fp32}[X.dtype]
-            return (scale * (X + k[..., None] + v[:, :, None, :] + beta[..., None, None])).to(X.dtype)
+            return (scale * (X + k[..., None] + v[:, :, None, :] + beta[..., None])).to(X.dtype)  # beta: (B, T, 1)
         return rule
 
     for off_bf16, off_fp32, failing in ((2e-2, 0.0, "torch.bfloat16"), (0.0, 5e-5, "torch.float32")):
@@ -108,4 +108,14 @@ def test_bench_refuses_a_cpu_size_that_cannot_fit_and_prints_no_nan(monkeypatch,
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 2**20, "SC_PAGE_SIZE": 4096}[name])  # 4 GiB
     cfg, mcfg, bcfg = train.parse_args(["--preset=124m", "--device=cpu"], (train.TrainConfig, GPTConfig, bench.BenchConfig))
     with pytest.raises(ConfigError, match="needs about .* GiB and 4 GiB are free: use --preset=smoke"):
+        bench.bench(cfg, mcfg, bcfg)
+
+
+def test_bench_fused_on_a_cpu_is_one_line_error_before_any_kernel_runs(monkeypatch):
+    """As train.py (fused.install) says it; without TRITON_INTERPRET=1 Triton finds no driver on a CPU."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(bench, "check_fast_path", lambda *a: pytest.fail("a fused kernel was run on the CPU"))
+    cfg, mcfg, bcfg = train.parse_args(["--preset=smoke", "--device=cpu", "--fused=true"], BENCH_KINDS)
+    with pytest.raises(ConfigError, match="^--fused=true: device='cpu' is not supported: fused.py's kernels need "
+                                          "cuda \\(or TRITON_INTERPRET=1 on the CPU\\)$"):
         bench.bench(cfg, mcfg, bcfg)

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,8 +150,8 @@ def test_input_without_training_tokens_is_refused(tmp_path):
     m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", str(n - 1), "--force")  # one token to train on
     assert [(s["split"], s["tokens"]) for s in m["shards"]] == [("val", n - 1), ("train", 1)]
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(prepare_data.DataError, match="the input gave 0 tokens: --val_tokens=0 leaves none"):
-        run_prepare(tmp_path / "empty.jsonl", tmp_path / "out2", "--val_tokens", "0")
+    with pytest.raises(prepare_data.DataError, match="the input gave 0 tokens: --val_tokens=1 leaves none"):
+        run_prepare(tmp_path / "empty.jsonl", tmp_path / "out2", "--val_tokens", "1")
     assert not (tmp_path / "out2" / "manifest.json").exists()
 
 
@@ -201,20 +202,31 @@ def test_read_shard_refuses_truncated_and_foreign_files(tmp_path):
             ("cut.bin", data[:-10], "cut.bin: header says 100 tokens \\(1224 bytes\\), the file has 1214: corrupt"),
             ("long.bin", data + b"\0\0", "long.bin: header says 100 tokens \\(1224 bytes\\), the file has 1226"),
             ("short.bin", data[:1000], "short.bin: 1000 bytes is shorter than the 1024-byte shard header"),
-            ("magic.bin", b"\x01\x02\x03\x04" + data[4:], "magic.bin: magic 67305985, version 1 .*not a token shard"),
+            ("magic.bin", b"\x01\x02\x03\x04" + data[4:], "magic.bin: magic 67305985, version 1 .*not a shard"),
             ("version.bin", data[:4] + b"\x02\0\0\0" + data[8:], "version.bin: magic 20240520, version 2 ")]:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(prepare_data.DataError, match=message):
             prepare_data.read_shard(tmp_path / name)
 
 
-def test_val_tokens_0_writes_train_shards_only(tmp_path):
+def test_val_tokens_0_is_refused_before_anything_is_written(tmp_path):
+    """train.py needs a val shard: --val_tokens 0 would write train shards that train.py then refuses."""
     write_inputs(tmp_path / "in")
-    want = eot_tokens(DOCS)
-    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "0", "--shard_tokens", "40", "--workers", "1")
-    sizes = [40] * (len(want) // 40) + [len(want) % 40]
-    assert m["shards"] == [{"file": f"local_train_{k:06d}.bin", "split": "train", "tokens": n} for k, n in enumerate(sizes)]
-    assert all_tokens(tmp_path / "out").tolist() == want and m["val_sources"] == {}
+    with pytest.raises(prepare_data.DataError, match="^--val_tokens=0 is invalid: must be >= 1$"):
+        run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "0")
+    assert not (tmp_path / "out").exists()
+    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "1", "--shard_tokens", "40", "--workers", "1")
+    n = len(eot_tokens(DOCS)) - 1
+    assert [s["tokens"] for s in m["shards"]] == [1] + [40] * (n // 40) + [n % 40]
+
+
+def test_an_out_in_the_way_of_a_file_is_refused_before_the_input_is_read(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setattr(prepare_data, "local_files", lambda paths: pytest.fail("the input was read first"))
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(prepare_data.DataError, match=f"^--out={re.escape(str(out))}: "
+                                                         f"{re.escape(str(tmp_path / 'f'))} is a file, not a folder"):
+            prepare_data.prepare(prepare_data.parse_args(["--input", "x.txt", "--out", str(out)]))
 
 
 def test_prepare_option_defaults_and_bounds():
@@ -223,9 +235,10 @@ def test_prepare_option_defaults_and_bounds():
     a = prepare_data.parse_args([])
     assert (a.out, a.prefix, a.input, a.name, a.text_field, a.val_tokens, a.shard_tokens, a.max_tokens, a.force) == (
         os.path.join("data", "fineweb_edu"), "fineweb_edu", None, "sample-10BT", "text", 10_485_760, 100_000_000, 0, False)
-    a = prepare_data.parse_args(["--val_tokens=0", "--max_tokens=0", "--workers=1", "--shard_tokens=1", "--out=o", "--prefix=p"])
-    assert (a.val_tokens, a.max_tokens, a.workers, a.shard_tokens, a.out, a.prefix) == (0, 0, 1, 1, "o", "p")
-    for key, low in (("workers", 1), ("shard_tokens", 1), ("val_tokens", 0), ("max_tokens", 0)):
+    a = prepare_data.parse_args(["--val_tokens=1", "--max_tokens=0", "--workers=1", "--shard_tokens=1", "--out=o",
+                                 "--prefix=p"])
+    assert (a.val_tokens, a.max_tokens, a.workers, a.shard_tokens, a.out, a.prefix) == (1, 0, 1, 1, "o", "p")
+    for key, low in (("workers", 1), ("shard_tokens", 1), ("val_tokens", 1), ("max_tokens", 0)):
         with pytest.raises(prepare_data.DataError, match=f"^--{key}={low - 1} is invalid: must be >= {low}$"):
             prepare_data.parse_args([f"--{key}={low - 1}"])
 
@@ -339,7 +352,7 @@ def test_prepare_only_data_errors_end_in_one_line(tmp_path, monkeypatch):
                         "(allowed: .txt, .jsonl, .jsonl.gz, .parquet, or folders of them)\n")
     with pytest.raises(SystemExit) as e:
         prepare_data.main(["--val_tokens=-1"])
-    assert e.value.code == "prepare_data.py: error: --val_tokens=-1 is invalid: must be >= 0"
+    assert e.value.code == "prepare_data.py: error: --val_tokens=-1 is invalid: must be >= 1"
     assert issubclass(prepare_data.DataError, ValueError)  # train.py's one-line handler catches it too
 
     def buggy(paths):

@@ -1,10 +1,12 @@
 """train.py: the training loop against oracles, checkpoints and resume, torchrun, sampling, and the failures
 a user can hit. CPU, offline; the GPT-2 vocabulary comes from TIKTOKEN_CACHE_DIR in CI (.ci/run)."""
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -15,6 +17,7 @@ import tiktoken
 import torch
 
 import prepare_data
+import rundir
 import train
 from ddl import GPT, ConfigError, GPTConfig
 from test_ddl import TINY, tiny_model
@@ -49,6 +52,7 @@ def test_training_writes_checkpoint_and_log(shards, tmp_path):
     assert ckpt["step"] == 5 and ckpt["model_config"]["compressor"] == "tc"
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert set(ckpt) >= {"model", "optimizer", "step", "config", "data", "rng"}
+    assert log[0]["source_sha256"] == rundir.provenance()["source_sha256"] and "git_dirty" in log[0]
 
 
 def test_tiny_model_overfits_a_fixed_batch():
@@ -76,18 +80,37 @@ def test_resume_is_exact(shards, tmp_path):
     assert vals(straight)[-1] == vals(resumed)[-1]
 
 
+# A failure of the launcher alone, never of train.py: torchrun's rendezvous or its connections
+LAUNCH_ERRORS = "RendezvousConnectionError|RendezvousTimeoutError|Address already in use|Connection (refused|reset)"
+
+
 def test_two_gloo_processes_equal_one_with_double_accumulation(shards, tmp_path):
-    common = [*TRAIN_TINY, f"--data_dir={shards}", "--max_steps=4", "--decay_steps=4", "--total_batch=8", "--peak_tflops=1e-9"]
+    """Not by chance: torchrun's rendezvous store binds port 0 itself (the OS reserves the port it picks:
+    nothing to race for, as an unreserved "free port" is), on 127.0.0.1 (--local-addr: no host-name lookup,
+    which can stall or resolve off-machine); a launch that fails in the launcher alone is retried in a fresh
+    out_dir, up to 3 times. Both runs use one thread each, so neither's rounding depends on the load."""
+    common = [*TRAIN_TINY, f"--data_dir={shards}", "--max_steps=4", "--decay_steps=4", "--total_batch=8",
+              "--peak_tflops=1e-9"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(HERE, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
-                         env=env, capture_output=True, text=True, timeout=240)
+    for attempt in range(3):
+        ddp_dir = tmp_path / f"ddp{attempt}"
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                              "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1",
+                              os.path.join(HERE, "train.py"), *common, f"--out_dir={ddp_dir}"],
+                             env=env, capture_output=True, text=True, timeout=240)
+        if run.returncode == 0 or not re.search(LAUNCH_ERRORS, run.stderr):
+            break
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    train.main([*common, f"--out_dir={tmp_path / 'one'}"])
-    read = lambda d: [json.loads(line) for line in open(tmp_path / d / "log.jsonl")]
-    ddp, one = read("ddp"), read("one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main([*common, f"--out_dir={tmp_path / 'one'}"])
+    finally:
+        torch.set_num_threads(threads)
+    read = lambda d: [json.loads(line) for line in open(d / "log.jsonl")]
+    ddp, one = read(ddp_dir), read(tmp_path / "one")
     assert ddp[0]["world_size"] == 2 and ddp[0]["grad_accum"] == 2 and one[0]["grad_accum"] == 4
-    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["world_size"] == 2  # a resume checks it
+    assert torch.load(ddp_dir / "ckpt.pt", weights_only=False)["world_size"] == 2  # a resume checks it
     lt = lambda log: [r["loss"] for r in log if r["type"] in ("train", "val")]
     assert len(lt(ddp)) == len(lt(one)) == 4 + 2
     assert np.allclose(lt(ddp), lt(one), rtol=1e-5, atol=1e-6)
@@ -106,14 +129,14 @@ def test_help_lists_every_key_with_its_default(capsys):
         train.main(["--help"])
     out = capsys.readouterr().out
     keys = [f.name for kind in (train.TrainConfig, GPTConfig) for f in dataclasses.fields(kind)]
-    assert len(keys) == 42
+    assert {"out_dir", "overwrite", "resume", "num_samples", "temperature", "top_k", "d_v", "compressor"} < set(keys)
     for key in keys:
         line = next(l for l in out.splitlines() if l.startswith(f"  --{key}="))
         assert len(line.split(None, 1)) == 2, f"--{key} has no description"
 
 
 def test_training_errors(shards, tmp_path):
-    with pytest.raises(ValueError, match="no \\*_train_\\*.bin"):
+    with pytest.raises(ValueError, match=f"--data_dir={re.escape(str(tmp_path / 'empty'))}: no \\*_train_\\*.bin"):
         train.main([*TRAIN_TINY, f"--data_dir={tmp_path / 'empty'}", f"--out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="unknown key --n_layers; did you mean --n_layer"):
         train.main(["--n_layers=3"])
@@ -197,18 +220,20 @@ def test_token_stream_needs_one_batch_of_windows_per_process():
     train.TokenStream([np.arange(41, dtype=np.uint16)], 10, 4, seed=0)  # 4 windows of 10 + 1 tokens: one batch
     train.TokenStream([np.arange(81, dtype=np.uint16)], 10, 4, 0, 1, 2)  # 8 windows: 4 for each of 2 processes
     for tokens, world in ((40, 1), (80, 2)):
-        with pytest.raises(prepare_data.DataError, match=f"too few tokens for batch_size=4 x block_size=10 x {world} processes"):
+        with pytest.raises(prepare_data.DataError,
+                           match=f"^too few train tokens for batch_size=4 x block_size=10 x {world} processes$"):
             train.TokenStream([np.arange(tokens, dtype=np.uint16)], 10, 4, 0, 0, world)
 
 
-def test_smoke_preset_trains_on_the_repository_text_and_samples(tmp_path, capsys):
+def test_smoke_preset_trains_on_its_fixed_text_and_samples(tmp_path, capsys):
     out = tmp_path / "smoke"
     train.main(["--preset=smoke", "--max_steps=2", "--decay_steps=200", "--eval_interval=2", "--val_tokens=1024",
-                "--sample_tokens=5", "--device=cpu", f"--data_dir={tmp_path / 'none'}", f"--out_dir={out}"])
+                "--sample_tokens=5", "--device=cpu", f"--out_dir={out}"])
     printed = capsys.readouterr().out
     assert "sample: " in printed and "val loss" in printed
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert log[0]["model_config"]["d_v"] == 4 and [r["step"] for r in log if r["type"] == "val"] == [0, 2]
+    assert log[0]["config"]["data_dir"] == "smoke/kjv.txt"  # the data it used
     train.main(["--mode=sample", f"--out_dir={out}", "--prompt=def", "--sample_tokens=6", "--device=cpu"])
     text = capsys.readouterr().out
     assert text.startswith("def") and len(tiktoken.get_encoding("gpt2").encode_ordinary(text.strip())) >= 3
@@ -374,19 +399,19 @@ def test_validation_loss_is_the_seeded_initial_model_on_the_val_shard(shards, tm
 def test_resume_changes_lists_the_new_settings_and_refuses_another_world_seed_data_or_model():
     cfg, mcfg = train_cfg(), GPTConfig(**TINY)
     ckpt = dict(config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg), world_size=1)
-    assert train.resume_changes(ckpt, dataclasses.replace(cfg, resume=True), mcfg, 1) == {}
-    assert train.resume_changes(ckpt, dataclasses.replace(cfg, resume=True, batch_size=4, lr=2e-3), mcfg, 1) == {
+    assert rundir.resume_changes(ckpt, dataclasses.replace(cfg, resume=True), mcfg, 1) == {}
+    assert rundir.resume_changes(ckpt, dataclasses.replace(cfg, resume=True, batch_size=4, lr=2e-3), mcfg, 1) == {
         "batch_size": [16, 4], "lr": [1e-3, 2e-3]}
     for new_cfg, new_mcfg, world, key in [(cfg, mcfg, 2, "world_size"), (dataclasses.replace(cfg, seed=1), mcfg, 1, "seed"),
                                           (dataclasses.replace(cfg, data_dir="x"), mcfg, 1, "data_dir"),
                                           (cfg, dataclasses.replace(mcfg, d_v=2), 1, "d_v")]:
         with pytest.raises(ConfigError, match=f"the checkpoint's {key} was"):
-            train.resume_changes(ckpt, new_cfg, new_mcfg, world)
+            rundir.resume_changes(ckpt, new_cfg, new_mcfg, world)
 
 
 def test_checkpoint_write_that_dies_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_atomic({"step": 1}, path)
+    rundir.save_atomic({"step": 1}, path)
     real_save = torch.save
 
     def dying_save(obj, f):
@@ -397,7 +422,7 @@ def test_checkpoint_write_that_dies_leaves_the_previous_one_loadable(tmp_path, m
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError):
-        train.save_atomic({"step": 2}, path)
+        rundir.save_atomic({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
 
@@ -532,18 +557,23 @@ def test_data_dir_unfinished_or_with_a_val_shard_shorter_than_one_window(shards,
         run_train(str(data), tmp_path / "o", "--max_steps=0", "--val_tokens=16")
 
 
-GOOD_SETTINGS = dict(batch_size=1, total_batch=1, val_tokens=1, eval_interval=1, log_interval=1, ckpt_interval=1, seed=0,
-                     max_steps=0, decay_steps=0, warmup_steps=0, sample_tokens=0, weight_decay=0.0, peak_tflops=0.0,
-                     beta1=0.0, beta2=0.999, lr=1e-9, grad_clip=1e-9, min_lr=1e-9, mode="sample", device="auto")
+GOOD_SETTINGS = dict(batch_size=1, total_batch=1, val_tokens=1, eval_interval=1, log_interval=1, ckpt_interval=1,
+                     seed=0, max_steps=0, decay_steps=0, warmup_steps=0, sample_tokens=0, weight_decay=0.0,
+                     peak_tflops=0.0, beta1=0.0, beta2=0.999, lr=1e-9, grad_clip=1e-9, min_lr=1e-9, mode="sample",
+                     device="auto", num_samples=1, temperature=0.0, top_k=0, overwrite=True)
 
 
 @pytest.mark.parametrize("key,bad", [
-    *((k, 0) for k in ("batch_size", "total_batch", "val_tokens", "eval_interval", "log_interval", "ckpt_interval")),
-    *((k, -1) for k in ("seed", "max_steps", "decay_steps", "warmup_steps", "sample_tokens")),
+    *((k, 0) for k in ("batch_size", "total_batch", "val_tokens", "eval_interval", "log_interval", "ckpt_interval",
+                       "num_samples")),
+    *((k, -1) for k in ("seed", "max_steps", "decay_steps", "warmup_steps", "sample_tokens", "top_k")),
     ("weight_decay", -1e-9), ("peak_tflops", -1.0), ("beta1", 1.0), ("beta2", 1.0), ("beta1", -0.1), ("lr", 0.0),
-    ("grad_clip", 0.0), ("min_lr", -1e-9), ("min_lr", 2e-9), ("mode", "bench"), ("device", "mps")])
+    ("lr", math.inf), ("grad_clip", 0.0), ("min_lr", -1e-9), ("min_lr", 2e-9), ("mode", "bench"), ("device", "mps"),
+    ("temperature", -1e-9)])
 def test_train_config_refuses_just_outside_each_bound_and_takes_the_bound(key, bad):
     train.TrainConfig(**GOOD_SETTINGS)
+    with pytest.raises(ConfigError, match="^--overwrite=True: excludes --resume: choose one$"):
+        train.TrainConfig(**{**GOOD_SETTINGS, "resume": True})
     with pytest.raises(ConfigError, match=f"^--{key}={re.escape(repr(bad))}: "):
         train.TrainConfig(**{**GOOD_SETTINGS, key: bad})
 
@@ -592,24 +622,40 @@ def test_sampling_never_emits_padding_ids(capsys):
         m.wte.weight[50257:] = 50.0 * torch.randn(50304 - 50257, 16)
     idx = torch.full((1, 1), 50256)
     assert m.generate(idx, 4, top_k=5).max() >= 50257  # the restriction below is not vacuous
-    text = train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext())
-    assert isinstance(text, str) and text.startswith("Hi")
+    [text] = train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext())
+    assert isinstance(text, str) and text.startswith("Hi") and capsys.readouterr().out == text + "\n"
     torch.rand(7)  # the sample is seeded by --seed: the global generator's state does not matter
-    assert train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext()) == text
+    assert train.sample(m, train_cfg(sample_tokens=8, prompt="Hi"), torch.device("cpu"), nullcontext()) == [text]
 
 
-def test_sample_asks_for_sample_tokens_after_eot_and_the_prompt_and_decodes_them():
-    enc, calls = tiktoken.get_encoding("gpt2"), []
+class Echo:
+    """Stands in for GPT: generate_tokens yields the ids of `tokens`, one (1, 1) tensor at a time, and
+    records what it was asked; each yield prints a mark, so the test sees what sample printed before it."""
+    def __init__(self, tokens):
+        self.tokens, self.calls = tokens, []
 
-    class Echo:  # generate appends " x" (id 2124) max_new_tokens times
-        def generate(self, idx, max_new_tokens, **kw):
-            calls.append((idx.tolist(), max_new_tokens, kw.get("n_vocab")))
-            return torch.cat([idx, torch.full((1, max_new_tokens), 2124)], 1)
+    def generate_tokens(self, idx, max_new_tokens, temperature, top_k, n_vocab):
+        self.calls.append((idx.tolist(), max_new_tokens, temperature, top_k, n_vocab))
+        for t in self.tokens[:max_new_tokens]:
+            print("|", end="")
+            yield torch.tensor([[t]])
 
+
+def test_sample_streams_the_text_as_generated_with_the_sampling_keys(capsys):
+    """Each new token's text is printed before the next is asked for; a character whose UTF-8 bytes span
+    two tokens (tiktoken's byte tokens: é is 0xC3 0xA9) comes out whole once its last byte arrives."""
+    enc = tiktoken.get_encoding("gpt2")
     assert enc.decode([2124]) == " x"
-    text = train.sample(Echo(), train_cfg(sample_tokens=3, prompt="Deep delta"), torch.device("cpu"), nullcontext())
-    assert text == "Deep delta x x x"
-    assert calls == [([[50256] + enc.encode_ordinary("Deep delta")], 3, 50257)]
+    first, second = enc.encode_single_token(b"\xc3"), enc.encode_single_token(b"\xa9")
+    echo = Echo([2124, first, second, 2124])
+    cfg = train_cfg(sample_tokens=4, prompt="Deep delta", temperature=0.5, top_k=7, num_samples=2)
+    assert train.sample(echo, cfg, torch.device("cpu"), nullcontext()) == ["Deep delta x\u00e9 x"] * 2
+    out, err = capsys.readouterr()
+    assert out == "Deep delta| x||\u00e9| x\n---------------\n" * 2
+    assert re.fullmatch(r"8 tokens in [0-9.]+ s: [0-9.]+ tokens/s\n", err)
+    assert echo.calls == [([[50256] + enc.encode_ordinary("Deep delta")], 4, 0.5, 7, 50257)] * 2
+    train.sample(echo, train_cfg(sample_tokens=1, top_k=0), torch.device("cpu"), nullcontext())
+    assert echo.calls[-1][2:] == (0.8, None, 50257)  # the defaults; top_k 0: every id
 
 
 def test_sample_mode_continues_the_prompt_with_the_checkpoints_weights(shards, tmp_path, capsys):
@@ -628,7 +674,7 @@ def run_script(*argv, code=None):
 
 def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path):
     r = run_script("--lr=-1")
-    assert r.returncode == 1 and r.stderr == "train.py: error: --lr=-1.0: must be > 0\n"
+    assert r.returncode == 1 and r.stderr == "train.py: error: --lr=-1.0: must be > 0 and finite\n"
     # a ValueError from inside a (modified) model is not the user's setting: its traceback must show
     code = ("import runpy, sys, ddl\n"
             "def broken(self, idx, targets=None): raise ValueError('inside the model')\n"
@@ -636,3 +682,225 @@ def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path
             "runpy.run_path('train.py', run_name='__main__')")
     r = run_script("--preset=smoke", "--device=cpu", "--max_steps=1", f"--out_dir={tmp_path}", code=code)
     assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: inside the model" in r.stderr
+
+
+# ---------------------------------------------------------------------------- train.py: issue 22's cases, one each
+
+def copy_shards(shards, folder, splits=("train", "val")):
+    os.makedirs(folder)
+    for f in os.listdir(shards):
+        if any(f"_{s}_" in f for s in splits):
+            shutil.copy(os.path.join(shards, f), folder)
+    return folder
+
+
+def test_a_wrong_or_partial_data_dir_is_refused_naming_it_also_with_the_smoke_preset(shards, tmp_path):
+    """The smoke preset takes its fixed text only where no --data_dir is given; a --data_dir given is used or
+    refused, in one line naming it and what is missing, before anything is written."""
+    cases = [(tmp_path / "typo", "no \\*_train_\\*.bin and \\*_val_\\*.bin shards there"),
+             (copy_shards(shards, tmp_path / "val_only", ["val"]), "no \\*_train_\\*.bin shards there"),
+             (copy_shards(shards, tmp_path / "train_only", ["train"]), "no \\*_val_\\*.bin shards there")]
+    for data, message in cases:
+        for preset in ([], ["--preset=smoke"]):
+            with pytest.raises(prepare_data.DataError, match=f"^--data_dir={re.escape(str(data))}: {message}"):
+                train.main([*preset, f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}", "--device=cpu"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_smoke_text_is_fixed_and_read_alone(monkeypatch):
+    """smoke/kjv.txt, pinned by its hash and token count, tokenised as prepare_data.py does (EOT, then the
+    ordinary encoding), its first 90% to train on: no other file is read (the repository's text drifts)."""
+    path = os.path.join(HERE, "smoke", "kjv.txt")
+    data = open(path, "rb").read()
+    assert hashlib.sha256(data).hexdigest() == "38fff65cc1bf6de7251c9fd05b7a8591c27578c22731a4a8c0cdc4b7f25298ec"
+    want = [50256] + tiktoken.get_encoding("gpt2").encode_ordinary(data.decode("utf-8"))
+    assert len(want) == 92075
+    opened, real_open = [], open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    (train_part,), val = train.load_data(train.parse_args(["--preset=smoke"])[0], 50304)
+    monkeypatch.undo()
+    assert opened == [path]
+    assert train_part.tolist() == want[:82867] and val.tolist() == want[82867:]  # 92075 * 9 // 10 = 82867
+
+
+def test_a_new_run_refuses_an_out_dir_holding_a_run_unless_resume_or_overwrite(shards, tmp_path):
+    """Forgetting --resume loses nothing: a run's ckpt.pt or log.jsonl (even alone) stays as it was;
+    --overwrite=true deletes both, so the log and the checkpoint are of one run."""
+    out = tmp_path / "r"
+    run_train(shards, out, "--max_steps=2")
+    before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "log.jsonl")}
+    (tmp_path / "log_only").mkdir()
+    (tmp_path / "log_only" / "log.jsonl").write_text("{}\n")
+    for folder, files in ((out, "ckpt.pt and log.jsonl"), (tmp_path / "log_only", "log.jsonl")):
+        with pytest.raises(ConfigError, match=f"^--out_dir={re.escape(str(folder))} holds a run's {files}: "
+                                              "--resume continues it, --overwrite=true deletes it, or choose"):
+            run_train(shards, folder, "--max_steps=3")
+    assert {f: (out / f).read_bytes() for f in before} == before and not (out / "lock").exists()
+    log = run_train(shards, out, "--max_steps=1", "--overwrite=true")
+    assert [r["type"] for r in log].count("config") == 1 and log[-1]["step"] == 1
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused_and_a_dead_runs_lock_taken_over(shards, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    other = subprocess.Popen(["sleep", "60"])  # a live process holding the lock
+    try:
+        (out / "lock").write_text(str(other.pid))
+        with pytest.raises(ConfigError, match=f"^--out_dir={re.escape(str(out))} is in use by another run "
+                                              f"\\(pid {other.pid}, "):
+            run_train(shards, out, "--max_steps=1")
+        assert (out / "lock").read_text() == str(other.pid) and not (out / "log.jsonl").exists()
+    finally:
+        other.kill()
+        other.wait()
+    run_train(shards, out, "--max_steps=1")  # its process is gone: the lock is taken over, and removed at exit
+    assert f"{out / 'lock'}: its run (pid {other.pid}) is gone; taking the lock over" in capsys.readouterr().out
+    assert not (out / "lock").exists()
+
+
+@pytest.mark.parametrize("where", ["weight", "adamw"])
+def test_weights_made_non_finite_by_a_finite_step_are_never_checkpointed(shards, tmp_path, monkeypatch, where):
+    """Step 4's update leaves a weight inf (or an AdamW moment nan) from a finite loss and gradient norm:
+    the step-4 checkpoint is not written, the step-2 one stays, and the log ends with the divergence."""
+    real_step, calls = train.train_step, []
+
+    def poisoned(model, raw, opt, *args):
+        out = real_step(model, raw, opt, *args)
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                t = raw.wte.weight if where == "weight" else next(iter(opt.state.values()))["exp_avg_sq"]
+                t.view(-1)[3] = float("inf") if where == "weight" else float("nan")
+        return out
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(FloatingPointError, match="^a weight or AdamW's state is not finite at step 4: training"):
+        run_train(shards, tmp_path / "w", "--max_steps=6", "--ckpt_interval=2", "--eval_interval=100")
+    ckpt = torch.load(tmp_path / "w" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    log = [json.loads(line) for line in open(tmp_path / "w" / "log.jsonl")]
+    assert log[-1] == {"type": "diverged", "step": 4} and log[-2]["type"] == "train" and log[-2]["step"] == 4
+
+
+def test_all_finite_is_false_where_any_value_is_inf_or_nan():
+    ts = [torch.randn(3, 4), torch.zeros(5), torch.tensor(3e38)]  # 3e38: finite, though its square is not
+    assert rundir.all_finite(ts)
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        for i in range(3):
+            poisoned = [t.clone() for t in ts]
+            poisoned[i].view(-1)[-1] = bad
+            assert not rundir.all_finite(poisoned), (i, bad)
+
+
+@pytest.mark.parametrize("split,top", [("train", 50304), ("val", 65535)])
+def test_token_ids_from_another_tokenizer_are_refused_naming_the_shard_before_anything_is_written(
+        shards, tmp_path, split, top):
+    data = copy_shards(shards, tmp_path / "data")
+    shard = data / next(f for f in sorted(os.listdir(data)) if f"_{split}_" in f)
+    tokens = np.array(prepare_data.read_shard(shard))
+    tokens[7] = top
+    prepare_data.write_shard(str(shard), tokens)
+    with pytest.raises(prepare_data.DataError, match=f"^{re.escape(str(shard))}: token id {top} >= vocab_size=50304"):
+        run_train(str(data), tmp_path / "o", "--max_steps=1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_dir_in_the_way_of_a_file_is_refused_before_the_data_load(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("the data was loaded first"))
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(prepare_data.DataError, match=f"^--out_dir={re.escape(str(out))}: "
+                                                         f"{re.escape(str(tmp_path / 'f'))} is a file, not a folder"):
+            train.main([*TRAIN_TINY, f"--out_dir={out}"])
+
+
+def test_resume_cuts_the_log_by_the_checkpoints_step_in_a_new_out_dir_killed_and_resumed(shards, tmp_path,
+                                                                                          monkeypatch):
+    """A checkpoint copied into a new out_dir (no log there), resumed, killed after its step-4 checkpoint,
+    resumed again: every step is logged once, and the records equal a straight run's after step 2."""
+    args = ("--max_steps=7", "--decay_steps=7", "--ckpt_interval=2", "--eval_interval=2")
+    straight = run_train(shards, tmp_path / "a", *args)
+    run_train(shards, tmp_path / "src", *args[1:], "--max_steps=2")
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "src" / "ckpt.pt", tmp_path / "b")
+    real_lr = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, cfg: real_lr(step, cfg) if step < 5 else 1 / 0)  # dies in step 6
+    with pytest.raises(ZeroDivisionError):
+        run_train(shards, tmp_path / "b", *args, "--resume")
+    monkeypatch.undo()
+    assert max(json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl") if '"step"' in line) == 5
+    resumed = run_train(shards, tmp_path / "b", *args, "--resume")
+    steps = [(r["type"], r["step"]) for r in resumed if r["type"] != "config"]
+    assert len(steps) == len(set(steps))
+    key = lambda log: [(r["type"], r["step"], r["loss"]) for r in log if r["type"] in ("train", "val") and r["step"] > 2]
+    assert key(resumed) == key(straight)
+
+
+def test_ctrl_c_says_in_one_line_what_was_kept_and_exits_130(shards, tmp_path, monkeypatch, capsys):
+    real_step, calls = train.train_step, []
+
+    def interrupted_in_step_5(*args):
+        calls.append(1)
+        if len(calls) % 5 == 0:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", interrupted_in_step_5)
+    for out, ckpt_interval, kept in ((tmp_path / "k", 2, "the step-4 checkpoint {} (--resume continues it)"),
+                                     (tmp_path / "n", 100, "no checkpoint yet (--overwrite=true starts afresh)")):
+        with pytest.raises(SystemExit) as e:
+            run_train(shards, out, "--max_steps=8", f"--ckpt_interval={ckpt_interval}")
+        assert e.value.code == 130 and not (out / "lock").exists()
+        kept = kept.format(out / "ckpt.pt")
+        assert capsys.readouterr().err == f"train.py: interrupted: kept {kept} and its log {out / 'log.jsonl'}\n"
+        assert [json.loads(line).get("step") for line in open(out / "log.jsonl")][-1] == 4
+    assert torch.load(tmp_path / "k" / "ckpt.pt", weights_only=False)["step"] == 4
+
+
+def test_a_cpu_run_prints_torchs_thread_count_and_how_to_change_it(shards, tmp_path, capsys):
+    log = run_train(shards, tmp_path / "t", "--max_steps=0")
+    n = torch.get_num_threads()
+    assert f"cpu: {n} torch threads (OMP_NUM_THREADS=1: often faster on busy cores)" in capsys.readouterr().out
+    assert log[0]["threads"] == n
+
+
+@pytest.mark.parametrize("flags,key", [(["--compressor=cc"], "compressor"), (["--d_v=1", "--compressor=tc"], "compressor"),
+                                       (["--embed_conv=false"], "embed_conv"),
+                                       (["--preset=smoke", "--d_v=1", "--embed_conv=true"], "embed_conv")])
+def test_a_compressor_or_embed_conv_given_at_d_v_1_is_refused(flags, key):
+    with pytest.raises(ConfigError, match=f"^--{key}=.*: applies to d_v > 1 only; d_v is 1: set --d_v or drop it$"):
+        train.parse_args(flags)
+    assert train.parse_args(["--d_v=2", "--compressor=tc", "--embed_conv=false"])[1].compressor == "tc"
+    assert train.parse_args(["--preset=smoke", "--d_v=1"])[1].d_v == 1  # the preset's own compressor: not given
+
+
+def test_provenance_hashes_the_source_files_and_names_a_commit_only_where_they_are_clean(tmp_path):
+    names = ["bench.py", "ddl.py", "fused.py", "prepare_data.py", "rundir.py", "train.py"]
+    for n in names:
+        shutil.copy(os.path.join(HERE, n), tmp_path / n)
+    (tmp_path / "README.md").write_text("not a source file")
+
+    def want():  # what `sha256sum bench.py ddl.py ... | sha256sum` prints
+        listing = "".join(f"{hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()}  {n}\n" for n in sorted(names))
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+    assert rundir.provenance(str(tmp_path)) == dict(source_sha256=want(), git_commit=None, git_dirty=None)
+    if shutil.which("sha256sum"):
+        shell = subprocess.run(f"sha256sum {' '.join(sorted(names))} | sha256sum", shell=True, cwd=tmp_path,
+                               capture_output=True, text=True).stdout.split()[0]
+        assert shell == want()
+    if not shutil.which("git"):
+        return
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "HEAD")
+    assert rundir.provenance(str(tmp_path)) == dict(source_sha256=want(), git_commit=head, git_dirty=False)
+    (tmp_path / "README.md").write_text("changed")  # not a source file: the sources are still as committed
+    assert rundir.provenance(str(tmp_path))["git_commit"] == head
+    (tmp_path / "hellaswag.py").write_text("# new\n")  # a source file git does not have: dirty, and hashed
+    names.append("hellaswag.py")
+    assert rundir.provenance(str(tmp_path)) == dict(source_sha256=want(), git_commit=None, git_dirty=True)

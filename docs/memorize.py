@@ -5,7 +5,7 @@ batch every step), at a few learning rates. Full training steps as train.py runs
 bf16 autocast on CUDA), eager mode. One JSON line per (variant, lr) on stdout: the loss at every step.
 
     python docs/memorize.py --preset=124m --lrs=3e-4,1e-3,3e-3 --steps=150 > memorize.jsonl   # one GPU
-    python docs/memorize.py --preset=smoke --steps=5                                           # the code path, CPU
+    python docs/memorize.py --preset=smoke --steps=5                                    # the code path, CPU
 
 Ablations (none needs a switch in ddl.py): beta frozen at its initial value (w_beta, b_beta not trained);
 v in its plain linear form (v_scale = 0); the write-only rule (no erase term) at d_v = 1; and an additive
@@ -63,18 +63,25 @@ def probe(cfg, mcfg, name, lr, steps, dev, ctx, x, y):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="124m", help="train.py preset for the model size (default: %(default)s)")
+    d = " (default: %(default)s)"
+    p.add_argument("--preset", default="124m", help="train.py preset for the model size" + d)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: all)")
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="peak learning rates (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=150, help="steps per run at most (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=16, help="sequences in the fixed batch (default: %(default)s)")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="peak learning rates" + d)
+    p.add_argument("--steps", type=int, default=150, help="steps per run at most" + d)
+    p.add_argument("--batch", type=int, default=16, help="sequences in the fixed batch" + d)
     args = p.parse_args()
-    cfg, mcfg = train.parse_args([f"--preset={args.preset}"])
+    try:  # a setting of the user's: one line, as train.py's
+        cfg, mcfg = train.parse_args([f"--preset={args.preset}"])
+        if unknown := [v for v in args.variants.split(",") if v not in VARIANTS]:
+            raise ddl.ConfigError(f"--variants: unknown {unknown[0]!r}; allowed: {', '.join(VARIANTS)}")
+        lrs = [float(lr) for lr in args.lrs.split(",")]
+    except (ddl.ConfigError, ValueError) as e:
+        sys.exit(f"docs/memorize.py: error: {e}")
     _, _, dev, ctx = train.setup(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = (torch.randint(0, 50257, (args.batch, mcfg.block_size), generator=gen).to(dev) for _ in range(2))
     for name in args.variants.split(","):
-        for lr in map(float, args.lrs.split(",")):
+        for lr in lrs:
             losses = probe(cfg, mcfg, name, lr, args.steps, dev, ctx, x, y)
             print(json.dumps(dict(variant=name, lr=lr, losses=losses)), flush=True)
 

@@ -3,19 +3,24 @@ seeds with a min..max band) and beta_heatmap.png (mean beta per layer and sublay
 with --memorize, memorize.png from docs/memorize.py's output (loss against step, one panel per lr);
 with --sweep, lr_sweep.png from a learning-rate sweep (final val loss against peak lr, per variant).
 
-    python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> docs/*.png
-    python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders; needs matplotlib (optional)
+    python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> plots/*.png
+    python docs/plot.py runs --out docs        # redraw the committed figures in docs/
+    python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders
     python docs/plot.py --memorize memorize.jsonl
-    python docs/plot.py --sweep sweep          # sweep/<variant>_<lr>_<seed>/log.jsonl -> docs/lr_sweep.png
+    python docs/plot.py --sweep sweep          # sweep/<variant>_<lr>_<seed>/log.jsonl -> plots/lr_sweep.png
+
+Drawing needs matplotlib (pip install matplotlib); --help does not.
 """
 import argparse
 import collections
 import glob
 import json
 import os
+import sys
 
-import matplotlib.pyplot as plt
 import numpy as np
+
+plt = None  # matplotlib.pyplot, imported by main: --help and the data functions run without it
 
 LABELS = {"additive": "additive", "delta": "DDL d_v=1", "cc": "DDL-CC d_v=4 + EC",
           "tc": "DDL-TC d_v=4 + EC", "write": "write-only d_v=4 (CC + EC)"}
@@ -33,14 +38,23 @@ def load_runs(pattern):
     return {v: runs[v] for v in [*LABELS, *sorted(runs)] if v in runs}  # LABELS' order first
 
 
-def val_curve(records):
-    """Tokens (millions), training seconds and val losses of one run, after step 0."""
+def val_points(records):
+    """{step: (tokens in millions, training seconds, val loss)} of one run, after step 0."""
     val = [r for r in records if r["type"] == "val" and r["step"] > 0]
     train = [r for r in records if r["type"] == "train"]
     steps = np.array([r["step"] for r in val])
     seconds = np.interp(steps, [0] + [r["step"] for r in train], [0] + [r["train_time_s"] for r in train])
-    tokens = steps * records[0]["config"]["total_batch"] * records[0]["model_config"]["block_size"]
-    return tokens / 1e6, seconds, np.array([r["loss"] for r in val])
+    tokens = steps * records[0]["config"]["total_batch"] * records[0]["model_config"]["block_size"] / 1e6
+    return {int(s): (t, sec, r["loss"]) for s, t, sec, r in zip(steps, tokens, seconds, val)}
+
+
+def aligned(seeds):
+    """The steps that every seed (run) has a val record at, and tokens, seconds and losses there, each an
+    array (seeds, steps): seeds with other eval schedules meet on their common steps."""
+    points = [val_points(records) for records in seeds]
+    steps = sorted(set.intersection(*(set(p) for p in points)))
+    values = np.array([[p[s] for s in steps] for p in points]).reshape(len(points), len(steps), 3)
+    return steps, values[..., 0], values[..., 1], values[..., 2]
 
 
 def final_beta(records):
@@ -53,14 +67,25 @@ def final_beta(records):
 
 
 def plot_val_loss(runs, path):
+    """Mean val loss over seeds with a min..max band, at the steps all seeds evaluated (seeds that share no
+    step: each its own line); the y-axis spans the losses drawn, which leave out step 0 (loss ~10.9)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
+    drawn = []
     for variant, seeds in runs.items():
-        tokens, seconds, losses = (np.array(a) for a in zip(*map(val_curve, seeds)))
-        for ax, x in zip(axes, (tokens[0], seconds.mean(0))):  # wall-clock: mean over seeds
-            line, = ax.plot(x, losses.mean(0), marker="o", ms=3, label=LABELS.get(variant, variant))
-            ax.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
-    axes[0].set(ylabel="val loss", ylim=(4.9, 6.6))  # leaves out step 0 (loss ~10.9)
-    for ax, xlabel in zip(axes, ("training tokens (millions)", "training seconds (no compile step, no evals)")):
+        color = None
+        for group in [seeds] if aligned(seeds)[0] else [[records] for records in seeds]:
+            _, tokens, seconds, losses = aligned(group)
+            drawn.append(losses)
+            for ax, x in zip(axes, (tokens[0], seconds.mean(0))):  # wall-clock: mean over seeds
+                line, = ax.plot(x, losses.mean(0), marker="o", ms=3, color=color,
+                                label=None if color else LABELS.get(variant, variant))
+                ax.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
+            color = line.get_color()
+    low, high = min(d.min() for d in drawn), max(d.max() for d in drawn)
+    margin = 0.05 * (high - low) or 0.1
+    axes[0].set(ylabel="val loss", ylim=(low - margin, high + margin))
+    xlabels = ("training tokens (millions)", "training seconds (no compile step, no evals)")
+    for ax, xlabel in zip(axes, xlabels):
         ax.set(xlabel=xlabel)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, title="mean over seeds, band min..max", title_fontsize=8)
@@ -82,18 +107,21 @@ def plot_beta(runs, path):
         ax.set_title(LABELS.get(variant, variant).replace(" d_v", "\nd_v"), fontsize=9)
     axes[0][0].set(ylabel="layer", yticks=range(beta.shape[0]))
     fig.suptitle("mean beta at the last gates record (mean over seeds)", fontsize=10)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="beta (0 identity, 1 projection, 2 reflection)")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8,
+                 label="beta (0 identity, 1 projection, 2 reflection)")
     fig.savefig(path, dpi=120)
 
 
 def plot_memorize(path_in, path):
     rows = [json.loads(line) for line in open(path_in)]
     lrs = sorted({r["lr"] for r in rows})
-    fig, axes = plt.subplots(1, len(lrs), figsize=(4 * len(lrs), 3.8), sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(lrs), figsize=(4 * len(lrs), 3.8), sharey=True, squeeze=False,
+                             layout="constrained")
     for ax, lr in zip(axes[0], lrs):
         for r in (r for r in rows if r["lr"] == lr):
             dashed = "-" in r["variant"] and r["variant"] != "write-cc"  # the ablations
-            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], ls="--" if dashed else "-", label=r["variant"])
+            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], ls="--" if dashed else "-",
+                    label=r["variant"])
         ax.set(title=f"lr {lr:g}", xlabel="step", yscale="log")
         ax.grid(alpha=0.3)
     axes[0][0].set(ylabel="train loss on the fixed random batch")
@@ -134,7 +162,8 @@ def plot_sweep(folder, path):
                 ax.errorbar(lr * 1.04, mean, yerr=[[mean - min(losses)], [max(losses) - mean]], fmt="s",
                             ms=4, mfc="white", color=line.get_color(), capsize=3)
         for r in (r for r in mine if r.diverged_at is not None):
-            ax.plot(r.lr, 1, "x", ms=9, color=line.get_color(), transform=ax.get_xaxis_transform(), clip_on=False)
+            ax.plot(r.lr, 1, "x", ms=9, color=line.get_color(), transform=ax.get_xaxis_transform(),
+                    clip_on=False)
             ax.annotate(f"diverged at {r.diverged_at}", (r.lr, 0.97), xycoords=("data", "axes fraction"),
                         fontsize=7, ha="right")
     ax.plot([], [], "s", mfc="white", color="gray", label="mean of seeds, bar min..max")
@@ -145,12 +174,20 @@ def plot_sweep(folder, path):
 
 
 def main():
+    global plt
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="?", default="runs", help="a folder of run folders, or a glob of run folders")
-    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output folder (docs/)")
+    p.add_argument("runs", nargs="?", default="runs", help="a folder of run folders, or a glob of them")
+    p.add_argument("--out", default="plots", help="output folder (default: plots; docs: the committed ones)")
     p.add_argument("--memorize", help="plot docs/memorize.py's JSON lines instead")
-    p.add_argument("--sweep", help="plot a folder of <variant>_<lr>_<seed> runs of a learning-rate sweep instead")
+    p.add_argument("--sweep", help="plot a folder of <variant>_<lr>_<seed> runs of a learning-rate sweep")
     args = p.parse_args()
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("docs/plot.py: error: drawing needs matplotlib: pip install matplotlib")
+    os.makedirs(args.out, exist_ok=True)
     if args.memorize:
         return plot_memorize(args.memorize, os.path.join(args.out, "memorize.png"))
     if args.sweep:
@@ -158,7 +195,6 @@ def main():
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"no <variant>-<seed>/log.jsonl in {args.runs!r}")
-    os.makedirs(args.out, exist_ok=True)
     plot_val_loss(runs, os.path.join(args.out, "val_loss.png"))
     plot_beta(runs, os.path.join(args.out, "beta_heatmap.png"))
     print("wrote the figures in", args.out)

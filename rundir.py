@@ -1,0 +1,134 @@
+"""
+The run folder (out_dir) that train.py writes, kept whole: one run in it at a time (out_dir/lock), a new
+run never over another run's files unless asked, checkpoints written whole or not at all, the log cut back
+to the checkpoint on resume, and which code made the run (provenance).
+"""
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import subprocess
+
+import torch
+
+from ddl import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CKPT_KEYS = ("model", "optimizer", "step", "config", "model_config", "data", "rng", "world_size")
+SOURCES = ("bench.py", "ddl.py", "fused.py", "hellaswag.py", "prepare_data.py", "rundir.py", "train.py")
+
+def claim(cfg):
+    """Take out_dir/lock (made with O_EXCL, holding this pid): a second run into out_dir is refused while
+    this one runs; the lock of a process that is gone is taken over. A new run refuses an out_dir holding
+    a run's ckpt.pt or log.jsonl unless --overwrite=true, which deletes them: log and checkpoint stay of
+    one run (a new log beside an old checkpoint would later pass for its history)."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    lock = os.path.join(cfg.out_dir, "lock")
+    while True:
+        try:
+            with open(lock, "x") as f:  # "x": O_CREAT | O_EXCL, fails where the file exists
+                f.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            if (pid := lock_pid(lock)) is None or pid_alive(pid):
+                msg = f"--out_dir={cfg.out_dir} is in use by another run (pid {pid}, {lock}): wait for it or"
+                raise ConfigError(msg + " choose another --out_dir (if no run uses it, delete it)") from None
+            print(f"{lock}: its run (pid {pid}) is gone; taking the lock over")
+            os.remove(lock)
+    old = [n for n in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if old and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"--out_dir={cfg.out_dir} holds a run's {' and '.join(old)}: --resume continues "
+                          "it, --overwrite=true deletes it, or choose another --out_dir")
+    for n in old if cfg.overwrite else []:
+        os.remove(os.path.join(cfg.out_dir, n))
+
+def release(out_dir):
+    """Remove out_dir/lock if this process holds it."""
+    if lock_pid(lock := os.path.join(out_dir, "lock")) == os.getpid():
+        os.remove(lock)
+
+def lock_pid(path):
+    """The pid in a lock file; None if there is none or it is unreadable."""
+    try:
+        return int(open(path).read())
+    except (OSError, ValueError):
+        return None
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: only the check
+    except OSError as e:
+        return e.errno == errno.EPERM  # alive, another user's
+    return True
+
+def start_log(path, step):
+    """log.jsonl emptied for a new run (step None), or cut back to a resumed checkpoint's step: the records of
+    later steps (and a last line cut short) came after the checkpoint; a record seen twice is kept once."""
+    lines = open(path).readlines() if step is not None and os.path.exists(path) else []
+    keep, seen = [], set()
+    for line in lines:
+        rec = json.loads(line) if line.endswith("\n") else {}
+        key = (rec.get("type"), rec.get("step"))
+        if rec and (rec["type"] == "config" or rec["step"] <= step and key not in seen):
+            keep.append(line)
+            seen.add(key)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    if len(lines) > len(keep):
+        print(f"{path}: dropped {len(lines) - len(keep)} records written after the step-{step} checkpoint")
+
+def all_finite(tensors):
+    """Whether every value is finite in tensors (and in dicts of them: an optimizer's state): one fused
+    max |x| per tensor, inf or nan where any value is, and one sync. Tensors on another device than the
+    first (AdamW's step counts) are left out."""
+    flat = [t for x in tensors for t in (x.values() if isinstance(x, dict) else [x]) if torch.is_tensor(t)]
+    flat = [t for t in flat if t.device == flat[0].device and t.is_floating_point()]
+    return bool(torch.stack(torch._foreach_norm(flat, math.inf)).isfinite().all())
+
+def save_atomic(obj, path):
+    """torch.save to a temporary name, then rename: a crash mid-write leaves the old file intact."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+def load_checkpoint(path):
+    """The checkpoint at path, refusing a missing or unreadable file and one without train.py's keys."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"cannot load checkpoint {path}: {e}") from None
+    if missing := [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]:
+        raise ConfigError(f"{path} is not a checkpoint of this train.py: it has no {', '.join(missing)}")
+    return ckpt
+
+def resume_changes(ckpt, cfg, mcfg, world):
+    """The settings that differ from the checkpoint's run, {key: [old, new]}. Another model config,
+    data_dir, seed or process count is refused: the weights or the data order would not continue."""
+    old = {**ckpt["config"], **ckpt["model_config"], "world_size": ckpt["world_size"]}
+    new = {**dataclasses.asdict(cfg), **dataclasses.asdict(mcfg), "world_size": world}
+    for key in [*ckpt["model_config"], "data_dir", "seed", "world_size"]:
+        if old[key] != new[key]:
+            raise ConfigError(f"--resume: the checkpoint's {key} was {old[key]!r}, asked: {new[key]!r}; "
+                              "resume with the same value")
+    return {k: [old.get(k), v] for k, v in new.items() if k != "resume" and old.get(k) != v}
+
+def provenance(root=HERE):
+    """source_sha256: the sha256 of what `sha256sum` prints for the project's source files (those present,
+    in sorted order), so `sha256sum bench.py ddl.py ... train.py | sha256sum` recomputes it; git_commit:
+    HEAD where git finds those files as committed there, else None; git_dirty: whether they differ from it
+    (None without git). The hash holds where git metadata is stale or absent."""
+    names = [n for n in SOURCES if os.path.exists(os.path.join(root, n))]
+    digest = lambda n: hashlib.sha256(open(os.path.join(root, n), "rb").read()).hexdigest()
+    listing = "".join(f"{digest(n)}  {n}\n" for n in names)
+    out = dict(source_sha256=hashlib.sha256(listing.encode()).hexdigest(), git_commit=None, git_dirty=None)
+    try:
+        head, status = (subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30)
+                        for a in (["rev-parse", "HEAD"], ["status", "--porcelain", "--", *names]))
+    except (OSError, subprocess.TimeoutExpired):
+        return out
+    if head.returncode == 0 and status.returncode == 0:
+        dirty = bool(status.stdout.strip())
+        out.update(git_commit=None if dirty else head.stdout.strip(), git_dirty=dirty)
+    return out
