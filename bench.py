@@ -1,9 +1,9 @@
 """
 Throughput of every DDL variant against the additive baseline, in one process on one device.
 
-    python bench.py --preset=124m                       # the table of docs/performance.md, one GPU
+    python bench.py --preset=124m                       # every variant, one GPU, unfused
+    python bench.py --preset=124m --fused=true --bench_batch=32   # README's table: CC, write-only fused
     python bench.py --preset=124m --bench_variants=additive,cc --bench_batch=32
-    python bench.py --preset=124m --fused=true          # DDL-CC and write-only through fused.py
     python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
 
 First the measured bf16 matmul peak and a check of the model's rewrite as it runs (Eq. 2.2 under
@@ -43,7 +43,8 @@ class BenchConfig:
                 raise ConfigError(f"--{key}={getattr(self, key)!r}: must be >= 1")
         for name in self.bench_variants.split(","):
             if name not in VARIANTS:
-                raise ConfigError(f"--bench_variants: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
+                raise ConfigError(f"--bench_variants: unknown variant {name!r}; allowed: "
+                                  f"{', '.join(VARIANTS)}")
 
 def time_ms(fn, steps, dev):
     """Median wall time of fn in ms over steps calls after 3 warm-up calls (compilation), with the
@@ -84,7 +85,8 @@ def check_fast_path(dev, use_compile, fused):
     else:
         step = torch.compile(reference_step) if use_compile else reference_step
     gen = torch.Generator().manual_seed(0)
-    X, kt, GX = (torch.randn(*s, generator=gen).to(dev) for s in ((8, 256, 768, 4), (8, 256, 768), (8, 256, 768, 4)))
+    shapes = ((8, 256, 768, 4), (8, 256, 768), (8, 256, 768, 4))
+    X, kt, GX = (torch.randn(*s, generator=gen).to(dev) for s in shapes)
     W, gamma = torch.randn(768, 4, generator=gen).to(dev) / 2, 1 + torch.randn(768, generator=gen).to(dev) / 2
     v, beta = 4 * torch.rand(8, 256, 4, generator=gen).to(dev), 2 * torch.rand(8, 256, generator=gen).to(dev)
     GC = torch.randn(8, 256, 768, generator=gen).to(dev)
@@ -115,14 +117,15 @@ def check_cpu_memory(mcfg, B, d_v):
             + n * 8 * mcfg.vocab_size + n * 160 * mcfg.n_layer * mcfg.n_embd * d_v)
     have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > have:
-        raise ConfigError(f"bench on a CPU at this size needs about {need / 2**30:.0f} GiB and {have / 2**30:.0f} GiB "
-                          "are free: use --preset=smoke, a smaller --bench_batch or a GPU")
+        raise ConfigError(f"bench on a CPU at this size needs about {need / 2**30:.0f} GiB and "
+                          f"{have / 2**30:.0f} GiB are free: use --preset=smoke, a smaller --bench_batch "
+                          "or a GPU")
 
 def bench(cfg, mcfg, bcfg):
     """Training and inference throughput of each variant at mcfg's size against the additive
     baseline (or the first variant); prints one table and returns its rows."""
     _, _, dev, ctx = setup(cfg)
-    if cfg.fused and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # as fused.install says
+    if cfg.fused and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # as fused.install
         raise ConfigError(f"--fused=true: device={dev.type!r} is not supported: fused.py's kernels need cuda "
                           "(or TRITON_INTERPRET=1 on the CPU)")
     B, T = bcfg.bench_batch, mcfg.block_size
@@ -145,12 +148,14 @@ def bench(cfg, mcfg, bcfg):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        train_ms = time_ms(lambda: train_step(model, raw, opt, lambda: (x, y), 1, cfg.lr, cfg, ctx), bcfg.bench_steps, dev)
+        step = lambda: train_step(model, raw, opt, lambda: (x, y), 1, cfg.lr, cfg, ctx)
+        train_ms = time_ms(step, bcfg.bench_steps, dev)
         mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         infer_ms = time_ms(infer, bcfg.bench_steps, dev)
         fpt = raw.flops_per_token(T)
-        rows.append(dict(variant=n + "+fused" * fused, params=raw.num_params(), train_ms=train_ms, train_tps=B * T / train_ms * 1000,
-                         infer_tps=B * T / infer_ms * 1000, mem_gib=mem, mfu=fpt * B * T / train_ms / 1e9 / peak))
+        rows.append(dict(variant=n + "+fused" * fused, params=raw.num_params(), train_ms=train_ms,
+                         train_tps=B * T / train_ms * 1000, infer_tps=B * T / infer_ms * 1000, mem_gib=mem,
+                         mfu=fpt * B * T / train_ms / 1e9 / peak))
         print(f"{rows[-1]['variant']}: {train_ms:.1f} ms/step, {infer_ms:.1f} ms/forward"
               + (f", peak {mem:.2f} GiB" if mem else ""), flush=True)  # kept if cut short
         del raw, opt, model
@@ -164,13 +169,14 @@ def print_table(rows, dev, peak, B, T, compiled):
     unit = "bf16" if dev.type == "cuda" else "fp32"
     print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile {compiled} | "
           f"ratios against {base['variant']}")
-    print(f"{'variant':11} {'params':>12} {'ms/step':>8} {'train tok/s':>12} {'ratio':>6} {'infer tok/s':>12} "
-          f"{'ratio':>6} {'mem GiB':>8} {'ratio':>6} {'MFU':>6}")
+    print(f"{'variant':11} {'params':>12} {'ms/step':>8} {'train tok/s':>12} {'ratio':>6} "
+          f"{'infer tok/s':>12} {'ratio':>6} {'mem GiB':>8} {'ratio':>6} {'MFU':>6}")
     for r in rows:
-        mem = f"{r['mem_gib']:8.2f} {r['mem_gib'] / base['mem_gib']:6.3f}" if r["mem_gib"] else f"{'n/a':>8} {'':6}"
+        mem = (f"{r['mem_gib']:8.2f} {r['mem_gib'] / base['mem_gib']:6.3f}" if r["mem_gib"]
+               else f"{'n/a':>8} {'':6}")
         print(f"{r['variant']:11} {r['params']:12,} {r['train_ms']:8.1f} {r['train_tps']:12,.0f} "
-              f"{r['train_tps'] / base['train_tps']:6.3f} {r['infer_tps']:12,.0f} {r['infer_tps'] / base['infer_tps']:6.3f} "
-              f"{mem} {100 * r['mfu']:5.1f}%")
+              f"{r['train_tps'] / base['train_tps']:6.3f} {r['infer_tps']:12,.0f} "
+              f"{r['infer_tps'] / base['infer_tps']:6.3f} {mem} {100 * r['mfu']:5.1f}%")
 
 if __name__ == "__main__":
     try:

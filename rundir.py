@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import math
 import os
 import subprocess
 
@@ -81,12 +80,14 @@ def start_log(path, step):
         print(f"{path}: dropped {len(lines) - len(keep)} records written after the step-{step} checkpoint")
 
 def all_finite(tensors):
-    """Whether every value is finite in tensors (and in dicts of them: an optimizer's state): one fused
-    max |x| per tensor, inf or nan where any value is, and one sync. Tensors on another device than the
+    """Whether every value is finite in tensors (and in dicts of them: an optimizer's state): the fused
+    norm of each (inf or nan where any value is), one sync; only where a norm is not finite, each one's
+    min and max, as a norm of finite values past ~1e19 overflows. Tensors on another device than the
     first (AdamW's step counts) are left out."""
     flat = [t for x in tensors for t in (x.values() if isinstance(x, dict) else [x]) if torch.is_tensor(t)]
-    flat = [t for t in flat if t.device == flat[0].device and t.is_floating_point()]
-    return bool(torch.stack(torch._foreach_norm(flat, math.inf)).isfinite().all())
+    flat = [t for t in flat if t.device == flat[0].device and t.is_floating_point() and t.numel()]
+    return bool(torch.stack(torch._foreach_norm(flat)).isfinite().all()) or all(
+        bool(torch.stack(torch.aminmax(t)).isfinite().all()) for t in flat)
 
 def save_atomic(obj, path):
     """torch.save to a temporary name, then rename: a crash mid-write leaves the old file intact."""

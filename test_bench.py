@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_bench_runs_on_cpu(capsys):
     rows = bench.bench(*train.parse_args(
         ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
-         "--bench_batch=2", "--bench_steps=2", "--device=cpu"], (train.TrainConfig, GPTConfig, bench.BenchConfig)))
+         "--bench_batch=2", "--bench_steps=2", "--device=cpu"], BENCH_KINDS))
     assert [r["variant"] for r in rows] == ["additive", "delta", "cc", "tc", "write"]
     assert all(r["train_tps"] > 0 and r["infer_tps"] > 0 for r in rows)
     assert "ratio" in capsys.readouterr().out
@@ -25,13 +25,17 @@ BENCH_KINDS = (train.TrainConfig, GPTConfig, bench.BenchConfig)
 
 
 def test_bench_table_ratios_are_against_additive_wherever_it_stands(capsys):
-    rows = [dict(variant="cc", params=1000, train_ms=20.0, train_tps=500.0, infer_tps=3000.0, mem_gib=3.0, mfu=0.25),
-            dict(variant="additive", params=900, train_ms=10.0, train_tps=1000.0, infer_tps=2000.0, mem_gib=2.0, mfu=0.5)]
+    rows = [dict(variant="cc", params=1000, train_ms=20.0, train_tps=500.0, infer_tps=3000.0, mem_gib=3.0,
+                 mfu=0.25),
+            dict(variant="additive", params=900, train_ms=10.0, train_tps=1000.0, infer_tps=2000.0,
+                 mem_gib=2.0, mfu=0.5)]
     bench.print_table(rows, torch.device("cpu"), 1.5, 4, 8, False)
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].endswith("| micro-batch 4 x 8 | compile False | ratios against additive")
-    assert lines[3].split() == ["cc", "1,000", "20.0", "500", "0.500", "3,000", "1.500", "3.00", "1.500", "25.0%"]
-    assert lines[4].split() == ["additive", "900", "10.0", "1,000", "1.000", "2,000", "1.000", "2.00", "1.000", "50.0%"]
+    assert lines[3].split() == ["cc", "1,000", "20.0", "500", "0.500", "3,000", "1.500", "3.00", "1.500",
+                                "25.0%"]
+    assert lines[4].split() == ["additive", "900", "10.0", "1,000", "1.000", "2,000", "1.000", "2.00",
+                                "1.000", "50.0%"]
 
 
 def test_time_ms_is_the_median_after_three_warm_up_calls(monkeypatch):
@@ -47,7 +51,8 @@ def test_time_ms_is_the_median_after_three_warm_up_calls(monkeypatch):
 def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch, capsys):
     """The CPU peak: 2 x 512^3 flops in 10 ms; a training step of 2 x 16 tokens in 10 ms: 3200 tok/s and
     mfu (6 params + 12 L T d) x 3200 / peak; an inference forward in 4 ms: 8000 tok/s."""
-    times = iter([10.0] + [10.0, 4.0] * 2)  # the matmul peak, then per variant a training step and an inference forward
+    # the matmul peak, then per variant a training step and an inference forward
+    times = iter([10.0] + [10.0, 4.0] * 2)
     monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: next(times))
     monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile, fused: None)
     rows = bench.bench(*train.parse_args(
@@ -65,7 +70,8 @@ def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch, capsys):
 
 def test_bench_cpu_memory_estimate_at_its_boundary(monkeypatch):
     """smoke at micro-batch 2 (n = 128 tokens, L = 2, d = 64, V = 50304) with cc's d_v = 4: 16 x 12 L d^2
-    (1,572,864) + 16 V d (51,511,296) + 8 n V (51,511,296) + 160 n L d d_v (10,485,760) = 115,081,216 bytes."""
+    (1,572,864) + 16 V d (51,511,296) + 8 n V (51,511,296) + 160 n L d d_v (10,485,760) = 115,081,216
+    bytes."""
     class Fits(Exception):
         pass
 
@@ -86,7 +92,8 @@ def test_bench_fast_path_check_fails_beyond_1e_2_in_bf16_and_1e_5_in_fp32(monkey
     def stand_in(off_bf16, off_fp32):
         def rule(X, k, v, beta):
             scale = {torch.float64: 1.0, torch.bfloat16: 1 + off_bf16, torch.float32: 1 + off_fp32}[X.dtype]
-            return (scale * (X + k[..., None] + v[:, :, None, :] + beta[..., None])).to(X.dtype)  # beta: (B, T, 1)
+            # beta: (B, T, 1)
+            return (scale * (X + k[..., None] + v[:, :, None, :] + beta[..., None])).to(X.dtype)
         return rule
 
     for off_bf16, off_fp32, failing in ((2e-2, 0.0, "torch.bfloat16"), (0.0, 5e-5, "torch.float32")):
@@ -98,15 +105,17 @@ def test_bench_fast_path_check_fails_beyond_1e_2_in_bf16_and_1e_5_in_fp32(monkey
 
 def test_bench_config_bounds():
     bench.BenchConfig(bench_batch=1, bench_steps=1, bench_variants="write")
-    for kw, message in ((dict(bench_batch=0), "--bench_batch=0: must be >= 1"), (dict(bench_steps=0), "--bench_steps=0: must be >= 1"),
+    for kw, message in ((dict(bench_batch=0), "--bench_batch=0: must be >= 1"),
+                        (dict(bench_steps=0), "--bench_steps=0: must be >= 1"),
                         (dict(bench_variants="cc,ddl"), "--bench_variants: unknown variant 'ddl'")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             bench.BenchConfig(**kw)
 
 
 def test_bench_refuses_a_cpu_size_that_cannot_fit_and_prints_no_nan(monkeypatch, capsys):
-    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 2**20, "SC_PAGE_SIZE": 4096}[name])  # 4 GiB
-    cfg, mcfg, bcfg = train.parse_args(["--preset=124m", "--device=cpu"], (train.TrainConfig, GPTConfig, bench.BenchConfig))
+    pages = {"SC_AVPHYS_PAGES": 2**20, "SC_PAGE_SIZE": 4096}  # 4 GiB
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    cfg, mcfg, bcfg = train.parse_args(["--preset=124m", "--device=cpu"], BENCH_KINDS)
     with pytest.raises(ConfigError, match="needs about .* GiB and 4 GiB are free: use --preset=smoke"):
         bench.bench(cfg, mcfg, bcfg)
 
@@ -116,6 +125,7 @@ def test_bench_fused_on_a_cpu_is_one_line_error_before_any_kernel_runs(monkeypat
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(bench, "check_fast_path", lambda *a: pytest.fail("a fused kernel was run on the CPU"))
     cfg, mcfg, bcfg = train.parse_args(["--preset=smoke", "--device=cpu", "--fused=true"], BENCH_KINDS)
-    with pytest.raises(ConfigError, match="^--fused=true: device='cpu' is not supported: fused.py's kernels need "
+    with pytest.raises(ConfigError,
+                       match="^--fused=true: device='cpu' is not supported: fused.py's kernels need "
                                           "cuda \\(or TRITON_INTERPRET=1 on the CPU\\)$"):
         bench.bench(cfg, mcfg, bcfg)

@@ -18,8 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ============================================================================ prepare_data.py
 
-DOCS = ["Größe und Maß: naïve café ☕", "日本語のテキスト。", "plain <|endoftext|> inside text",
-        "emoji 🙂 and more words " * 20, "last one,\nover two lines\n"]  # the last is a .txt: one document
+# the last is a .txt: one document
+DOCS = ["Größe und Maß: naïve café ☕", "日本語のテキスト。",
+        "plain <|endoftext|> inside text", "emoji 🙂 and more words " * 20, "last one,\nover two lines\n"]
 
 
 def eot_tokens(docs):
@@ -47,12 +48,14 @@ def run_prepare(src, out, *extra):
 def all_tokens(out):
     files = sorted(f for f in os.listdir(out) if f.endswith(".bin"))
     val = [f for f in files if "_val_" in f]
-    return np.concatenate([prepare_data.read_shard(os.path.join(out, f)) for f in val + [f for f in files if f not in val]])
+    order = val + [f for f in files if f not in val]
+    return np.concatenate([prepare_data.read_shard(os.path.join(out, f)) for f in order])
 
 
 def test_round_trip_split_sizes_and_header(tmp_path):
     write_inputs(tmp_path / "in")
-    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "10", "--shard_tokens", "25", "--workers", "2")
+    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "10", "--shard_tokens", "25",
+                    "--workers", "2")
     want = eot_tokens(DOCS)
     # the val shard is exactly the first 10 tokens, then train shards of exactly 25 but the last
     cuts = [0, 10] + list(range(35, len(want), 25)) + [len(want)]
@@ -61,7 +64,8 @@ def test_round_trip_split_sizes_and_header(tmp_path):
     for name, a, b in zip(names, cuts, cuts[1:]):
         assert prepare_data.read_shard(tmp_path / "out" / name).tolist() == want[a:b], name
     sizes = [b - a for a, b in zip(cuts, cuts[1:])]
-    assert m["shards"] == [{"file": n, "split": n.split("_")[1], "tokens": size} for n, size in zip(names, sizes)]
+    assert m["shards"] == [{"file": n, "split": n.split("_")[1], "tokens": size}
+                           for n, size in zip(names, sizes)]
     enc = tiktoken.get_encoding("gpt2")
     assert enc.decode(all_tokens(tmp_path / "out").tolist()) == "".join("<|endoftext|>" + d for d in DOCS)
     assert m["total_tokens"] == len(want) and m["documents"] == 5
@@ -103,7 +107,8 @@ def test_parquet_input(tmp_path):
 def test_same_bytes_with_one_and_two_workers(tmp_path):
     write_inputs(tmp_path / "in")
     for w in ("1", "2"):
-        run_prepare(tmp_path / "in", tmp_path / w, "--val_tokens", "7", "--shard_tokens", "30", "--workers", w)
+        run_prepare(tmp_path / "in", tmp_path / w, "--val_tokens", "7", "--shard_tokens", "30",
+                    "--workers", w)
     files = sorted(os.listdir(tmp_path / "1"))
     assert files == sorted(os.listdir(tmp_path / "2")) and len(files) > 3
     for f in files:
@@ -112,11 +117,13 @@ def test_same_bytes_with_one_and_two_workers(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("bad.jsonl", '{"text": "ok"}\n{"text": x}\n', "bad.jsonl line 2: not valid JSON: Expecting value at column 10$"),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": x}\n',
+     "bad.jsonl line 2: not valid JSON: Expecting value at column 10$"),
     ("nofield.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"nofield.jsonl line 2: no 'text' field"),
     ("num.jsonl", '{"text": 42}\n', r"num.jsonl line 1: the text field is int"),
     ("surrogate.jsonl", '{"text": "bad \\ud800 half"}\n', r"surrogate.jsonl line 1: text is not valid UTF-8"),
-    ("latin1.jsonl", b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n', r"latin1.jsonl line 3: not valid UTF-8 \(byte 0xe9\)"),
+    ("latin1.jsonl", b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n',
+     r"latin1.jsonl line 3: not valid UTF-8 \(byte 0xe9\)"),
     ("latin1.txt", b"ok\nfine\ncaf\xe9\n", r"latin1.txt line 3: not valid UTF-8 \(byte 0xe9\)"),
     ("x.csv", "a,b", r"x.csv has an unsupported extension \(allowed: .txt, .jsonl, .jsonl.gz, .parquet"),
 ])
@@ -130,12 +137,13 @@ def test_bad_input_errors_and_leaves_no_shard(tmp_path, name, content, message):
 
 
 def test_prepare_missing_optional_packages_are_data_errors(tmp_path, monkeypatch):
-    # documents() runs in the pool's feeder thread, which hands on Exceptions only: a SystemExit there would hang
+    # documents() runs in the pool's feeder thread, which hands on Exceptions only: a SystemExit would hang
     monkeypatch.setitem(sys.modules, "datasets", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "d.parquet").write_bytes(b"never read")
     for argv, message in ([[], r"FineWeb-Edu from the hub needs `pip install datasets`"],
-                          [["--input", str(tmp_path / "d.parquet")], r"d.parquet: reading .parquet needs pyarrow"]):
+                          [["--input", str(tmp_path / "d.parquet")],
+                           r"d.parquet: reading .parquet needs pyarrow"]):
         args = prepare_data.parse_args(argv)
         with pytest.raises(prepare_data.DataError, match=message):
             next(prepare_data.documents(args, args.input))
@@ -144,10 +152,12 @@ def test_prepare_missing_optional_packages_are_data_errors(tmp_path, monkeypatch
 def test_input_without_training_tokens_is_refused(tmp_path):
     write_inputs(tmp_path / "in")
     n = len(eot_tokens(DOCS))
-    with pytest.raises(prepare_data.DataError, match=f"the input gave {n:,} tokens: --val_tokens={n} leaves none"):
+    with pytest.raises(prepare_data.DataError,
+                       match=f"the input gave {n:,} tokens: --val_tokens={n} leaves none"):
         run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", str(n))
     assert (tmp_path / "out" / "run.json").exists() and not (tmp_path / "out" / "manifest.json").exists()
-    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", str(n - 1), "--force")  # one token to train on
+    # one token to train on
+    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", str(n - 1), "--force")
     assert [(s["split"], s["tokens"]) for s in m["shards"]] == [("val", n - 1), ("train", 1)]
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(prepare_data.DataError, match="the input gave 0 tokens: --val_tokens=1 leaves none"):
@@ -175,7 +185,8 @@ def test_missing_path_and_foreign_output(tmp_path):
     run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5")
     with pytest.raises(prepare_data.DataError, match="holds another run's output .*--force replaces it"):
         run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "6")
-    assert run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "6", "--force")["shards"][0]["tokens"] == 6
+    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "6", "--force")
+    assert m["shards"][0]["tokens"] == 6
 
 
 def test_complete_output_is_not_redone_unless_force(tmp_path, capsys):
@@ -183,7 +194,8 @@ def test_complete_output_is_not_redone_unless_force(tmp_path, capsys):
     run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--workers", "1")
     with open(tmp_path / "in" / "c.txt", "w", encoding="utf-8") as f:
         f.write("changed text")
-    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--workers", "2")  # workers: the same run
+    # workers: the same run
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--workers", "2")
     assert "already complete" in capsys.readouterr().err
     assert all_tokens(tmp_path / "out").tolist() == eot_tokens(DOCS)
     m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--force")
@@ -195,14 +207,18 @@ def test_read_shard_refuses_truncated_and_foreign_files(tmp_path):
     prepare_data.write_shard(str(tmp_path / "ok.bin"), np.arange(100, dtype=np.uint16))
     assert prepare_data.read_shard(tmp_path / "ok.bin").tolist() == list(range(100))
     prepare_data.write_shard(str(tmp_path / "empty.bin"), np.arange(0, dtype=np.uint16))  # the header alone
-    assert (tmp_path / "empty.bin").stat().st_size == 1024 and prepare_data.read_shard(tmp_path / "empty.bin").tolist() == []
+    assert (tmp_path / "empty.bin").stat().st_size == 1024
+    assert prepare_data.read_shard(tmp_path / "empty.bin").tolist() == []
     data = (tmp_path / "ok.bin").read_bytes()
     assert len(data) == 1024 + 200
     for name, content, message in [
-            ("cut.bin", data[:-10], "cut.bin: header says 100 tokens \\(1224 bytes\\), the file has 1214: corrupt"),
-            ("long.bin", data + b"\0\0", "long.bin: header says 100 tokens \\(1224 bytes\\), the file has 1226"),
+            ("cut.bin", data[:-10],
+             "cut.bin: header says 100 tokens \\(1224 bytes\\), the file has 1214: corrupt"),
+            ("long.bin", data + b"\0\0",
+             "long.bin: header says 100 tokens \\(1224 bytes\\), the file has 1226"),
             ("short.bin", data[:1000], "short.bin: 1000 bytes is shorter than the 1024-byte shard header"),
-            ("magic.bin", b"\x01\x02\x03\x04" + data[4:], "magic.bin: magic 67305985, version 1 .*not a shard"),
+            ("magic.bin", b"\x01\x02\x03\x04" + data[4:],
+             "magic.bin: magic 67305985, version 1 .*not a shard"),
             ("version.bin", data[:4] + b"\x02\0\0\0" + data[8:], "version.bin: magic 20240520, version 2 ")]:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(prepare_data.DataError, match=message):
@@ -215,7 +231,8 @@ def test_val_tokens_0_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(prepare_data.DataError, match="^--val_tokens=0 is invalid: must be >= 1$"):
         run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "0")
     assert not (tmp_path / "out").exists()
-    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "1", "--shard_tokens", "40", "--workers", "1")
+    m = run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "1", "--shard_tokens", "40",
+                    "--workers", "1")
     n = len(eot_tokens(DOCS)) - 1
     assert [s["tokens"] for s in m["shards"]] == [1] + [40] * (n // 40) + [n % 40]
 
@@ -224,8 +241,8 @@ def test_an_out_in_the_way_of_a_file_is_refused_before_the_input_is_read(tmp_pat
     (tmp_path / "f").write_text("x")
     monkeypatch.setattr(prepare_data, "local_files", lambda paths: pytest.fail("the input was read first"))
     for out in (tmp_path / "f", tmp_path / "f" / "sub"):
-        with pytest.raises(prepare_data.DataError, match=f"^--out={re.escape(str(out))}: "
-                                                         f"{re.escape(str(tmp_path / 'f'))} is a file, not a folder"):
+        message = f"^--out={re.escape(str(out))}: {re.escape(str(tmp_path / 'f'))} is a file, not a folder"
+        with pytest.raises(prepare_data.DataError, match=message):
             prepare_data.prepare(prepare_data.parse_args(["--input", "x.txt", "--out", str(out)]))
 
 
@@ -233,10 +250,11 @@ def test_prepare_option_defaults_and_bounds():
     a = prepare_data.parse_args(["--input", "x"])
     assert (a.out, a.prefix, a.input) == (os.path.join("data", "local"), "local", ["x"])
     a = prepare_data.parse_args([])
-    assert (a.out, a.prefix, a.input, a.name, a.text_field, a.val_tokens, a.shard_tokens, a.max_tokens, a.force) == (
-        os.path.join("data", "fineweb_edu"), "fineweb_edu", None, "sample-10BT", "text", 10_485_760, 100_000_000, 0, False)
-    a = prepare_data.parse_args(["--val_tokens=1", "--max_tokens=0", "--workers=1", "--shard_tokens=1", "--out=o",
-                                 "--prefix=p"])
+    assert (a.out, a.prefix, a.input, a.name, a.text_field, a.val_tokens, a.shard_tokens, a.max_tokens,
+            a.force) == (os.path.join("data", "fineweb_edu"), "fineweb_edu", None, "sample-10BT", "text",
+                         10_485_760, 100_000_000, 0, False)
+    a = prepare_data.parse_args(["--val_tokens=1", "--max_tokens=0", "--workers=1", "--shard_tokens=1",
+                                 "--out=o", "--prefix=p"])
     assert (a.val_tokens, a.max_tokens, a.workers, a.shard_tokens, a.out, a.prefix) == (1, 0, 1, 1, "o", "p")
     for key, low in (("workers", 1), ("shard_tokens", 1), ("val_tokens", 1), ("max_tokens", 0)):
         with pytest.raises(prepare_data.DataError, match=f"^--{key}={low - 1} is invalid: must be >= {low}$"):
@@ -244,7 +262,8 @@ def test_prepare_option_defaults_and_bounds():
 
 
 def test_forced_rerun_first_clears_the_old_manifest_and_stray_temporaries(tmp_path, monkeypatch):
-    """Between the claim and the new manifest the folder must read as unfinished: run.json, no old manifest.json."""
+    """Between the claim and the new manifest the folder must read as unfinished: run.json, no old
+    manifest.json."""
     write_inputs(tmp_path / "in")
     run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens", "5", "--workers", "1")
     (tmp_path / "out" / "local_train_000042.bin.tmp").write_bytes(b"left by a crash")
@@ -282,11 +301,13 @@ class FullDisk:
 
 
 def test_shard_write_dying_mid_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_data, "open", lambda path, mode="r": FullDisk(open(path, mode), 1024), raising=False)
+    monkeypatch.setattr(prepare_data, "open", lambda path, mode="r": FullDisk(open(path, mode), 1024),
+                        raising=False)
     with pytest.raises(OSError, match="No space left"):
         prepare_data.write_shard(str(tmp_path / "s.bin"), np.arange(100, dtype=np.uint16))
     assert not (tmp_path / "s.bin").exists()
-    assert [(f.name, f.stat().st_size) for f in tmp_path.iterdir()] == [("s.bin.tmp", 1024)]  # died after the header
+    # died after the header
+    assert [(f.name, f.stat().st_size) for f in tmp_path.iterdir()] == [("s.bin.tmp", 1024)]
 
 
 def test_interrupted_run_leaves_no_partial_shard_and_reruns_identically(tmp_path, monkeypatch):
@@ -337,7 +358,8 @@ def test_ctrl_c_workers_ignore_it_and_the_main_process_exits_130_in_one_line(tmp
 
     monkeypatch.setattr(prepare_data, "write_shard", interrupted)
     with pytest.raises(SystemExit) as e:
-        prepare_data.main(["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--val_tokens", "5"])
+        prepare_data.main(["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--val_tokens",
+                           "5"])
     assert e.value.code == 130
     assert capsys.readouterr().err == ("prepare_data.py: interrupted: the output is incomplete; "
                                        "rerun to restart from scratch\n")
@@ -345,7 +367,8 @@ def test_ctrl_c_workers_ignore_it_and_the_main_process_exits_130_in_one_line(tmp
 
 
 def test_prepare_only_data_errors_end_in_one_line(tmp_path, monkeypatch):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), "--input", str(tmp_path / "nope")],
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), "--input",
+                        str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == (f"prepare_data.py: error: --input: {tmp_path / 'nope'} does not exist "
@@ -369,7 +392,8 @@ def test_prepare_help_shows_the_defaults(capsys):
         prepare_data.parse_args(["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option, default in [("val_tokens", "10485760"), ("shard_tokens", "100000000"), ("name", "sample-10BT"),
+    for option, default in [("val_tokens", "10485760"), ("shard_tokens", "100000000"),
+                            ("name", "sample-10BT"),
                             ("text_field", "text"), ("max_tokens", "0")]:
         described = text.split(f"--{option} {option.upper()} ")[-1].split(" --")[0]
         assert f"(default: {default}" in described, option
@@ -387,7 +411,8 @@ class FakeDatasets:
 
 def test_fineweb_path_uses_the_same_code(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets([{"text": d, "score": 3.1} for d in DOCS]))
-    m = prepare_data.prepare(prepare_data.parse_args(["--out", str(tmp_path / "fw"), "--val_tokens", "8", "--workers", "2"]))
+    m = prepare_data.prepare(prepare_data.parse_args(["--out", str(tmp_path / "fw"), "--val_tokens", "8",
+                                                      "--workers", "2"]))
     assert m["source"] == "HuggingFaceFW/fineweb-edu:sample-10BT"
     assert m["val_sources"] == {"HuggingFaceFW/fineweb-edu:sample-10BT": 8}
     assert os.path.exists(tmp_path / "fw" / "fineweb_edu_val_000000.bin")

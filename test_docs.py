@@ -35,7 +35,8 @@ def test_memorization_probe_ablations_run_and_unit_k_is_the_normalised_update():
     out = branch.sublayer(c)
     want = X + out / torch.sqrt((out * out).sum(-1, keepdim=True) + 1e-10)
     assert torch.allclose(mem.additive_with_unit_k(branch, X), want, atol=1e-5)
-    cfg, mcfg = train.parse_args(["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=8",
+    cfg, mcfg = train.parse_args(["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16",
+                                  "--block_size=8",
                                   "--vocab_size=97", "--device=cpu"])
     x, y = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
     for name in ("additive-unit-k", "delta-frozen-beta", "delta-linear-v"):
@@ -55,21 +56,25 @@ def test_memorize_refuses_a_bad_preset_variant_or_lr_in_one_line(monkeypatch):
 
 
 NO_MATPLOTLIB = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
-                 "runpy.run_path(sys.argv[0], run_name='__main__')")  # importing matplotlib raises ImportError
+                 # importing matplotlib raises ImportError
+                 "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def test_plot_help_runs_without_matplotlib_and_drawing_says_how_to_install_it(tmp_path):
     plot = os.path.join(HERE, "docs", "plot.py")
     r = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, plot, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--out OUT" in r.stdout and "default: plots" in r.stdout
-    r = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, plot, str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr == "docs/plot.py: error: drawing needs matplotlib: pip install matplotlib\n"
+    r = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, plot, str(tmp_path)], capture_output=True,
+                       text=True)
+    assert r.returncode == 1
+    assert r.stderr == "docs/plot.py: error: drawing needs matplotlib: pip install matplotlib\n"
 
 
 def write_run(folder, val_steps, loss_at, total_batch=4, block_size=8):
     """A log.jsonl of train.py's form: config, a train record every step (1 s each), val at val_steps."""
     os.makedirs(folder)
-    records = [dict(type="config", config=dict(total_batch=total_batch), model_config=dict(block_size=block_size))]
+    records = [dict(type="config", config=dict(total_batch=total_batch),
+                    model_config=dict(block_size=block_size))]
     for step in range(1, max(val_steps) + 1):
         records.append(dict(type="train", step=step, train_time_s=float(step)))
         if step in val_steps:
@@ -87,7 +92,8 @@ def fake_matplotlib():
     return types.SimpleNamespace(use=lambda backend: None, pyplot=plt), fig, axes
 
 
-def test_plot_aligns_seeds_with_other_eval_schedules_scales_y_to_the_data_and_writes_plots(tmp_path, monkeypatch):
+def test_plot_aligns_seeds_with_other_eval_schedules_scales_y_to_the_data_and_writes_plots(tmp_path,
+                                                                                           monkeypatch):
     """Seed 1 evaluates every 10 steps, seed 2 every 20: the curve is their mean at steps 20 and 40, with
     the min..max band; the y-axis spans the drawn losses (below 4.9 too) plus 5%; the figures go to
     plots/ in the working directory, not over the committed docs/*.png."""
