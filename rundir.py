@@ -32,8 +32,9 @@ def claim(cfg):
             break
         except FileExistsError:
             if (pid := lock_pid(lock)) is None or pid_alive(pid):
-                msg = f"--out_dir={cfg.out_dir} is in use by another run (pid {pid}, {lock}): wait for it or"
-                raise ConfigError(msg + " choose another --out_dir (if no run uses it, delete it)") from None
+                msg = f"--out_dir={cfg.out_dir} is in use by another run (pid {pid}, {lock}): wait for it, "
+                msg += "choose another --out_dir, or delete the lock if no run uses it"
+                raise ConfigError(msg) from None
             print(f"{lock}: its run (pid {pid}) is gone; taking the lock over")
             os.remove(lock)
     old = [n for n in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(cfg.out_dir, n))]
