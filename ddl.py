@@ -89,29 +89,38 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- generation's cache
 
 class Cache:
-    """What cached generation keeps between forwards of a growing sequence (GPT.generate_tokens):
-    only attention and the causal token convolutions mix tokens, so each module's keys and values,
-    or its last conv_kernel - 1 inputs, are enough for a forward of the new tokens alone. pos counts
-    the tokens seen, the new tokens' RoPE offset."""
-    def __init__(self):
-        self.pos, self.store = 0, {}
+    """What cached generation keeps between forwards of a growing sequence (GPT.generate_tokens): only
+    attention and the causal token convolutions mix tokens, so each one's keys and values, or its last
+    conv_kernel - 1 inputs, are enough for a forward of the new tokens alone. Fixed-size buffers filled
+    in place, and positions held on the device, so that a step can be replayed as a CUDA graph."""
+    def __init__(self, block_size):
+        self.block_size, self.length, self.pos, self.buffers = block_size, 0, None, {}
 
-    def extend(self, module, tensors):
-        """module's cached tensors with `tensors` (new tokens along dim 2) appended, kept for next time."""
-        if module in self.store:
-            tensors = tuple(torch.cat([old, new], dim=2) for old, new in zip(self.store[module], tensors))
-        self.store[module] = tensors
-        return tensors
+    def advance(self, T, device):
+        """Count T new tokens; their positions (T,) on the device, where the modules read them."""
+        if self.length + T > self.block_size:
+            raise ValueError(f"cached sequence length {self.length + T} exceeds block_size={self.block_size}")
+        if self.pos is None:
+            self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.positions = self.pos + torch.arange(T, device=device)
+        self.pos += T
+        self.length += T
+
+    def buffer(self, module, name, shape, like):
+        """module's buffer `name`: zeros of `shape` in like's dtype and device at first use."""
+        if (module, name) not in self.buffers:
+            self.buffers[module, name] = like.new_zeros(shape)
+        return self.buffers[module, name]
 
 def with_past(cache, module, x, keep):
-    """x (B, T, ...) preceded by up to `keep` earlier tokens this cache saw for module, and how many
-    were prepended; the last `keep` tokens are kept. Without a cache: x itself and 0."""
+    """x (B, T, ...) preceded by the `keep` tokens before it (zeros before the sequence's start), and
+    `keep`; the cache keeps the last `keep` tokens for the next call. Without a cache: x itself and 0."""
     if cache is None:
         return x, 0
-    past = cache.store.get(module, x[:, :0])
+    past = cache.buffer(module, "past", (x.shape[0], keep, *x.shape[2:]), x)
     x = torch.cat([past, x], dim=1)
-    cache.store[module] = x[:, max(0, x.shape[1] - keep):]
-    return x, past.shape[1]
+    past.copy_(x[:, x.shape[1] - keep:])
+    return x, keep
 
 # ----------------------------------------------------------------------------- attention and MLP
 
@@ -131,8 +140,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        pos = 0 if cache is None else cache.pos  # generation: the new tokens' place after the cached ones
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        at = slice(0, T) if cache is None else cache.positions  # generation: after the cached tokens
+        cos, sin = self.cos[at], self.sin[at]
         # RoPE then QK RMSNorm, the order of the authors' code (the norm commutes with rotation
         # up to its elementwise gain).
         q = F.rms_norm(apply_rope(q, cos, sin), (self.head_dim,), self.q_norm_gain.to(q.dtype), eps=1e-5)
@@ -140,11 +149,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # the new queries see every cached key and the new keys up to their own position
-            k, v = cache.extend(self, (k, v))
-            seen = torch.arange(pos + T, device=x.device)
-            mask = seen <= seen[pos:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # the new keys join the cached ones; each query sees the keys up to its own position
+            keys, values = (cache.buffer(self, name, (B, self.n_head, cache.block_size, self.head_dim), t)
+                            for name, t in (("k", k), ("v", v)))
+            keys.index_copy_(2, cache.positions, k)
+            values.index_copy_(2, cache.positions, v)
+            mask = torch.arange(cache.block_size, device=x.device) <= cache.positions[:, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class SwiGLU(nn.Module):
@@ -408,8 +419,9 @@ class GPT(nn.Module):
 
     def check_ids(self, name, ids, low):
         """Refuse ids outside [low, vocab_size): an index error deep inside the model names nothing."""
-        # eager mode only: inside torch.compile it would cost a graph break and a sync
-        if not torch.compiler.is_compiling() and ids.numel():
+        # eager mode only: inside torch.compile or a CUDA graph's capture it would cost a sync
+        capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and ids.numel():
             lo, hi = (t.item() for t in torch.aminmax(ids))  # one pass
             if lo < low or hi >= self.config.vocab_size:
                 raise ValueError(f"{name} must lie in [{low}, {self.config.vocab_size}); got [{lo}, {hi}]")
@@ -419,10 +431,11 @@ class GPT(nn.Module):
         With a Cache (generation): idx holds only the new tokens, and the logits are the last one's."""
         cfg = self.config
         B, T = idx.shape
-        pos = 0 if cache is None else cache.pos
-        if not 1 <= T <= cfg.block_size - pos:
-            raise ValueError(f"sequence length {pos + T} must lie in [1, block_size={cfg.block_size}]")
+        if not 1 <= T <= cfg.block_size:
+            raise ValueError(f"sequence length {T} must lie in [1, block_size={cfg.block_size}]")
         self.check_ids("token ids", idx, 0)
+        if cache is not None:
+            cache.advance(T, idx.device)
         x = self.wte(idx)
         if cfg.d_v > 1:  # expanded state X in R^{d x d_v} per token (§2.2)
             if torch.is_autocast_enabled(x.device.type):
@@ -433,7 +446,6 @@ class GPT(nn.Module):
         x = self.body(x, cache)
         x = F.rms_norm(x, (cfg.n_embd,), self.final_norm_gain.to(x.dtype), eps=1e-5)
         if cache is not None:
-            cache.pos += T
             x = x[:, -1:]
         logits = self.lm_head(x)
         if targets is None:
@@ -501,14 +513,43 @@ class GPT(nn.Module):
                                           f"in [1, {self.config.vocab_size}]")):
             if not ok:
                 raise ConfigError(f"generate: {name}={value!r} is invalid: must be {allowed}")
-        block_size, cache = self.config.block_size, Cache()
+        block_size, cache, decode = self.config.block_size, Cache(self.config.block_size), None
         logits = self(idx[:, -block_size:], cache=cache)
         for n in range(max_new_tokens):
             nxt = self.sample(logits[:, -1, :n_vocab], temperature, top_k)
             yield nxt
             if n + 1 < max_new_tokens:
                 idx = torch.cat([idx, nxt], dim=1)
-                logits = self(nxt, cache=cache) if idx.shape[1] <= block_size else self(idx[:, -block_size:])
+                if idx.shape[1] > block_size:  # nanoGPT's window: every position has moved
+                    logits = self(idx[:, -block_size:])
+                else:
+                    decode = decode or self.decoder(cache, nxt)
+                    logits = decode(nxt)
+
+    def decoder(self, cache, like):
+        """A function of the next tokens (B, 1) giving their logits through cache. On CUDA one step is
+        captured as a CUDA graph and replayed: a token's forward is hundreds of small kernels, and
+        launching them, not running them, is what it costs (docs/performance.md)."""
+        if not like.is_cuda:
+            return lambda tok: self(tok, cache=cache)
+        side = torch.cuda.Stream()  # a warm-up step on a scratch cache, as torch.cuda.graphs asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self(like, cache=Cache(cache.block_size))
+        torch.cuda.current_stream().wait_stream(side)
+        tok, graph = like.clone(), torch.cuda.CUDAGraph()
+        # autocast's weight cache must be off while capturing (the graph would keep freed copies)
+        dtype, autocast = torch.get_autocast_dtype("cuda"), torch.is_autocast_enabled("cuda")
+        with torch.cuda.graph(graph), torch.autocast("cuda", dtype, enabled=autocast, cache_enabled=False):
+            logits = self(tok, cache=cache)
+        cache.length -= 1  # the capture counted a token that it recorded but did not run
+
+        def step(next_tokens):
+            tok.copy_(next_tokens)
+            graph.replay()  # moves cache.pos on by one, on the device
+            cache.length += 1
+            return logits
+        return step
 
     @staticmethod
     def sample(logits, temperature, top_k):

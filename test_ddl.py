@@ -664,22 +664,20 @@ def test_check_spectrum_catches_a_gate_below_zero_and_a_contraction_off_by_ten_p
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_cached_forward_equals_the_full_forward_token_by_token(name):
-    """A prompt (shorter and longer than conv_kernel = 3), then one token at a time through a Cache:
-    every step's logits equal those of a full forward over the whole sequence so far, batch 3."""
+    """A prompt (shorter and longer than conv_kernel = 3), then three tokens at once, then one token at a
+    time through a Cache: every step's logits equal those of a full forward over the sequence so far."""
     m = scrambled(block_size=16, conv_kernel=3, **VARIANTS[name]).float()
     gen = torch.Generator().manual_seed(23)
     for prompt_len in (1, 2, 5):
-        seq = torch.randint(0, 97, (3, 12), generator=gen)
-        cache = ddl.Cache()
-        got = m(seq[:, :prompt_len], cache=cache)
-        want = m(seq[:, :prompt_len])[:, -1:]
-        check_tensor(f"{name}: logits after a prompt of {prompt_len}", got, want, atol=1e-5, rtol=1e-5)
-        for t in range(prompt_len + 1, 13):
-            got = m(seq[:, t - 1 : t], cache=cache)
-            check_tensor(
-                f"{name}: cached logits at length {t}", got, m(seq[:, :t])[:, -1:], atol=1e-5, rtol=1e-5
-            )
-        assert cache.pos == 12
+        seq = torch.randint(0, 97, (3, 16), generator=gen)
+        cache = ddl.Cache(16)
+        ends = [prompt_len, prompt_len + 3, *range(prompt_len + 4, 17)]
+        for start, end in zip([0] + ends, ends):
+            got, want = m(seq[:, start:end], cache=cache), m(seq[:, :end])[:, -1:]
+            check_tensor(f"{name}: cached logits at length {end}", got, want, atol=1e-5, rtol=1e-5)
+        assert cache.length == 16 and cache.pos.item() == 16
+        with pytest.raises(ValueError, match="cached sequence length 17 exceeds block_size=16"):
+            m(seq[:, :1], cache=cache)
 
 
 def full_recompute_generate(m, prompt, steps, temperature, top_k):
