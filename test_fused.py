@@ -455,3 +455,16 @@ def test_fused_install_refuses_a_float64_model(fused):
             ConfigError, match=re.escape(f"fused: dtype=torch.{dtype} is not supported: must be")
         ):
             fused.install(model)
+
+
+def test_fused_install_checks_in_true_fp32_and_restores_tf32(fused, monkeypatch):
+    """On a GPU train.py turns TF32 on; the self-check must compare in fp32 (TF32 alone differs by 1e-3)."""
+    seen, body = [], fused.fused_body
+    flag = lambda: torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(fused, "fused_body", lambda *a: seen.append(flag()) or body(*a))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        fused.install(tiny_model(d_v=4))
+        assert seen[0] is False and flag() is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
