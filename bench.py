@@ -2,7 +2,8 @@
 Throughput of every DDL variant against the additive baseline, in one process on one device.
 
     python bench.py --preset=124m                       # every variant, one GPU, unfused
-    python bench.py --preset=124m --fused=true --bench_batch=32   # README's table: CC, write-only fused
+    python bench.py --preset=124m --fused=true --bench_batch=30 --bench_variants=additive,delta,cc
+                                                        # the README's table
     python bench.py --preset=124m --bench_variants=additive,cc --bench_batch=32
     python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
 

@@ -3,7 +3,8 @@ token shards the training tests read."""
 import json
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # fused.py's kernels on the CPU; Triton reads it when first imported
+# fused.py's kernels on the CPU: Triton reads this when first imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ def shards(tmp_path_factory):
     with open(folder / "docs.jsonl", "w") as f:
         for i in range(200):
             f.write(json.dumps({"text": " ".join(gen.choice(words, size=40))}) + "\n")
-    prepare_data.prepare(prepare_data.parse_args(["--input", str(folder / "docs.jsonl"), "--out", str(folder / "out"),
-                                                  "--val_tokens", "512", "--shard_tokens", "3000", "--workers", "1"]))
+    args = ["--input", str(folder / "docs.jsonl"), "--out", str(folder / "out"),
+            "--val_tokens", "512", "--shard_tokens", "3000", "--workers", "1"]
+    prepare_data.prepare(prepare_data.parse_args(args))
     return str(folder / "out")

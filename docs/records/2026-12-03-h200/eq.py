@@ -18,5 +18,6 @@ for name, kw in dict(additive=dict(residual="additive"), delta=dict(d_v=1), cc=d
             top2 = logits.topk(2).values
             gaps.append((top2[:, 0] - top2[:, 1]).min().item())
             b = torch.cat([b, logits.argmax(-1, keepdim=True)], 1)
-        print(name, "equal:", bool(torch.equal(a, b)), "first diff at", (a != b).any(0).nonzero()[:1].tolist(),
+        print(name, "equal:", bool(torch.equal(a, b)),
+              "first diff at", (a != b).any(0).nonzero()[:1].tolist(),
               "smallest top-2 logit gap", min(gaps), flush=True)

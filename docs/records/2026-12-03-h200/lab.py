@@ -1,5 +1,6 @@
-"""Lab-only GPU measurements for this session (not committed): sampling speed before/after the cache,
-the training step's memory with and without held logits, HellaSwag's evaluation speed."""
+"""Lab GPU measurements of 2026-12-03 (the record's README says how they ran): sampling speed
+before/after the cache, the training step's memory with and without held logits, HellaSwag's
+evaluation speed."""
 import json
 import os
 import sys
@@ -67,7 +68,8 @@ def sampling(dev, rows):
                 t_new, _ = timed(lambda: m.generate(prompt, 256, temperature=0.8, top_k=200, n_vocab=50257))
                 t_eager, _ = timed(lambda: eager_cached(m, prompt, 256))
                 t_old, _ = timed(lambda: uncached_generate(m, prompt, 256))
-            row = dict(task="sampling", variant=name, batch=B, new_tokens=256, graph_s=t_new, eager_cache_s=t_eager,
+            row = dict(task="sampling", variant=name, batch=B, new_tokens=256, graph_s=t_new,
+                       eager_cache_s=t_eager,
                        uncached_s=t_old, graph_tok_s=B * 256 / t_new, eager_cache_tok_s=B * 256 / t_eager,
                        uncached_tok_s=B * 256 / t_old, speedup=t_old / t_new)
             print(json.dumps(row), flush=True)
@@ -92,7 +94,8 @@ def hellaswag(dev, rows):
         for i in range(2000):
             p = paras[i]
             ends = [" ".join(paras[2000 + 4 * i + j][:rng.randint(12, 30)]) for j in range(4)]
-            f.write(json.dumps(dict(ctx=" ".join(p[:rng.randint(20, 60)]), endings=ends, label=rng.randrange(4))) + "\n")
+            rec = dict(ctx=" ".join(p[:rng.randint(20, 60)]), endings=ends, label=rng.randrange(4))
+            f.write(json.dumps(rec) + "\n")
     examples = hs.load("/tmp/hs.jsonl")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     torch.manual_seed(0)
@@ -101,7 +104,8 @@ def hellaswag(dev, rows):
         hs.evaluate(model, examples[:64], dev, ctx)
         for be in (16, 64):
             t, out = timed(lambda: hs.evaluate(model, examples, dev, ctx, batch_examples=be))
-            row = dict(task="hellaswag", variant=name, batch_examples=be, n=out["n"], seconds=t, examples_per_s=out["n"] / t)
+            row = dict(task="hellaswag", variant=name, batch_examples=be, n=out["n"], seconds=t,
+                       examples_per_s=out["n"] / t)
             print(json.dumps(row), flush=True)
             rows.append(row)
 
@@ -116,7 +120,8 @@ def memory(dev, rows, B=16):
             raw = GPT(GPTConfig(**M124, **VARIANTS[name])).to(dev)
 
             def old_api(idx, targets):  # what GPT.forward returned before: (logits, loss), held by the caller
-                logits = raw.lm_head(F.rms_norm(raw.body(raw.wte(idx)), (768,), raw.final_norm_gain, eps=1e-5))
+                x = F.rms_norm(raw.body(raw.wte(idx)), (768,), raw.final_norm_gain, eps=1e-5)
+                logits = raw.lm_head(x)
                 return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
             model = torch.compile(old_api if held else raw)
             opt = raw.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cuda")
@@ -137,7 +142,8 @@ def memory(dev, rows, B=16):
             for _ in range(10):
                 t, _ = timed(step)
                 times.append(t)
-            row = dict(task="memory", variant=name, batch=B, logits_held=held, peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30,
+            row = dict(task="memory", variant=name, batch=B, logits_held=held,
+                       peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30,
                        ms=1000 * sorted(times)[5])
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -153,4 +159,5 @@ if __name__ == "__main__":
     rows = []
     for task in sys.argv[1:]:
         globals()[task](dev, rows)
-    json.dump(rows, open(os.path.join(os.environ.get("OUT", "/tmp"), "lab_" + "_".join(sys.argv[1:]) + ".json"), "w"))
+    out = os.path.join(os.environ.get("OUT", "/tmp"), "lab_" + "_".join(sys.argv[1:]) + ".json")
+    json.dump(rows, open(out, "w"))
