@@ -510,15 +510,14 @@ def test_special_initialisations_survive_the_global_init(beta_init):
 def test_weight_decay_by_role_and_a_new_parameter_must_declare_one():
     """Decayed: the matrices (Linear and embedding weights, W_v, CC's mix, TC's taps, EC's weight); not
     decayed: gains, biases, the gate's w_beta (2-D, decided by name, not rank) and TC's channel mix."""
-    m = tiny_model(residual="delta", d_v=4, compressor="tc")
-    decayed, plain = (
-        set(map(id, g["params"])) for g in m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
-    )
-    names = {n: id(p) in decayed for n, p in m.named_parameters()}
-    for n, is_decayed in names.items():
-        role = n.rsplit(".", 1)[-1]
-        assert is_decayed == (role in ("weight", "W_v", "mix", "taps")), n
-    assert not names["blocks.0.attn.w_beta"] and m.blocks[0].attn.w_beta.dim() == 2
+    for compressor in ("cc", "tc"):  # CC's mix and TC's taps / channel_mix: both compressors' roles
+        m = tiny_model(residual="delta", d_v=4, compressor=compressor)
+        groups = m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
+        decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+        names = {n: decay[id(p)] for n, p in m.named_parameters()}  # every parameter in one group
+        for n, wd in names.items():
+            assert wd == (0.1 if n.rsplit(".", 1)[-1] in ("weight", "W_v", "mix", "taps") else 0.0), n
+    assert names["blocks.0.attn.w_beta"] == 0.0 and m.blocks[0].attn.w_beta.dim() == 2
     m.blocks[0].attn.register_parameter("w_new", torch.nn.Parameter(torch.zeros(3, 3)))
     with pytest.raises(ValueError, match="blocks.0.attn.w_new has no weight-decay role"):
         m.configure_optimizers(1e-3, 0.1, (0.9, 0.95), "cpu")
@@ -680,6 +679,16 @@ def test_cached_forward_equals_the_full_forward_token_by_token(name):
             m(seq[:, :1], cache=cache)
 
 
+def test_cached_forward_with_one_tap_convolutions_keeps_no_past_tokens():
+    """conv_kernel = 1: EC and TC read the current token alone, and the cache keeps none before it."""
+    m = scrambled(block_size=8, conv_kernel=1, **VARIANTS["tc_ec"]).float()
+    seq = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(26))
+    cache = ddl.Cache(8)
+    for start, end in ((0, 3), (3, 4), (4, 8)):
+        got, want = m(seq[:, start:end], cache=cache), m(seq[:, :end])[:, -1:]
+        check_tensor(f"cached logits at length {end}", got, want, atol=1e-5, rtol=1e-5)
+
+
 def full_recompute_generate(m, prompt, steps, temperature, top_k):
     """The oracle: every new token from a full forward over the last block_size tokens (nanoGPT's loop)."""
     idx = prompt
@@ -765,6 +774,8 @@ def test_generate_divides_the_logits_by_the_temperature_within_top_k_and_n_vocab
     want[:5] = torch.softmax(logits[:5], dim=0)
     check_tensor("frequencies at temperature 1", freq(), want, atol=0.03)
     check_tensor("frequencies, top_k above n_vocab", freq(top_k=50), want, atol=0.03)
+    want[:5] = torch.softmax(logits[:5] / 2.0, dim=0)  # no top_k: all of n_vocab, at temperature 2
+    check_tensor("frequencies at temperature 2, no top_k", freq(temperature=2.0), want, atol=0.03)
 
 
 @pytest.mark.parametrize("kw,name", [(dict(top_k=0), "top_k=0"), (dict(temperature=-1.0), "temperature=-1.0"),
