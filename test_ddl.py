@@ -783,3 +783,16 @@ def test_generate_divides_the_logits_by_the_temperature_within_top_k_and_n_vocab
 def test_generate_refuses_bad_settings_naming_them(kw, name):
     with pytest.raises(ddl.ConfigError, match=f"generate: {name} is invalid"):
         tiny_model().generate(torch.zeros(1, 1, dtype=torch.long), 1, **kw)
+
+
+def test_cache_positions_live_on_the_device_where_a_replayed_cuda_graph_reads_them():
+    """A CUDA graph replays kernels, not Python: the positions must be computed from the device tensor
+    cache.pos, moved on in place (a new tensor, or positions from the Python count, would freeze)."""
+    cache = ddl.Cache(16)
+    cache.advance(3, "cpu")
+    pos = cache.pos
+    cache.advance(2, "cpu")
+    assert cache.pos is pos and pos.item() == 5 and cache.positions.tolist() == [3, 4]
+    pos.fill_(9)  # what a replay of one more step would have done to it, without Python running
+    cache.advance(1, "cpu")
+    assert cache.positions.tolist() == [9] and pos.item() == 10
