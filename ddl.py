@@ -10,8 +10,8 @@ back along k (Eq. 2.2):
 The shortcut A = I - beta k k^T has eigenvalue 1 - beta along k and 1 elsewhere (Prop. 2.1):
 identity at beta = 0, projection at beta = 1, reflection at beta = 2.
 
-Reading order: config, RoPE, attention, SwiGLU MLP, the delta operator, the compressors,
-the block, the GPT. Backbone (paper §3, §4.1): Llama-style, pre-norm RMSNorm, RoPE, QK-norm,
+Reading order: config, RoPE, generation's cache, attention, SwiGLU MLP, the delta update, the
+compressors, the residual branch and block, the GPT (forward, gate audit, cached generation). Backbone (paper §3, §4.1): Llama-style, pre-norm RMSNorm, RoPE, QK-norm,
 SwiGLU, no biases, tied embedding and LM head.
 """
 import math
