@@ -170,7 +170,7 @@ class SwiGLU(nn.Module):
         gate, up = self.c_fc(x).chunk(2, dim=-1)
         return self.c_proj(F.silu(gate) * up)
 
-# ----------------------------------------------------------------------------- the delta operator
+# ----------------------------------------------------------------------------- the delta update
 
 def readout_error(X, k, v):
     """e = k^T X - v^T, the readout error of Eq. 2.4 (one sign convention everywhere), (..., d_v).
