@@ -104,11 +104,11 @@ def check_step(got, want, tol):
             assert rel_err(g, w) < tol, name
 
 
-@pytest.mark.parametrize("norm", [True, False], ids=["norm", "readout"])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "last"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write"])
 def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase, norm):
     """Outputs and the gradients of X, k~, v, beta, W and gamma: the kernels (fp32) against the float64
-    oracle, with the next sublayer's norm and without it (the last boundary, before the readout)."""
+    oracle, with the next sublayer's norm and without it (the last boundary, before the final compressor)."""
     inputs, grads = step_inputs(torch.float32)
     got = outputs_and_grads(fused_step(fused, erase, norm), inputs, grads)
     want = outputs_and_grads(oracle_step(erase, norm), [t.double() for t in inputs], grads)
