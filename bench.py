@@ -7,10 +7,11 @@ Throughput of every DDL variant against the additive baseline, in one process on
     python bench.py --preset=124m --bench_variants=additive,cc --bench_batch=32
     python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
 
-First the measured bf16 matmul peak and a check of the model's rewrite as it runs (Eq. 2.2 under
-autocast and torch.compile) against the float64 reference; then, per variant, full training steps
-(train.py's build and train_step: forward, backward, clip, AdamW) and inference forwards on a fixed
-random batch, median of bench_steps after 3 warm-up calls. Takes train.py's and GPTConfig's keys too.
+First the measured bf16 matmul peak and a check of one sublayer boundary as the model runs it (k
+from k~, Eq. 2.2, the next CC read and its norm; in bf16 and fp32, compiled or fused) against
+float64; then, per variant, full training steps (train.py's build and train_step: forward, backward,
+clip, AdamW) and forwards with targets under no_grad (inference), on a fixed random batch, median of
+bench_steps after 3 warm-up calls. Takes train.py's and GPTConfig's keys too.
 """
 import os
 import sys

@@ -11,8 +11,9 @@ The shortcut A = I - beta k k^T has eigenvalue 1 - beta along k and 1 elsewhere 
 identity at beta = 0, projection at beta = 1, reflection at beta = 2.
 
 Reading order: config, RoPE, generation's cache, attention, SwiGLU MLP, the delta update, the
-compressors, the residual branch and block, the GPT (forward, gate audit, cached generation). Backbone (paper §3, §4.1): Llama-style, pre-norm RMSNorm, RoPE, QK-norm,
-SwiGLU, no biases, tied embedding and LM head.
+compressors, the residual branch and block, the GPT (forward, gate audit, cached generation).
+Backbone (paper §3, §4.1): Llama-style, pre-norm RMSNorm, RoPE, QK-norm, SwiGLU, no biases, tied
+embedding and LM head.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -244,7 +245,8 @@ class TokenCompressor(nn.Module):
 
 class EmbedConv(nn.Module):
     """EC (App. A.2): expands the embedding (B, T, d) into the state (B, T, d, d_v) with a causal
-    depthwise token convolution, identity-initialised so it starts as plain repetition."""
+    depthwise token convolution, identity-initialised so it starts as plain repetition (departure:
+    our choice of init, as TC's; the paper gives none)."""
     def __init__(self, cfg):
         super().__init__()
         w = torch.zeros(cfg.n_embd, cfg.d_v, cfg.conv_kernel)

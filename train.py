@@ -48,7 +48,7 @@ class TrainConfig:
     lr: float = setting(1e-3, "peak learning rate (paper §4.1)")
     min_lr: float = setting(1e-4, "final lr of the cosine decay (our choice, lr / 10; the paper gives none)")
     warmup_steps: int = setting(2000, "linear warm-up steps")
-    weight_decay: float = setting(0.1, "AdamW weight decay, on the matrices only (GPT.DECAYED: by role)")
+    weight_decay: float = setting(0.1, "AdamW weight decay, by role (GPT.DECAYED: weights mapping features)")
     beta1: float = setting(0.9, "AdamW first-moment decay")
     beta2: float = setting(0.95, "AdamW second-moment decay")
     grad_clip: float = setting(1.0, "global gradient-norm clip")
