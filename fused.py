@@ -60,9 +60,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The tile is one token's whole (d, d_v) state, since k^T X and the norms reduce over all of d; a
 # program walks TOKENS tokens. d and d_v are compile-time constants, so that Triton sees the state's
 # rows as contiguous and loads them in wide vectors. Autotuned on the GPU over tokens and warps.
-def _tuned(tokens, warps):
+def _tuned(tokens, warps, key=("d", "d_v", "NORM")):
     configs = [triton.Config(dict(TOKENS=t), num_warps=w) for t in tokens for w in warps]
-    return triton.autotune(configs[:1] if INTERPRET else configs, key=["d", "d_v", "NORM"])
+    return triton.autotune(configs[:1] if INTERPRET else configs, key=list(key))
 
 @triton.jit
 def _rounded(x, like):
@@ -78,6 +78,19 @@ def _direction(kt, rk, k_scale, KT):
 def _new_state(x, k, e, beta, X):
     """X_{l+1} = X_l - beta k e^T (Eq. 2.2), as stored."""
     return _rounded(x - beta * k * e, X)
+
+@triton.jit
+def _replay(x, CHAIN, N_CHAIN: tl.constexpr, t, i, j, mi, mj, live, k_scale, X,
+            d: tl.constexpr, d_v: tl.constexpr):
+    """X_l from its segment's stored state X_c (x): Eq. 2.2 again for boundaries c..l-1, from each one's
+    saved (k~, 1/rms(k~), e, beta) in CHAIN, rounded as the forward rounded, so X_l is the forward's."""
+    for s in tl.static_range(N_CHAIN):
+        K, RK, E, BETA = CHAIN[4 * s], CHAIN[4 * s + 1], CHAIN[4 * s + 2], CHAIN[4 * s + 3]
+        kt = tl.load(K + t * d + i, mask=mi, other=0.0).to(tl.float32)
+        k = _direction(kt, tl.load(RK + t, mask=live, other=0.0), k_scale, K)
+        e = tl.load(E + t * d_v + j, mask=mj, other=0.0)
+        x = _new_state(x, k, e, tl.load(BETA + t, mask=live, other=0.0).to(tl.float32), X)
+    return x
 
 @_tuned(tokens=(1, 4), warps=(4, 8, 16))
 @triton.jit
@@ -115,11 +128,11 @@ def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_sca
         tl.store(RSTD + t, r, mask=live)
         tl.store(C + t * d + i, c.to(C.dtype.element_ty), mask=mi)
 
-@_tuned(tokens=(1, 4), warps=(4, 8, 16))
+@_tuned(tokens=(1, 4), warps=(4, 8, 16), key=("d", "d_v", "NORM", "N_CHAIN"))
 @triton.jit
-def _step_bwd(GXN, GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, k_scale,
+def _step_bwd(GXN, GC, X, CHAIN, KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, k_scale,
               d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
+              N_CHAIN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]
     j = tl.arange(0, BLOCK_V)[None, :]
     for n in tl.range(0, TOKENS):
@@ -127,7 +140,8 @@ def _step_bwd(GXN, GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BET
         live = t < n_tok
         mi, mj = (i < d) & live, (j < d_v) & live
         m = mi & mj
-        x = tl.load(X + (t * d + i) * d_v + j, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(X + (t * d + i) * d_v + j, mask=m, other=0.0).to(tl.float32)  # the segment's stored state
+        x = _replay(x, CHAIN, N_CHAIN, t, i, j, mi, mj, live, k_scale, X, d, d_v)  # X_l
         kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
         rk = tl.load(RK + t, mask=live, other=0.0)
         k = _direction(kt, rk, k_scale, KT)
@@ -160,10 +174,12 @@ CHUNK = 64  # tokens per program of the weight's gradient: partial sums (n_tok /
 WEIGHT_TILES = [triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w)
                 for bi in (16, 32, 64) for bt in (8, 16) for w in (2, 4)]
 
-@triton.autotune(WEIGHT_TILES[:1] if INTERPRET else WEIGHT_TILES, key=["d", "d_v", "NORM", "CHUNK"])
+@triton.autotune(WEIGHT_TILES[:1] if INTERPRET else WEIGHT_TILES,
+                 key=["d", "d_v", "NORM", "CHUNK", "N_CHAIN"])
 @triton.jit
-def _weight_bwd(GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale,
+def _weight_bwd(GC, X, CHAIN, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale,
                 CHUNK: tl.constexpr, d: tl.constexpr, d_v: tl.constexpr, NORM: tl.constexpr,
+                N_CHAIN: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
     # dW[i, j] = sum over tokens of g[t, i] X_{l+1}[t, i, j] and g_gamma[i] = sum of dc[t, i] x_in[t, i] r[t],
     # with X_{l+1}, x_in and g recomputed; this program: features [i0, i0 + BLOCK_I), tokens [t0, t0 + CHUNK)
@@ -179,6 +195,7 @@ def _weight_bwd(GC, X, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, 
         live = (t < n_tok) & (b + tt < CHUNK)
         mi = live & (i < d)
         x = tl.load(X + (t * d + i) * d_v + j, mask=mi & (j < d_v), other=0.0).to(tl.float32)
+        x = _replay(x, CHAIN, N_CHAIN, t, i, j, mi, live & (j < d_v), live, k_scale, X, d, d_v)  # X_l
         kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
         e = tl.load(E + t * d_v + j, mask=live & (j < d_v), other=0.0)
         beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
@@ -204,11 +221,15 @@ def _fp32_per_token(beta, *trailing):
     return beta.new_empty(*beta.shape, *trailing, dtype=torch.float32)
 
 @torch.library.custom_op("ddl_fused::step", mutates_args=())
-def step(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: Optional[Tensor],
-         k_eps: float, erase: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def step_op(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: Optional[Tensor],
+            k_eps: float, erase: bool, origin: Optional[Tensor],
+            chain: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """X (..., d, d_v), k~ (..., d), v (..., d_v), beta (...), W (d, d_v) the next CC mix, gamma (d) the next
     norm's gain (None: no norm, c = x_in) -> X_{l+1}, c (..., d) in X's dtype, and in fp32 for the
-    backward: e (..., d_v), 1 / rms(k~) and 1 / rms(x_in) (...)."""
+    backward: e (..., d_v), 1 / rms(k~) and 1 / rms(x_in) (...).
+    origin and chain are for the backward alone (fused_body): the backward keeps origin, the stored state
+    of X's segment, instead of X, and replays X from it through chain, the (k~, 1/rms(k~), e, beta) of each
+    boundary in between (origin None: it keeps X)."""
     X, k_tilde, v, beta, W = (t.contiguous() for t in (X, k_tilde, v, beta, W))
     d, d_v = W.shape
     n_tok = beta.numel()
@@ -219,50 +240,61 @@ def step(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: 
         k_eps * k_eps / d, 1 / math.sqrt(d), d, d_v, ERASE=erase, NORM=gamma is not None, **_blocks(d, d_v))
     return Xn, c, e, rk, rstd
 
-@step.register_fake
-def _(X, k_tilde, v, beta, W, gamma, k_eps, erase):
+@step_op.register_fake
+def _(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
     d_v = W.shape[1]  # contiguous outputs, as the op's (it makes its inputs contiguous first)
     per_token = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
     return (X.new_empty(X.shape), X.new_empty(X.shape[:-1]), *per_token)
 
 @torch.library.custom_op("ddl_fused::step_backward", mutates_args=())
-def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, k_tilde: Tensor, e: Tensor, beta: Tensor, W: Tensor,
-                  gamma: Optional[Tensor], rk: Tensor, rstd: Tensor, erase: bool) -> list[Tensor]:
+def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_tilde: Tensor, e: Tensor,
+                  beta: Tensor, W: Tensor, gamma: Optional[Tensor], rk: Tensor, rstd: Tensor,
+                  erase: bool) -> list[Tensor]:
     """The gradients of X_l, k~, v, beta, W and gamma (the module docstring's formulas), in their dtypes
-    (gamma = None: W's dtype, unused); X_{l+1} and x_in are recomputed from X_l."""
+    (gamma = None: W's dtype, unused); X_l is replayed from X, its segment's stored state, through chain
+    (as step's), and X_{l+1} and x_in are recomputed from X_l."""
     g_Xn, g_c, X, k_tilde, e, beta, W = (t.contiguous() for t in (g_Xn, g_c, X, k_tilde, e, beta, W))
+    chain = tuple(t.contiguous() for t in chain)
     d, d_v = W.shape
     n_tok, k_scale = beta.numel(), 1 / math.sqrt(d)
     norm, gamma = gamma is not None, W if gamma is None else gamma.contiguous()  # W: a pointer never read
     g_X, g_k, g_v, g_beta, s = (torch.empty_like(t) for t in (X, k_tilde, e, beta, rk))
     _step_bwd[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
-        g_Xn, g_c, X, k_tilde, e, beta, W, gamma, rk, rstd, g_X, g_k, g_v, g_beta, s, n_tok, k_scale, d, d_v,
-        ERASE=erase, NORM=norm, **_blocks(d, d_v))
+        g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, g_X, g_k, g_v, g_beta, s, n_tok, k_scale,
+        d, d_v, ERASE=erase, NORM=norm, N_CHAIN=len(chain) // 4, **_blocks(d, d_v))
     splits = triton.cdiv(n_tok, CHUNK)
     g_W, g_gamma = torch.empty(splits, d, d_v, device=X.device), torch.empty(splits, d, device=X.device)
     _weight_bwd[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), splits)](
-        g_c, X, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, k_scale, CHUNK, d, d_v, norm,
-        BLOCK_V=triton.next_power_of_2(d_v))
+        g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, k_scale, CHUNK, d, d_v,
+        norm, len(chain) // 4, BLOCK_V=triton.next_power_of_2(d_v))
     return [g_X, g_k, g_v, g_beta, g_W.sum(0).to(W.dtype), g_gamma.sum(0).to(gamma.dtype)]
 
 @step_backward.register_fake
-def _(g_Xn, g_c, X, k_tilde, e, beta, W, gamma, rk, rstd, erase):
+def _(g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, erase):
     g_gamma = W.new_empty(W.shape[0]) if gamma is None else gamma.new_empty(gamma.shape)
-    return [t.new_empty(t.shape) for t in (X, k_tilde, e, beta, W)] + [g_gamma]
+    return [t.new_empty(t.shape) for t in (g_Xn, k_tilde, e, beta, W)] + [g_gamma]
 
 def _save(ctx, inputs, output):
-    X, k_tilde, v, beta, W, gamma, _, ctx.erase = inputs
-    ctx.v_dtype, ctx.norm = v.dtype, gamma is not None
+    X, k_tilde, v, beta, W, gamma, _, ctx.erase, origin, chain = inputs
+    ctx.v_dtype, ctx.norm, ctx.n_chain = v.dtype, gamma is not None, len(chain)
     _, _, e, rk, rstd = output
-    ctx.save_for_backward(X, k_tilde, e, beta, W, gamma, rk, rstd)  # X_{l+1} and c are recomputed, not kept
+    # X_{l+1} and c are recomputed, not kept; X itself is kept only where no origin is given
+    ctx.save_for_backward(X if origin is None else origin, k_tilde, e, beta, W, gamma, rk, rstd, *chain)
 
 def _backward(ctx, g_Xn, g_c, *_):
-    g_X, g_k, g_v, g_beta, g_W, g_gamma = step_backward(g_Xn, g_c, *ctx.saved_tensors, ctx.erase)
-    return g_X, g_k, g_v.to(ctx.v_dtype), g_beta, g_W, g_gamma if ctx.norm else None, None, None
+    X, k_tilde, e, beta, W, gamma, rk, rstd, *chain = ctx.saved_tensors
+    g_X, g_k, g_v, g_beta, g_W, g_gamma = step_backward(g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma,
+                                                        rk, rstd, ctx.erase)
+    return (g_X, g_k, g_v.to(ctx.v_dtype), g_beta, g_W, g_gamma if ctx.norm else None, None, None, None,
+            [None] * ctx.n_chain)
 
-step.register_autograd(_backward, setup_context=_save)
+step_op.register_autograd(_backward, setup_context=_save)
 
-def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase):
+def step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin=None, chain=()):
+    """The op (step_op), with no segment by default: the backward keeps X."""
+    return step_op(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, list(chain))
+
+def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
     """step() after checking that its inputs have the shapes its kernels assume: one beta per token, a
     state (..., d, d_v) with W's (d, d_v). A change in ddl.py that breaks these is refused here, by name."""
     d, d_v = W.shape
@@ -272,7 +304,7 @@ def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase):
         if tuple(t.shape) != shape:
             raise ValueError(f"fused: {name} has shape {tuple(t.shape)}, the kernels take {shape} "
                              "(one beta per token, a (d, d_v) state): fused.py does not run this variant")
-    return step(X, k_tilde, v, beta, W, gamma, k_eps, erase)
+    return step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain)
 
 def fused_body(model, X, cache=None):
     """GPT.body with each sublayer boundary as one fused step: the same parameters and equations as
@@ -287,12 +319,23 @@ def fused_body(model, X, cache=None):
         # the next sublayer's compressor and norm; after the last sublayer, the final compressor, no norm
         compressor, gamma = (nxt.compressor, nxt.norm_gain) if nxt else (model.final_compressor, None)
         gamma = None if gamma is None else gamma.to(X.dtype)
-        X, c, *_ = checked_step(X, k_tilde, branch.value(c), branch.gate(c).squeeze(-1),
-                                compressor.mix.to(X.dtype), gamma, model.config.k_eps,
-                                model.config.residual == "delta")
+        if n % SEGMENT == 0:  # this boundary keeps its state; the next ones replay theirs from it
+            origin, chain = None, []
+        beta = branch.gate(c).squeeze(-1)
+        Xn, c, e, rk, _ = checked_step(X, k_tilde, branch.value(c), beta, compressor.mix.to(X.dtype), gamma,
+                                       model.config.k_eps, model.config.residual == "delta", origin, chain)
+        origin = X.detach() if origin is None else origin
+        chain = chain + [k_tilde.detach(), rk, e, beta.detach()]
+        X = Xn
         if nxt:
             k_tilde = nxt.sublayer(c, cache)
     return c
+
+# Sublayer boundaries per stored state: the backward keeps the state entering every SEGMENT-th boundary
+# and replays the others from it (step's origin and chain), so that the fused path keeps 1 / SEGMENT of
+# the (B, T, d, d_v) states for its backward; the replay reads each boundary's k~ again (a quarter of a
+# state at d_v = 4). Measured in docs/performance.md.
+SEGMENT = 4
 
 # Every GPTConfig field with the values the fused path runs (None: any). install() refuses a config field
 # missing here, so that a new option of ddl.py is never trained through kernels that do not know it.

@@ -187,8 +187,10 @@ def test_fused_op_passes_torch_library_opcheck(fused):
     inputs, _ = step_inputs(torch.float32, d=20, d_v=3)
     X, k_tilde, v, beta, W, gamma = (t.requires_grad_() for t in inputs)
     X = X.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
-    for g in (gamma, None):
-        torch.library.opcheck(fused.step, (X, k_tilde, v, beta, W, g, EPS_K, True))
+    _, _, e, rk, _ = fused.step(X, k_tilde, v, beta, W, gamma, EPS_K, True)
+    segment = (X.detach(), [k_tilde.detach(), rk, e, beta.detach()])  # a state replayed from X by one step
+    for g, (origin, chain) in ((gamma, (None, [])), (None, (None, [])), (gamma, segment)):
+        torch.library.opcheck(fused.step_op, (X, k_tilde, v, beta, W, g, EPS_K, True, origin, chain))
 
 def fused_pair(fused, monkeypatch, **kw):
     """A scrambled fp32 model and its copy with the fused body installed. install()'s own comparison with
@@ -365,6 +367,7 @@ FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24, a large k_eps
     "dv3_ec": dict(residual="delta", d_v=3, compressor="cc", embed_conv=True),
     "dv8": dict(residual="delta", d_v=8, compressor="cc", embed_conv=False, n_layer=1),
     "write_dv3": dict(residual="write", d_v=3, compressor="cc", embed_conv=False),
+    "segments": dict(residual="delta", d_v=3, compressor="cc", n_layer=3),  # 6 boundaries: a second segment
     "d24": dict(residual="delta", d_v=3, compressor="cc", n_head=3, head_dim=8, n_embd=24, n_layer=1),
     "k_eps": dict(
         residual="delta", d_v=3, compressor="cc", embed_conv=False, n_layer=1, k_eps=0.5
