@@ -144,8 +144,6 @@ def bench(cfg, mcfg, bcfg):
         raw, model, opt = build(replace(cfg, fused=fused), replace(mcfg, **VARIANTS[n]), dev)
 
         def infer():
-            if cfg.cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad(), ctx:
                 model(x, y)
 
@@ -164,15 +162,15 @@ def bench(cfg, mcfg, bcfg):
               + (f", peak {mem:.2f} GiB" if mem else ""), flush=True)  # kept if cut short
         del raw, opt, model
         torch._dynamo.reset()  # a fresh compile cache per variant, so none hits the recompile limit
-    print_table(rows, dev, peak, B, T, cfg.compile and dev.type == "cuda", cfg.cuda_graphs)
+    print_table(rows, dev, peak, B, T, cfg.compile and dev.type == "cuda")
     return rows
 
-def print_table(rows, dev, peak, B, T, compiled, graphs=False):
+def print_table(rows, dev, peak, B, T, compiled):
     base = next((r for r in rows if r["variant"] == "additive"), rows[0])
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     unit = "bf16" if dev.type == "cuda" else "fp32"
     print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile {compiled} | "
-          f"{'CUDA graphs | ' if graphs else ''}ratios against {base['variant']}")
+          f"ratios against {base['variant']}")
     print(f"{'variant':11} {'params':>12} {'ms/step':>8} {'train tok/s':>12} {'ratio':>6} "
           f"{'infer tok/s':>12} {'ratio':>6} {'mem GiB':>8} {'ratio':>6} {'MFU':>6}")
     for r in rows:

@@ -654,22 +654,6 @@ def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
         train.setup(train_cfg(device="cuda"))
 
 
-def test_cuda_graphs_need_compile_on_cuda_and_mark_each_micro_step(monkeypatch):
-    """--cuda_graphs replays the compiled graphs: refused where nothing is compiled (a CPU, or
-    --compile=false), and each micro-batch's forward starts a new graph step, so the last one's outputs
-    may be overwritten."""
-    mcfg = GPTConfig(vocab_size=97, n_layer=1, n_head=2, head_dim=8, n_embd=16, block_size=8)
-    for kw in (dict(), dict(compile=False)):
-        with pytest.raises(ConfigError, match=r"^--cuda_graphs=true needs --compile=true on CUDA \(compile="):
-            train.build(train_cfg(cuda_graphs=True, **kw), mcfg, torch.device("cpu"))
-    raw, model, opt = train.build(train_cfg(), mcfg, torch.device("cpu"))
-    calls = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(len(calls)))
-    batch = lambda: (torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
-    train.train_step(model, raw, opt, batch, 3, 1e-3, train_cfg(cuda_graphs=True), nullcontext())
-    assert calls == [0, 1, 2]
-
-
 def test_sampling_never_emits_padding_ids(capsys):
     """A model whose padding rows dominate the logits: unrestricted generation picks padding ids, which
     tiktoken cannot decode; train.sample restricts to the 50257 real ids and decodes."""

@@ -60,8 +60,6 @@ class TrainConfig:
     ckpt_interval: int = setting(1000, "steps between checkpoints (and one at the end)")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt")
     compile: bool = setting(True, "torch.compile (CUDA only)")
-    cuda_graphs: bool = setting(False, "with compile: the compiled forward and backward replayed as CUDA "
-                                       "graphs (mode reduce-overhead): no per-kernel launch cost")
     fused: bool = setting(False, "d_v > 1, CC: the state's rewrite in fused.py's Triton kernels (CUDA)")
     device: str = setting("auto", "auto | cpu | cuda")
     peak_tflops: float = setting(0.0, "bf16 peak per GPU for MFU where the card is not in PEAK_TFLOPS")
@@ -193,11 +191,7 @@ def build(cfg, mcfg, dev):
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(dev)
     raw = __import__("fused").install(raw) if cfg.fused else raw  # imported only when asked: it needs Triton
-    if cfg.cuda_graphs and not (cfg.compile and dev.type == "cuda"):
-        raise ConfigError(f"--cuda_graphs=true needs --compile=true on CUDA (compile={cfg.compile}, "
-                          f"device={dev.type})")
-    mode = "reduce-overhead" if cfg.cuda_graphs else None
-    model = torch.compile(raw, mode=mode) if cfg.compile and dev.type == "cuda" else raw
+    model = torch.compile(raw) if cfg.compile and dev.type == "cuda" else raw
     return raw, model, raw.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dev.type)
 
 def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
@@ -206,8 +200,6 @@ def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
         g["lr"] = lr
     loss_sum = 0.0
     for micro in range(accum):
-        if cfg.cuda_graphs:  # the graphs' earlier outputs are free to be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
         x, y = (t.to(raw.wte.weight.device, non_blocking=True) for t in next_batch())
         last = not isinstance(model, DDP) or micro == accum - 1
         with nullcontext() if last else model.no_sync():
@@ -232,8 +224,6 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
     for i in range(0, len(windows), cfg.batch_size):
         rows = np.stack([val[w * T:(w + 1) * T + 1] for w in windows[i:i + cfg.batch_size]]).astype(np.int64)
         rows = torch.from_numpy(rows).to(dev)
-        if cfg.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             total += model(rows[:, :-1], rows[:, 1:]).float() * len(rows)
         count += len(rows)
