@@ -390,6 +390,31 @@ def test_fused_eval_and_generate_equal_ddl(fused, monkeypatch):
     assert torch.equal(ref.generate(idx, 4, temperature=0), fast.generate(idx, 4, temperature=0))
 
 
+@pytest.mark.parametrize("segment", [1, 2, 4])
+def test_fused_backward_keeps_one_state_per_segment(fused, monkeypatch, segment):
+    """What the fused body keeps for its backward: of the 6 boundaries' (B, T, d, d_v) states, only the one
+    entering each SEGMENT-th boundary (ceil(6 / SEGMENT) distinct states); the others are replayed, and
+    the gradients stay ddl.py's."""
+    monkeypatch.setattr(fused, "SEGMENT", segment)
+    ref, fast = fused_pair(fused, monkeypatch, **FUSED_SHAPES["segments"])
+    cfg = fast.config
+    states = {}
+
+    def keep(t):
+        if tuple(t.shape) == (2, 5, cfg.n_embd, cfg.d_v):
+            states[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        idx, tgt = (torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+        loss = fast(idx, tgt)
+    assert len(states) == math.ceil(2 * cfg.n_layer / segment)
+    loss.backward()
+    ref(idx, tgt).backward()
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+
+
 def test_fused_frozen_parameters_and_two_forwards_before_backward(fused, monkeypatch):
     ref, fast = fused_pair(fused, monkeypatch, **VARIANTS["cc"], n_layer=1)
     for m in (ref, fast):
