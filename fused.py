@@ -29,8 +29,8 @@ reduces over tokens for W's and the norm gain's gradients, g_W[i, j] = sum_t g[t
 X_{l+1}, x_in and g are recomputed from X_l, so the op keeps k~, beta, e and two norms per token for its
 backward, and the state X_l only at every SEGMENT-th boundary: the others replay X_l from that one
 through Eq. 2.2 (the forward's own arithmetic and rounding, on the saved values); taking k~ and giving
-c, it spares torch.compile keeping k and x_in around it. TC's read spans neighbouring tokens and is not fused. Measured on H100/H200,
-with what still costs: docs/performance.md.
+c, it spares torch.compile keeping k and x_in around it. TC's read spans neighbouring tokens and is not
+fused. Measured on H100/H200, with what still costs: docs/performance.md.
 
 Everything is computed in fp32 and rounded to the state's dtype where ddl.py's functions return a
 value in it: k (twice, as unit_direction), X_{l+1}, x_in and c. ddl.py's eager products (beta e,
