@@ -84,7 +84,8 @@ def _new_state(x, k, e, beta, X):
 def _replay(x, CHAIN, N_CHAIN: tl.constexpr, t, i, j, mi, mj, live, k_scale, X,
             d: tl.constexpr, d_v: tl.constexpr):
     """X_l from its segment's stored state X_c (x): Eq. 2.2 again for boundaries c..l-1, from each one's
-    saved (k~, 1/rms(k~), e, beta) in CHAIN, rounded as the forward rounded, so X_l is the forward's."""
+    saved (k~, 1/rms(k~), e, beta) in CHAIN, rounded as the forward rounded: X_l as the forward made it
+    (bit for bit in the interpreter; on the GPU where the compiler contracts x - beta k e alike)."""
     for s in tl.static_range(N_CHAIN):
         K, RK, E, BETA = CHAIN[4 * s], CHAIN[4 * s + 1], CHAIN[4 * s + 2], CHAIN[4 * s + 3]
         kt = tl.load(K + t * d + i, mask=mi, other=0.0).to(tl.float32)
@@ -320,7 +321,7 @@ def fused_body(model, X, cache=None):
         # the next sublayer's compressor and norm; after the last sublayer, the final compressor, no norm
         compressor, gamma = (nxt.compressor, nxt.norm_gain) if nxt else (model.final_compressor, None)
         gamma = None if gamma is None else gamma.to(X.dtype)
-        if n % SEGMENT == 0:  # this boundary keeps its state; the next ones replay theirs from it
+        if n % SEGMENT == 0 or not torch.is_grad_enabled():  # keep this state; the next ones replay theirs
             origin, chain = None, []
         beta = branch.gate(c).squeeze(-1)
         Xn, c, e, rk, _ = checked_step(X, k_tilde, branch.value(c), beta, compressor.mix.to(X.dtype), gamma,
@@ -333,11 +334,11 @@ def fused_body(model, X, cache=None):
     return c
 
 # Sublayer boundaries per stored state: the backward keeps the state entering every SEGMENT-th boundary
-# and replays the others from it (step's origin and chain), so that the fused path keeps 1 / SEGMENT of
-# the (B, T, d, d_v) states for its backward; the replay reads each boundary's k~ again (a quarter of a
-# state at d_v = 4 per replayed boundary). 1 keeps every state. Measured in docs/performance.md: at the
-# 124m size, micro-batch 16, one H200, 4 took DDL-CC's peak from 13.90 to 12.21 GiB and added 1.9 ms of
-# kernel time per step.
+# and replays the others from it (step's origin and chain), so that the fused path keeps ceil(2 L /
+# SEGMENT) of the 2 L (B, T, d, d_v) states for its backward; each backward kernel of a boundary reads
+# again the k~ of every boundary it replays (a quarter of a state each at d_v = 4). 1 keeps every state.
+# Measured in docs/performance.md: at the 124m size, micro-batch 16, one H200, 4 took DDL-CC's peak from
+# 13.90 to 12.21 GiB and added 1.9 ms of kernel time per step.
 SEGMENT = 4
 
 # Every GPTConfig field with the values the fused path runs (None: any). install() refuses a config field
