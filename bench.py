@@ -6,6 +6,8 @@ Throughput of every DDL variant against the additive baseline, in one process on
                                                         # the README's table
     python bench.py --preset=124m --bench_variants=additive,cc --bench_batch=32
     python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
+    python bench.py --preset=124m --bench_profile=true --bench_variants=additive,delta
+                                                        # where each step's GPU time goes
 
 First the measured bf16 matmul peak and a check of one sublayer boundary as the model runs it (k
 from k~, Eq. 2.2, the next CC read and its norm; in bf16 and fp32, compiled or fused) against
@@ -13,8 +15,10 @@ float64; then, per variant, full training steps (train.py's build and train_step
 clip, AdamW) and forwards with targets under no_grad (inference), on a fixed random batch, median of
 bench_steps after 3 warm-up calls. Takes train.py's and GPTConfig's keys too.
 """
+import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -38,6 +42,8 @@ class BenchConfig:
     bench_batch: int = setting(16, "micro-batch of the timed steps")
     bench_steps: int = setting(20, "timed steps per variant")
     bench_variants: str = setting(",".join(VARIANTS), "comma-separated, from " + ", ".join(VARIANTS))
+    bench_profile: bool = setting(False, "CUDA: also profile 3 training steps per variant (torch.profiler): "
+                                         "GPU busy time, kernel launches, kernel time by group")
 
     def __post_init__(self):
         for key in ("bench_batch", "bench_steps"):
@@ -110,6 +116,39 @@ def check_fast_path(dev, use_compile, fused):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
+# kernel-name fragments and their group, first match wins: fused.py's kernels, then the libraries', then
+# what torch.compile generated (inductor's Triton kernels, with the loss's own)
+KERNEL_GROUPS = (("_step_fwd", "fused fwd"), ("_step_bwd", "fused bwd"), ("_weight_bwd", "fused W bwd"),
+                 ("flash", "attention"), ("fmha", "attention"), ("cudnn", "attention"),
+                 ("adam", "optimizer"), ("multi_tensor", "optimizer"),
+                 ("nvjet", "matmul"), ("gemm", "matmul"), ("xmma", "matmul"), ("cutlass", "matmul"),
+                 ("log_softmax", "loss"), ("nll_loss", "loss"), ("triton_", "inductor"))
+
+def kernel_summary(events, steps):
+    """From a Chrome trace's events, per step: the GPU's busy time (the union of the kernels' intervals;
+    the rest of a step the GPU waits, on the host), the kernel launches and the kernel ms by group."""
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+    busy, end, groups = 0.0, float("-inf"), {}
+    for start, stop, name in kernels:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+        group = next((g for key, g in KERNEL_GROUPS if key in name.lower()), "other")
+        groups[group] = groups.get(group, 0.0) + (stop - start) / 1000 / steps
+    return dict(busy_ms=busy / 1000 / steps, launches=len(kernels) / steps, groups=groups)
+
+def profile_kernels(step, steps=3):
+    """kernel_summary of `steps` calls of step under torch.profiler, on CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            return kernel_summary(json.load(f)["traceEvents"], steps)
+
 def check_cpu_memory(mcfg, B, d_v):
     """On a CPU, refuse a size that would not fit in memory (the out-of-memory killer gives no message).
     A rough upper estimate: parameters with gradients and AdamW state, fp32 logits for the loss and
@@ -130,6 +169,9 @@ def bench(cfg, mcfg, bcfg):
     if cfg.fused and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # as fused.install
         raise ConfigError(f"--fused=true: device={dev.type!r} is not supported: fused.py's kernels need cuda "
                           "(or TRITON_INTERPRET=1 on the CPU)")
+    if bcfg.bench_profile and dev.type != "cuda":
+        raise ConfigError(f"--bench_profile=true profiles GPU kernels: device={dev.type!r} runs none "
+                          "(use cuda)")
     B, T = bcfg.bench_batch, mcfg.block_size
     names = bcfg.bench_variants.split(",")
     if dev.type == "cpu":
@@ -160,6 +202,11 @@ def bench(cfg, mcfg, bcfg):
                          mfu=fpt * B * T / train_ms / 1e9 / peak))
         print(f"{rows[-1]['variant']}: {train_ms:.1f} ms/step, {infer_ms:.1f} ms/forward"
               + (f", peak {mem:.2f} GiB" if mem else ""), flush=True)  # kept if cut short
+        if bcfg.bench_profile:
+            p = rows[-1]["profile"] = profile_kernels(step)
+            groups = sorted(p["groups"].items(), key=lambda kv: -kv[1])
+            print(f"  GPU busy {p['busy_ms']:.1f} ms per step, {p['launches']:.0f} kernel launches; "
+                  "kernel ms: " + ", ".join(f"{g} {ms:.2f}" for g, ms in groups), flush=True)
         del raw, opt, model
         torch._dynamo.reset()  # a fresh compile cache per variant, so none hits the recompile limit
     print_table(rows, dev, peak, B, T, cfg.compile and dev.type == "cuda")

@@ -129,3 +129,35 @@ def test_bench_fused_on_a_cpu_is_one_line_error_before_any_kernel_runs(monkeypat
                        match="^--fused=true: device='cpu' is not supported: fused.py's kernels need "
                                           "cuda \\(or TRITON_INTERPRET=1 on the CPU\\)$"):
         bench.bench(cfg, mcfg, bcfg)
+
+
+def test_kernel_summary_is_per_step_busy_time_launches_and_groups():
+    """Two steps' trace: kernels at [0, 10], [5, 20] (overlapping), [30, 35] and [30, 31] (µs), and one CPU
+    op, which is not a kernel. Busy: the union, 20 + 5 = 25 µs over 2 steps; 4 launches over 2 steps; each
+    kernel's own time in its group."""
+    events = [dict(cat="kernel", name="nvjet_sm90_tst_256x128_NNT", ts=0.0, dur=10.0),
+              dict(cat="kernel", name="_step_bwd", ts=5.0, dur=15.0),
+              dict(cat="kernel", name="triton_per_fused__fused_rms_norm_backward_add_5", ts=30.0, dur=5.0),
+              dict(cat="kernel", name="triton_red_fused__log_softmax_backward_nll_0", ts=30.0, dur=1.0),
+              dict(cat="cpu_op", name="aten::mm", ts=0.0, dur=100.0)]
+    got = bench.kernel_summary(events, steps=2)
+    assert got["busy_ms"] == pytest.approx(25 / 1000 / 2)
+    assert got["launches"] == 2
+    assert got["groups"] == pytest.approx({"matmul": 0.005, "fused bwd": 0.0075, "inductor": 0.0025,
+                                           "loss": 0.0005})
+
+
+def test_bench_profile_needs_cuda():
+    args = ["--preset=smoke", "--bench_profile=true", "--device=cpu"]
+    with pytest.raises(ConfigError, match=r"^--bench_profile=true profiles GPU kernels: device='cpu' runs"):
+        bench.bench(*train.parse_args(args, BENCH_KINDS))
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # a CPU-only torch
+def test_profile_kernels_runs_the_steps_and_reads_the_profilers_trace(monkeypatch):
+    """The plumbing: `steps` calls under torch.profiler, its Chrome trace exported and summarised; a CPU
+    step makes no kernels to find."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+    got = bench.profile_kernels(lambda: calls.append(torch.ones(3).sum()), steps=2)
+    assert len(calls) == 2 and got == dict(busy_ms=0.0, launches=0.0, groups={})
