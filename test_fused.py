@@ -388,9 +388,12 @@ def test_fused_eval_and_generate_equal_ddl(fused, monkeypatch):
     ref, fast = fused_pair(fused, monkeypatch, **VARIANTS["cc_ec"])
     ref.eval(), fast.eval()
     idx = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(4))
+    origins, step = [], fused.step
+    monkeypatch.setattr(fused, "step", lambda *a: origins.append(a[8]) or step(*a))
     with torch.no_grad():
         a, b = ref(idx), fast(idx)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert len(origins) == 4 and all(o is None for o in origins)  # no backward: no earlier state kept
     assert torch.equal(ref.generate(idx, 4, temperature=0), fast.generate(idx, 4, temperature=0))
 
 
