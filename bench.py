@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ddl import ConfigError, GPTConfig, delta_update, setting, unit_direction
-from train import TrainConfig, build, parse_args, setup, train_step
+from train import TrainConfig, build, compiled, cuda_graphs, parse_args, setup, train_step
 
 VARIANTS = {
     "additive": dict(residual="additive", d_v=1),
@@ -36,12 +36,14 @@ VARIANTS = {
     "tc": dict(residual="delta", d_v=4, compressor="tc", embed_conv=True),
     "write": dict(residual="write", d_v=4, compressor="cc", embed_conv=True),
 }
+FUSED = ("cc+fused", "write+fused")  # the same variants through fused.py, beside ddl.py's in one table
 
 @dataclass
 class BenchConfig:
     bench_batch: int = setting(16, "micro-batch of the timed steps")
     bench_steps: int = setting(20, "timed steps per variant")
-    bench_variants: str = setting(",".join(VARIANTS), "comma-separated, from " + ", ".join(VARIANTS))
+    bench_variants: str = setting(",".join(VARIANTS), "comma-separated, from " + ", ".join(VARIANTS)
+                                  + "; cc+fused, write+fused: through fused.py (--fused=true: every CC one)")
     bench_profile: bool = setting(False, "CUDA: also profile 3 training steps per variant (torch.profiler): "
                                          "GPU busy time, kernel launches, kernel time by group")
 
@@ -50,24 +52,36 @@ class BenchConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key}={getattr(self, key)!r}: must be >= 1")
         for name in self.bench_variants.split(","):
-            if name not in VARIANTS:
+            if name not in (*VARIANTS, *FUSED):
                 raise ConfigError(f"--bench_variants: unknown variant {name!r}; allowed: "
-                                  f"{', '.join(VARIANTS)}")
+                                  f"{', '.join((*VARIANTS, *FUSED))}")
+
+WARM_UP = 3  # calls before timing: compilation, and under CUDA graphs their warm-up, capture and first replay
+
+def time_rounds(fns, rounds, dev):
+    """Wall ms of every call of fns, called in turn (fns[0], fns[1], ..., then again) for `rounds` rounds, the
+    device synchronised before every clock read: a drift of a shared host falls on all of them alike.
+    One list of ms per fn."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ms in zip(fns, times):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            ms.append((time.perf_counter() - t) * 1000)
+    return times
 
 def time_ms(fn, steps, dev):
-    """Median wall time of fn in ms over steps calls after 3 warm-up calls (compilation), with the
-    device synchronised before every clock read."""
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(3):
+    """Median wall time of fn in ms over steps calls after WARM_UP calls."""
+    for _ in range(WARM_UP):
         fn()
-    times = []
-    for _ in range(steps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
+    return float(np.median(time_rounds([fn], steps, dev)[0]))
+
+def round_ratio(base_ms, ms):
+    """The median over rounds of base_ms / ms: a variant's speed as a multiple of the baseline's."""
+    return float(np.median(np.array(base_ms) / np.array(ms)))
 
 def matmul_peak_tflops(dev):
     """Measured dense matmul rate: bf16 8192^3 on a GPU, fp32 512^3 on a CPU."""
@@ -162,70 +176,146 @@ def check_cpu_memory(mcfg, B, d_v):
                           f"{have / 2**30:.0f} GiB are free: use --preset=smoke, a smaller --bench_batch "
                           "or a GPU")
 
+def compile_counts():
+    """torch._dynamo's counters so far: graph breaks and graphs compiled."""
+    from torch._dynamo.utils import counters
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+class Variant:
+    """One variant built as train.py builds it, with its training step and inference forward on the fixed
+    batch (x, y), warmed up; its peak memory over the warm-up, above what the process held before it; its
+    graph breaks from its build on, and the graphs its own calls compile after the warm-up."""
+    def __init__(self, name, cfg, mcfg, dev, ctx, x, y):
+        kind = name.removesuffix("+fused")  # fused.py: the expanded state with CC, by name or by --fused
+        self.fused = name in FUSED or (cfg.fused and kind + "+fused" in FUSED)
+        self.name, before = kind + "+fused" * self.fused, compile_counts()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            held = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
+        cfg = replace(cfg, fused=self.fused)
+        self.raw, model, opt = build(cfg, replace(mcfg, **VARIANTS[kind]), dev)
+        graphs = cuda_graphs(cfg, dev)
+
+        def infer():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad(), ctx:
+                model(x, y)
+
+        step = lambda: train_step(model, self.raw, opt, lambda: (x, y), 1, cfg.lr, cfg, ctx)
+        for fn in [step] * WARM_UP + [infer] * WARM_UP:
+            fn()
+        self.mem = self.reserved = None
+        if dev.type == "cuda":  # the CUDA graphs' pools are reserved memory
+            self.mem = (torch.cuda.max_memory_allocated(dev) - held[0]) / 2**30
+            self.reserved = (torch.cuda.max_memory_reserved(dev) - held[1]) / 2**30
+        self.breaks, self.recompiles = compile_counts()[0] - before[0], 0
+        self.step, self.infer = self.counted(step), self.counted(infer)
+
+    def counted(self, fn):
+        """fn, adding the graph breaks and the graphs compiled during each call to this variant's counts (the
+        counters are the process's: the baseline's calls alternate with another variant's)."""
+        def call():
+            breaks, graphs = compile_counts()
+            fn()
+            self.breaks += compile_counts()[0] - breaks
+            self.recompiles += compile_counts()[1] - graphs
+        return call
+
+    def row(self, train_ms, infer_ms, ratios, B, T, peak):
+        """The table's row from this variant's timed calls and its ratios against the baseline."""
+        med = float(np.median(train_ms))
+        return dict(variant=self.name, params=self.raw.num_params(), train_ms=med, train_min=min(train_ms),
+                    train_max=max(train_ms), train_tps=B * T / med * 1000, train_ratio=ratios[0],
+                    infer_tps=B * T / float(np.median(infer_ms)) * 1000, infer_ratio=ratios[1],
+                    mem_gib=self.mem, reserved_gib=self.reserved, breaks=self.breaks,
+                    recompiles=self.recompiles, mfu=self.raw.flops_per_token(T) * B * T / med / 1e9 / peak)
+
 def bench(cfg, mcfg, bcfg):
-    """Training and inference throughput of each variant at mcfg's size against the additive
-    baseline (or the first variant); prints one table and returns its rows."""
+    """Training and inference throughput of each variant at mcfg's size against the additive baseline (or
+    the first variant), timed in rounds that alternate the two; prints one table and returns its rows."""
     _, _, dev, ctx = setup(cfg)
-    if cfg.fused and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # as fused.install
+    names = bcfg.bench_variants.split(",")
+    fused = cfg.fused or any(n in FUSED for n in names)
+    if fused and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # as fused.install
         raise ConfigError(f"--fused=true: device={dev.type!r} is not supported: fused.py's kernels need cuda "
                           "(or TRITON_INTERPRET=1 on the CPU)")
     if bcfg.bench_profile and dev.type != "cuda":
         raise ConfigError(f"--bench_profile=true profiles GPU kernels: device={dev.type!r} runs none "
                           "(use cuda)")
     B, T = bcfg.bench_batch, mcfg.block_size
-    names = bcfg.bench_variants.split(",")
     if dev.type == "cpu":
-        check_cpu_memory(mcfg, B, max(VARIANTS[n]["d_v"] for n in names))
+        check_cpu_memory(mcfg, B, max(VARIANTS[n.removesuffix("+fused")]["d_v"] for n in names))
     peak = matmul_peak_tflops(dev)
-    check_fast_path(dev, cfg.compile and dev.type == "cuda", cfg.fused)
+    check_fast_path(dev, compiled(cfg, dev), False)
+    if fused:
+        check_fast_path(dev, False, True)
+    # the baseline stays built beside each variant: up to 4 compiled graphs of one code at a time, and the
+    # variants done before: more than torch._dynamo's default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(names))
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = (torch.randint(0, mcfg.vocab_size, (B, T), generator=gen).to(dev) for _ in range(2))
-    rows = []
+    base_name = "additive" if "additive" in names else names[0]
+    base = Variant(base_name, cfg, mcfg, dev, ctx, x, y)
+    if base.mem is not None:  # its row comes last: the memory now, in case the run is cut short
+        print(f"{base.name} (the baseline): peak {base.mem:.2f} GiB, {base.reserved:.2f} GiB reserved",
+              flush=True)
+    timed, rows = {}, []  # timed: per variant, its (train ms, infer ms) and its per-round ratios
     for n in names:
-        fused = cfg.fused and VARIANTS[n].get("compressor") == "cc"  # fused.py: the expanded state with CC
-        raw, model, opt = build(replace(cfg, fused=fused), replace(mcfg, **VARIANTS[n]), dev)
-
-        def infer():
-            with torch.no_grad(), ctx:
-                model(x, y)
-
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        step = lambda: train_step(model, raw, opt, lambda: (x, y), 1, cfg.lr, cfg, ctx)
-        train_ms = time_ms(step, bcfg.bench_steps, dev)
-        mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-        infer_ms = time_ms(infer, bcfg.bench_steps, dev)
-        fpt = raw.flops_per_token(T)
-        rows.append(dict(variant=n + "+fused" * fused, params=raw.num_params(), train_ms=train_ms,
-                         train_tps=B * T / train_ms * 1000, infer_tps=B * T / infer_ms * 1000, mem_gib=mem,
-                         mfu=fpt * B * T / train_ms / 1e9 / peak))
-        print(f"{rows[-1]['variant']}: {train_ms:.1f} ms/step, {infer_ms:.1f} ms/forward"
-              + (f", peak {mem:.2f} GiB" if mem else ""), flush=True)  # kept if cut short
-        if bcfg.bench_profile:
-            p = rows[-1]["profile"] = profile_kernels(step)
-            groups = sorted(p["groups"].items(), key=lambda kv: -kv[1])
-            print(f"  GPU busy {p['busy_ms']:.1f} ms per step, {p['launches']:.0f} kernel launches; "
-                  "kernel ms: " + ", ".join(f"{g} {ms:.2f}" for g, ms in groups), flush=True)
-        del raw, opt, model
-        torch._dynamo.reset()  # a fresh compile cache per variant, so none hits the recompile limit
-    print_table(rows, dev, peak, B, T, cfg.compile and dev.type == "cuda")
+        if n == base_name:
+            continue
+        v = Variant(n, cfg, mcfg, dev, ctx, x, y)
+        b_train, v_train, b_infer, v_infer = time_rounds([base.step, v.step, base.infer, v.infer],
+                                                         bcfg.bench_steps, dev)
+        timed.setdefault(base_name, ([], []))[0].extend(b_train)
+        timed[base_name][1].extend(b_infer)
+        rows.append(report(v, v.row(v_train, v_infer, (round_ratio(b_train, v_train),
+                                                         round_ratio(b_infer, v_infer)), B, T, peak), bcfg))
+        del v
+    if base_name not in timed:  # the baseline alone
+        timed[base_name] = time_rounds([base.step, base.infer], bcfg.bench_steps, dev)
+    base_row = report(base, base.row(*timed[base_name], (1.0, 1.0), B, T, peak), bcfg)
+    rows.insert(names.index(base_name), base_row)
+    print_table(rows, base_row, dev, peak, B, T, cfg.compile_mode if compiled(cfg, dev) else None,
+                bcfg.bench_steps)
     return rows
 
-def print_table(rows, dev, peak, B, T, compiled):
-    base = next((r for r in rows if r["variant"] == "additive"), rows[0])
+def report(variant, row, bcfg):
+    """Print a variant's line as soon as it is measured (kept if the run is cut short), with its profile."""
+    print(f"{row['variant']}: {row['train_ms']:.1f} ms/step ({row['train_min']:.1f}-{row['train_max']:.1f}), "
+          f"{row['train_ratio']:.3f}x the baseline" + (f", peak {row['mem_gib']:.2f} GiB" if row["mem_gib"]
+                                                       else ""), flush=True)
+    if bcfg.bench_profile:
+        p = row["profile"] = profile_kernels(variant.step)
+        row["host_share"] = max(0.0, 1 - p["busy_ms"] / row["train_ms"])  # the GPU idle, waiting on the host
+        groups = sorted(p["groups"].items(), key=lambda kv: -kv[1])
+        print(f"  GPU busy {p['busy_ms']:.1f} ms per step ({100 * row['host_share']:.0f}% of the median step "
+              f"waits on the host), {p['launches']:.0f} kernel launches; kernel ms: "
+              + ", ".join(f"{g} {ms:.2f}" for g, ms in groups), flush=True)
+    return row
+
+def print_table(rows, base, dev, peak, B, T, mode, rounds):
+    """The table: per variant its median step and spread, speed against the baseline row `base` (the median
+    of per-round ratios), peak memory allocated and reserved over its warm-up (a variant may reuse what an
+    earlier one reserved), graph breaks and graphs compiled after the warm-up, and the host's share."""
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     unit = "bf16" if dev.type == "cuda" else "fp32"
-    print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile {compiled} | "
-          f"ratios against {base['variant']}")
-    print(f"{'variant':11} {'params':>12} {'ms/step':>8} {'train tok/s':>12} {'ratio':>6} "
-          f"{'infer tok/s':>12} {'ratio':>6} {'mem GiB':>8} {'ratio':>6} {'MFU':>6}")
+    print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile "
+          f"{mode or 'off'} | ratios against {base['variant']}: median of {rounds} interleaved rounds")
+    print(f"{'variant':11} {'params':>12} {'ms/step':>8} {'min-max ms':>13} {'train tok/s':>12} {'ratio':>6} "
+          f"{'infer tok/s':>12} {'ratio':>6} {'mem GiB':>8} {'ratio':>6} {'resv GiB':>8} {'MFU':>6} "
+          f"{'breaks':>6} {'recomp':>6}" + (f" {'host':>5}" if "host_share" in base else ""))
     for r in rows:
-        mem = (f"{r['mem_gib']:8.2f} {r['mem_gib'] / base['mem_gib']:6.3f}" if r["mem_gib"]
-               else f"{'n/a':>8} {'':6}")
-        print(f"{r['variant']:11} {r['params']:12,} {r['train_ms']:8.1f} {r['train_tps']:12,.0f} "
-              f"{r['train_tps'] / base['train_tps']:6.3f} {r['infer_tps']:12,.0f} "
-              f"{r['infer_tps'] / base['infer_tps']:6.3f} {mem} {100 * r['mfu']:5.1f}%")
+        mem = (f"{r['mem_gib']:8.2f} {r['mem_gib'] / base['mem_gib']:6.3f} {r['reserved_gib']:8.2f}"
+               if r["mem_gib"] else f"{'n/a':>8} {'':6} {'n/a':>8}")
+        spread = f"{r['train_min']:.1f}-{r['train_max']:.1f}"
+        print(f"{r['variant']:11} {r['params']:12,} {r['train_ms']:8.1f} {spread:>13} "
+              f"{r['train_tps']:12,.0f} "
+              f"{r['train_ratio']:6.3f} {r['infer_tps']:12,.0f} {r['infer_ratio']:6.3f} {mem} "
+              f"{100 * r['mfu']:5.1f}% {r['breaks']:6d} {r['recompiles']:6d}"
+              + (f" {100 * r['host_share']:4.0f}%" if "host_share" in r else ""))
 
 if __name__ == "__main__":
     try:

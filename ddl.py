@@ -362,6 +362,13 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- the GPT
 
+def may_sync():
+    """Whether a check may read a value back to the host: in eager mode only, never inside torch.compile
+    (one graph, no break) nor while a CUDA graph is captured. is_compiling() must come first: torch.compile
+    cannot trace the capture query and would split the graph there, keeping the logits alive."""
+    return not torch.compiler.is_compiling() and not (
+        torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -421,9 +428,7 @@ class GPT(nn.Module):
 
     def check_ids(self, name, ids, low):
         """Refuse ids outside [low, vocab_size): an index error deep inside the model names nothing."""
-        # eager mode only: inside torch.compile or a CUDA graph's capture it would cost a sync
-        capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not torch.compiler.is_compiling() and not capturing and ids.numel():
+        if may_sync() and ids.numel():
             lo, hi = (t.item() for t in torch.aminmax(ids))  # one pass
             if lo < low or hi >= self.config.vocab_size:
                 raise ValueError(f"{name} must lie in [{low}, {self.config.vocab_size}); got [{lo}, {hi}]")

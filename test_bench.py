@@ -1,6 +1,7 @@
 """bench.py: the throughput table, its timing, its fast-path check and its bounds. CPU, offline."""
 import os
 import re
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -24,22 +25,48 @@ def test_bench_runs_on_cpu(capsys):
 BENCH_KINDS = (train.TrainConfig, GPTConfig, bench.BenchConfig)
 
 
-def test_bench_table_ratios_are_against_additive_wherever_it_stands(capsys):
-    rows = [dict(variant="cc", params=1000, train_ms=20.0, train_tps=500.0, infer_tps=3000.0, mem_gib=3.0,
-                 mfu=0.25),
-            dict(variant="additive", params=900, train_ms=10.0, train_tps=1000.0, infer_tps=2000.0,
-                 mem_gib=2.0, mfu=0.5)]
-    bench.print_table(rows, torch.device("cpu"), 1.5, 4, 8, False)
+def table_row(variant, params, train_ms, ratio, mem):
+    return dict(variant=variant, params=params, train_ms=train_ms, train_min=train_ms / 2,
+                train_max=train_ms * 2, train_tps=1e4 / train_ms, train_ratio=ratio, infer_tps=2e4 / train_ms,
+                infer_ratio=ratio * 2, mem_gib=mem, reserved_gib=mem + 1, mfu=0.25, breaks=1, recompiles=2)
+
+
+def test_bench_table_ratios_are_the_rounds_and_memory_against_the_base_row(capsys):
+    rows = [table_row("cc", 1000, 20.0, 0.45, 3.0), table_row("additive", 900, 10.0, 1.0, 2.0)]
+    rows[1]["host_share"], rows[0]["host_share"] = 0.05, 0.25
+    bench.print_table(rows, rows[1], torch.device("cpu"), 1.5, 4, 8, "reduce-overhead", 7)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].endswith("| micro-batch 4 x 8 | compile False | ratios against additive")
-    assert lines[3].split() == ["cc", "1,000", "20.0", "500", "0.500", "3,000", "1.500", "3.00", "1.500",
-                                "25.0%"]
-    assert lines[4].split() == ["additive", "900", "10.0", "1,000", "1.000", "2,000", "1.000", "2.00",
-                                "1.000", "50.0%"]
+    assert lines[1].endswith("| micro-batch 4 x 8 | compile reduce-overhead | ratios against additive: "
+                             "median of 7 interleaved rounds")
+    assert lines[2].split()[-3:] == ["breaks", "recomp", "host"]
+    assert lines[3].split() == ["cc", "1,000", "20.0", "10.0-40.0", "500", "0.450", "1,000", "0.900", "3.00",
+                                "1.500", "4.00", "25.0%", "1", "2", "25%"]
+    assert lines[4].split() == ["additive", "900", "10.0", "5.0-20.0", "1,000", "1.000", "2,000", "2.000",
+                                "2.00", "1.000", "3.00", "25.0%", "1", "2", "5%"]
 
 
-def test_time_ms_is_the_median_after_three_warm_up_calls(monkeypatch):
-    clock, durations = [0.0], iter([50, 50, 50, 2, 9, 1, 40])  # ms; the timed three: 2, 9, 1
+def test_time_rounds_interleaves_the_calls_and_ratios_are_the_median_of_the_rounds(monkeypatch):
+    """Two functions called in turn for 3 rounds, each timed alone; a host slowdown in round 2 hits both,
+    so the median per-round ratio (2, 2, 2) is exact where a ratio of the medians (30 / 10) is not."""
+    clock, order = [0.0], []
+    durations = {"base": iter([10, 40, 10]), "variant": iter([20, 80, 30])}
+
+    def call(name):
+        def fn():
+            order.append(name)
+            clock[0] += next(durations[name]) / 1000
+        return fn
+
+    monkeypatch.setattr(bench, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    base, variant = bench.time_rounds([call("base"), call("variant")], 3, torch.device("cpu"))
+    assert order == ["base", "variant"] * 3
+    assert base == pytest.approx([10, 40, 10]) and variant == pytest.approx([20, 80, 30])
+    assert bench.round_ratio(base, variant) == pytest.approx(0.5)
+    assert bench.round_ratio([10, 10, 10], [20, 20, 10]) == pytest.approx(0.5)
+
+
+def test_time_ms_is_the_median_after_the_warm_up_calls(monkeypatch):
+    clock, durations = [0.0], iter([50] * bench.WARM_UP + [2, 9, 1, 40])  # ms; the timed three: 2, 9, 1
 
     def fn():
         clock[0] += next(durations) / 1000
@@ -48,24 +75,58 @@ def test_time_ms_is_the_median_after_three_warm_up_calls(monkeypatch):
     assert bench.time_ms(fn, 3, torch.device("cpu")) == pytest.approx(2.0)
 
 
-def test_bench_rows_throughput_and_mfu_from_the_timed_ms(monkeypatch, capsys):
-    """The CPU peak: 2 x 512^3 flops in 10 ms; a training step of 2 x 16 tokens in 10 ms: 3200 tok/s and
-    mfu (6 params + 12 L T d) x 3200 / peak; an inference forward in 4 ms: 8000 tok/s."""
-    # the matmul peak, then per variant a training step and an inference forward
-    times = iter([10.0] + [10.0, 4.0] * 2)
-    monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: next(times))
+def test_bench_rows_throughput_mfu_and_ratios_from_the_timed_rounds(monkeypatch, capsys):
+    """The CPU peak: 2 x 512^3 flops in 10 ms; the rounds (base step, cc step, base forward, cc forward) of
+    10, 20, 4, 5 ms, then 10, 40, 4, 5: cc's median step 30 ms, its ratio the median of 1/2 and 1/4; the
+    additive baseline's 10 ms: 3200 tok/s; mfu (6 params + 12 L T d) x tok/s / peak."""
+    rounds = iter([[[10.0, 10.0], [20.0, 40.0], [4.0, 4.0], [5.0, 5.0]]])
+    monkeypatch.setattr(bench, "time_rounds", lambda fns, steps, dev: next(rounds))
+    monkeypatch.setattr(bench, "matmul_peak_tflops", lambda dev: 2 * 512 ** 3 / 10.0 / 1e9)
     monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile, fused: None)
     rows = bench.bench(*train.parse_args(
         ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
-         "--bench_batch=2", "--bench_variants=cc,additive", "--device=cpu"], BENCH_KINDS))
+         "--bench_batch=2", "--bench_steps=2", "--bench_variants=cc,additive", "--device=cpu"], BENCH_KINDS))
     peak = 2 * 512 ** 3 / 10.0 / 1e9  # TFLOP/s
-    assert [r["variant"] for r in rows] == ["cc", "additive"] and rows[0]["params"] > rows[1]["params"]
+    cc, add = rows
+    assert (cc["variant"], add["variant"]) == ("cc", "additive") and cc["params"] > add["params"]
+    assert (cc["train_ms"], cc["train_min"], cc["train_max"], add["train_ms"]) == (30.0, 20.0, 40.0, 10.0)
+    assert cc["train_ratio"] == pytest.approx(0.375) and cc["infer_ratio"] == pytest.approx(0.8)
+    assert add["train_tps"] == pytest.approx(3200.0) and add["infer_tps"] == pytest.approx(8000.0)
+    assert (add["train_ratio"], add["mem_gib"], cc["breaks"], cc["recompiles"]) == (1.0, None, 0, 0)
     for r in rows:
-        assert (r["train_ms"], r["mem_gib"]) == (10.0, None)
-        assert r["train_tps"] == pytest.approx(3200.0) and r["infer_tps"] == pytest.approx(8000.0)
-        assert r["mfu"] == pytest.approx((6 * r["params"] + 12 * 1 * 16 * 16) * 3200.0 / 1e12 / peak)
+        assert r["mfu"] == pytest.approx((6 * r["params"] + 12 * 1 * 16 * 16) * 2 * 16 / r["train_ms"] / 1e9
+                                         / peak)
     lines = capsys.readouterr().out.splitlines()  # each variant's line comes as soon as it is measured
-    assert lines[:2] == ["cc: 10.0 ms/step, 4.0 ms/forward", "additive: 10.0 ms/step, 4.0 ms/forward"]
+    assert lines[0] == "cc: 30.0 ms/step (20.0-40.0), 0.375x the baseline"
+
+
+def test_bench_counts_each_variants_own_breaks_and_graphs_compiled_after_its_warm_up(monkeypatch):
+    """Two variants whose calls alternate: the second's warm-up compiles 2 graphs and breaks one, then its
+    timed call compiles one more; none of that is the first's, which compiles nothing after its warm-up."""
+    from torch._dynamo.utils import counters
+    cfg, mcfg = train.parse_args(["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16",
+                                  "--block_size=16", "--vocab_size=64", "--device=cpu"])
+    x = torch.zeros(2, 16, dtype=torch.long)
+    first = bench.Variant("additive", cfg, mcfg, torch.device("cpu"), nullcontext(), x, x)
+    real_build = bench.build
+
+    def build(*args):  # the second variant: its step compiles a graph at every call
+        raw, model, opt = real_build(*args)
+        counters["stats"]["unique_graphs"] += 1
+        counters["graph_break"]["a break"] += 1
+
+        def compiles(*a):
+            counters["stats"]["unique_graphs"] += 1
+            return model(*a)
+        return raw, compiles, opt
+
+    monkeypatch.setattr(bench, "build", build)
+    monkeypatch.setattr(bench, "WARM_UP", 1)
+    second = bench.Variant("delta", cfg, mcfg, torch.device("cpu"), nullcontext(), x, x)
+    bench.time_rounds([first.step, second.step], 1, torch.device("cpu"))
+    rows = [v.row([1.0], [1.0], (1.0, 1.0), 2, 16, 1.0) for v in (first, second)]
+    assert [(r["breaks"], r["recompiles"]) for r in rows] == [(0, 0), (1, 1)]
+    assert counters["stats"]["unique_graphs"] >= 3
 
 
 def test_bench_cpu_memory_estimate_at_its_boundary(monkeypatch):

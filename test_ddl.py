@@ -450,13 +450,6 @@ def test_forward_errors_and_ignored_targets():
     assert m(idx, targets).item() == pytest.approx(o_loss(o_logits(m, idx), targets).item(), rel=1e-6)
 
 
-def test_compiles_as_one_graph_when_check_spectrum_is_off():
-    m = tiny_model(residual="delta", d_v=4, compressor="tc")
-    idx = torch.randint(0, 97, (2, 16))
-    compiled = torch.compile(m, backend="eager", fullgraph=True)
-    check_tensor("compiled loss", compiled(idx, idx), m(idx, idx), atol=1e-6)
-
-
 # ============================================================================ init, weight decay, config
 
 def test_init_std_of_every_matrix_kind_and_identity_inits():

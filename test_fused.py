@@ -345,7 +345,7 @@ def test_bench_reference_step_is_the_written_out_rule():
 
 def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
     monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile, fused: None)
-    monkeypatch.setattr(bench, "time_ms", lambda fn, steps, dev: (fn(), 1.0)[1])  # one call each, untimed
+    monkeypatch.setattr(bench, "WARM_UP", 1)
     rows = bench.bench(
         *train.parse_args(
             [
@@ -365,6 +365,13 @@ def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
         )
     )
     assert [r["variant"] for r in rows] == ["additive", "cc+fused", "tc"]  # TC runs ddl.py's read
+    # by name, beside ddl.py's path in one table
+    args = ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
+            "--bench_batch=2", "--bench_steps=1", "--bench_variants=cc,cc+fused", "--device=cpu"]
+    calls = []
+    monkeypatch.setattr(fused, "install", lambda model: calls.append(model.config.d_v) or model)
+    rows = bench.bench(*train.parse_args(args, BENCH_KINDS))
+    assert [r["variant"] for r in rows] == ["cc", "cc+fused"] and calls == [4]
 
 
 FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24, a large k_eps
@@ -519,3 +526,15 @@ def test_fused_without_triton_is_a_one_line_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "fused", raising=False)
     with pytest.raises(ConfigError, match="--fused=true needs Triton .*pip install triton"):
         importlib.import_module("fused")
+
+
+def test_fused_model_compiles_as_one_graph(fused, monkeypatch, capture_query_as_on_cuda):
+    """The fused body under torch.compile(fullgraph=True) (a graph break raises), training and no-grad, with
+    CUDA's capture query untraceable as on a GPU: the op is one node of the graph, with the eager model's
+    loss and gradients."""
+    ref, fast = fused_pair(fused, monkeypatch, **VARIANTS["cc_ec"])
+    one_graph = torch.compile(fast, fullgraph=True, backend="eager")
+    check_fused_model(ref, one_graph, 2, 5)
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(one_graph(idx, idx), ref(idx, idx), rtol=1e-6)

@@ -308,6 +308,31 @@ def test_gradient_accumulation_equals_one_batch_of_the_same_tokens():
     assert max((a - b).abs().max().item() for a, b in zip(pa, fresh)) > 1e-3
 
 
+def test_cuda_graph_steps_mark_every_micro_step_and_accumulate_into_gradients_made_at_build(monkeypatch):
+    """Under CUDA graphs a replay may overwrite the last one's outputs, the backward's gradients among them:
+    build() makes every gradient (zeros), and each step marks a new replay before every micro-batch and
+    accumulates into those same tensors, zeroing them after AdamW; the step equals the usual one."""
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randint(0, 97, (2, 12), generator=gen), torch.randint(0, 97, (2, 12), generator=gen))
+               for _ in range(3)]
+    cfg, mcfg = train_cfg(lr=1e-2), GPTConfig(**TINY, d_v=2, compressor="cc")
+    marks, results = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for graphs in (False, True):
+        monkeypatch.setattr(train, "cuda_graphs", lambda cfg, dev: graphs)
+        raw, model, opt = train.build(cfg, mcfg, torch.device("cpu"))
+        made = [p.grad for p in raw.parameters()]
+        assert all(g is not None and not g.any() for g in made) if graphs else all(g is None for g in made)
+        it = iter(batches)
+        loss, _ = train.train_step(model, raw, opt, lambda: next(it), 3, cfg.lr, cfg, nullcontext())
+        if graphs:
+            assert len(marks) == 3
+            assert all(p.grad is g and not g.any() for p, g in zip(raw.parameters(), made))
+        results.append((loss.item(), [p.detach().clone() for p in raw.parameters()]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(results[0][1], results[1][1])) < 1e-6
+
+
 def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
     m = tiny_model(residual="delta", d_v=2, compressor="cc").eval()
     T = m.config.block_size
@@ -383,7 +408,7 @@ class FakeClock:
         return self.now
 
 
-def test_log_lines_timing_tokens_per_s_and_mfu_on_a_fake_clock(shards, tmp_path, monkeypatch):
+def test_log_lines_timing_tokens_per_s_and_mfu_on_a_fake_clock(shards, tmp_path, monkeypatch, capsys):
     """Train records at the first step, every log_interval and the last; the clock starts after the first
     step and pauses for evaluations, so with 1 s per step: ms_per_step 1000, train_time_s step - 1,
     tokens_per_s total_batch x block_size = 64, mfu flops_per_token x 64 / peak."""
@@ -404,6 +429,14 @@ def test_log_lines_timing_tokens_per_s_and_mfu_on_a_fake_clock(shards, tmp_path,
     # to 1e-4 at 7
     cosine = lambda done: 1e-4 + 0.5 * (1 + math.cos(math.pi * done / 5)) * 2.9e-3
     assert [r["lr"] for r in tr] == pytest.approx([1.5e-3, 3e-3, cosine(3), cosine(4)], rel=1e-12)
+    # the time left: the mean step time x the steps to go; elapsed: from the start, evaluations included
+    assert [r["left_s"] for r in tr] == [None, 4.0, 1.0, 0.0]
+    out = capsys.readouterr().out
+    assert re.search(r"^step      3/7 \| loss .* \| mfu [0-9.]+% \| 0:03:23 elapsed, 0:00:04 left$", out,
+                     re.M)
+    assert re.search(r"^step      1/7 \| .* \| first step, untimed \| 0:01:41 elapsed$", out, re.M)
+    assert re.search(r"^done: 7 steps, 448 tokens in 0:08:27; 64 tok/s over the timed steps "
+                     r"\(0:00:06\)$", out, re.M)
 
 
 def test_validation_loss_is_the_seeded_initial_model_on_the_val_shard(shards, tmp_path):
@@ -683,6 +716,23 @@ class Echo:
             yield torch.tensor([[t]])
 
 
+def test_sample_speed_leaves_out_each_samples_first_two_tokens(monkeypatch, capsys):
+    """On a fake clock, each sample's first two tokens (the prompt's forward, the decoder's capture) take 10
+    s and the others 0.5 s: 2 samples x 3 timed tokens in 3 s, 2 tokens/s."""
+    clock = [0.0]
+
+    class Slow(Echo):
+        def generate_tokens(self, *args):
+            for n, t in enumerate(super().generate_tokens(*args)):
+                clock[0] += 10.0 if n < 2 else 0.5
+                yield t
+
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    cfg = train_cfg(sample_tokens=5, num_samples=2)
+    train.sample(Slow([2124] * 5), cfg, torch.device("cpu"), nullcontext())
+    assert capsys.readouterr().err.startswith("6 tokens in 3.00 s: 2.0 tokens/s (each sample's first two")
+
+
 def test_sample_streams_the_text_as_generated_with_the_sampling_keys(capsys):
     """Each new token's text is printed before the next is asked for; a character whose UTF-8 bytes span
     two tokens (tiktoken's byte tokens: é is 0xC3 0xA9) comes out whole once its last byte arrives."""
@@ -694,7 +744,9 @@ def test_sample_streams_the_text_as_generated_with_the_sampling_keys(capsys):
     assert train.sample(echo, cfg, torch.device("cpu"), nullcontext()) == ["Deep delta x\u00e9 x"] * 2
     out, err = capsys.readouterr()
     assert out == "Deep delta| x||\u00e9| x\n---------------\n" * 2
-    assert re.fullmatch(r"8 tokens in [0-9.]+ s: [0-9.]+ tokens/s\n", err)
+    # timed after each sample's first two tokens: 2 x 2 tokens
+    assert re.fullmatch(r"4 tokens in [0-9.]+ s: [0-9.]+ tokens/s \(each sample's first two tokens not "
+                        r"timed: the prompt's forward and the decoder's set-up\)\n", err)
     assert echo.calls == [([[50256] + enc.encode_ordinary("Deep delta")], 4, 0.5, 7, 50257)] * 2
     train.sample(echo, train_cfg(sample_tokens=1, top_k=0), torch.device("cpu"), nullcontext())
     assert echo.calls[-1][2:] == (0.8, None, 50257)  # the defaults; top_k 0: every id
@@ -965,3 +1017,61 @@ def test_provenance_hashes_the_source_files_and_names_a_commit_only_where_they_a
     (tmp_path / "hellaswag.py").write_text("# new\n")  # a source file git does not have: dirty, and hashed
     names.append("hellaswag.py")
     assert rundir.provenance(str(tmp_path)) == dict(source_sha256=want(), git_commit=None, git_dirty=True)
+
+
+# ============================================================================ the compiled path: one graph
+
+@pytest.mark.parametrize("name", ["additive", "delta1", "cc_ec", "tc_ec", "write4"])
+def test_every_variant_compiles_as_one_graph_training_and_evaluation(name, capture_query_as_on_cuda):
+    """torch.compile(fullgraph=True) raises at any graph break: the training forward with targets and its
+    backward under bf16 autocast (as on CUDA), and the no-grad evaluation forward, each one graph with the
+    eager model's loss and gradients; the eager model still refuses a bad token id (its checks run there)."""
+    from test_ddl import VARIANTS
+    model, twin = tiny_model(3, **VARIANTS[name]), tiny_model(3, **VARIANTS[name])
+    one_graph = torch.compile(twin, fullgraph=True, backend="eager")
+    x, y = (torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    for m in (model, one_graph):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x, y).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    with torch.no_grad():
+        assert torch.equal(one_graph(x, y), model(x, y))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 97\); got \[0, 97\]"):
+        model(torch.tensor([[0, 97]]))
+
+
+def test_compiled_models_are_one_graph_in_the_chosen_mode_and_bad_modes_refused(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    for mode in train.COMPILE_MODES:
+        train.compile_model(None, mode)
+    assert calls == [dict(fullgraph=True, mode=None if m == "default" else m) for m in train.COMPILE_MODES]
+    with pytest.raises(ConfigError, match="^--compile_mode='bogus': allowed: default, reduce-overhead, "
+                                          "max-autotune, max-autotune-no-cudagraphs$"):
+        train.parse_args(["--compile_mode=bogus"])
+
+
+def test_compiled_runs_refuse_check_spectrum_and_cuda_graphs_under_torchrun():
+    cuda, graphs = torch.device("cuda"), train_cfg(compile_mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="^--check_spectrum=true reads values back in every forward, "
+                                          "which a compiled graph cannot: add --compile=false$"):
+        train.check_compile(graphs, GPTConfig(check_spectrum=True), cuda, 1)
+    with pytest.raises(ConfigError, match=r"^--compile_mode='reduce-overhead' \(CUDA graphs\) is untested "
+                                          "under torchrun: use default or max-autotune-no-cudagraphs$"):
+        train.check_compile(graphs, GPTConfig(), cuda, 2)
+    train.check_compile(train_cfg(compile_mode="max-autotune-no-cudagraphs"), GPTConfig(), cuda, 2)
+    train.check_compile(train_cfg(compile=False), GPTConfig(check_spectrum=True), cuda, 2)
+    train.check_compile(graphs, GPTConfig(check_spectrum=True), torch.device("cpu"), 2)  # a CPU runs eager
+
+
+def test_the_first_line_names_the_variant_the_path_the_mode_and_the_dtype(shards, tmp_path, capsys):
+    run_train(shards, tmp_path / "h", "--max_steps=1")
+    first = capsys.readouterr().out.splitlines()[0]
+    assert re.fullmatch(r"cpu x1 \| DDL-TC \+ EC, d_v = 2 \| ddl.py \| eager \| fp32 \| [0-9,]+ params \| "
+                        r"accum 2 \| 64 tokens/step", first)
+    names = {"additive baseline": dict(residual="additive"), "DDL, d_v = 1": dict(),
+             "write-only control, d_v = 1": dict(residual="write"),
+             "DDL-CC, d_v = 4": dict(d_v=4, embed_conv=False),
+             "write-only control, TC + EC, d_v = 3": dict(residual="write", d_v=3, compressor="tc")}
+    assert [train.variant(GPTConfig(**kw)) for kw in names.values()] == list(names)

@@ -59,7 +59,9 @@ class TrainConfig:
     log_interval: int = setting(10, "steps between train log lines")
     ckpt_interval: int = setting(1000, "steps between checkpoints (and one at the end)")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt")
-    compile: bool = setting(True, "torch.compile (CUDA only)")
+    compile: bool = setting(True, "torch.compile (CUDA only), as one graph: a graph break is an error")
+    compile_mode: str = setting("default", "torch.compile's mode: default | reduce-overhead (CUDA graphs) | "
+                                           "max-autotune (CUDA graphs) | max-autotune-no-cudagraphs")
     fused: bool = setting(False, "d_v > 1, CC: the state's rewrite in fused.py's Triton kernels (CUDA)")
     device: str = setting("auto", "auto | cpu | cuda")
     peak_tflops: float = setting(0.0, "bf16 peak per GPU for MFU where the card is not in PEAK_TFLOPS")
@@ -81,6 +83,8 @@ class TrainConfig:
                    ("mode", self.mode in ("train", "sample"), "allowed: train, sample (bench.py benchmarks)"),
                    ("preset", self.preset in ("", *PRESETS), f"allowed: {', '.join(PRESETS)}"),
                    ("device", self.device in ("auto", "cpu", "cuda"), "allowed: auto, cpu, cuda"),
+                   ("compile_mode", self.compile_mode in COMPILE_MODES,
+                    f"allowed: {', '.join(COMPILE_MODES)}"),
                    ("overwrite", not (self.overwrite and self.resume), "excludes --resume: choose one")]
         for key, ok, allowed in checks:
             if not ok:
@@ -95,6 +99,7 @@ PRESETS = {
                   eval_interval=50, val_tokens=4096, log_interval=20, ckpt_interval=200, compile=False,
                   out_dir="out-smoke", data_dir=SMOKE_TEXT),
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16, per GPU
 BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
@@ -186,30 +191,61 @@ def lr_at(step, cfg):
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
+def compiled(cfg, dev):
+    """Whether the model runs compiled: on CUDA only (on a CPU compiling costs more than it saves)."""
+    return cfg.compile and dev.type == "cuda"
+
+def cuda_graphs(cfg, dev):
+    """Whether the compiled model's steps are replayed as CUDA graphs (torch.compile's CUDA graph trees)."""
+    return compiled(cfg, dev) and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+def compile_model(raw, mode):
+    """torch.compile as one graph: a graph break (a host sync, an untraceable call) fails the first step,
+    naming its line, instead of splitting the model and keeping tensors alive across the pieces."""
+    return torch.compile(raw, fullgraph=True, mode=None if mode == "default" else mode)
+
+def check_compile(cfg, mcfg, dev, world):
+    """Refuse what a compiled run cannot do, before anything is built or written."""
+    if compiled(cfg, dev) and mcfg.check_spectrum:
+        raise ConfigError("--check_spectrum=true reads values back in every forward, which a compiled graph "
+                          "cannot: add --compile=false")
+    if cuda_graphs(cfg, dev) and world > 1:
+        raise ConfigError(f"--compile_mode={cfg.compile_mode!r} (CUDA graphs) is untested under torchrun: "
+                          "use default or max-autotune-no-cudagraphs")
+
 def build(cfg, mcfg, dev):
     """The seeded model, its compiled form on CUDA (else itself) and its optimizer: train.py's, bench.py's."""
+    check_compile(cfg, mcfg, dev, 1)
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(dev)
     raw = __import__("fused").install(raw) if cfg.fused else raw  # imported only when asked: it needs Triton
-    model = torch.compile(raw) if cfg.compile and dev.type == "cuda" else raw
+    model = compile_model(raw, cfg.compile_mode) if compiled(cfg, dev) else raw
+    if cuda_graphs(cfg, dev):
+        # a graph's outputs, the backward's gradients too, live in its memory, which the next replay reuses;
+        # gradients that already exist are accumulated into in place, so they are made here and only zeroed
+        for p in raw.parameters():
+            p.grad = torch.zeros_like(p)
     return raw, model, raw.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dev.type)
 
 def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
     """An optimizer step over accum micro-batches (DDP all-reduces on the last): mean loss, norm, no sync."""
     for g in opt.param_groups:
         g["lr"] = lr
-    loss_sum = 0.0
+    dev = raw.wte.weight.device
+    graphs, loss_sum = cuda_graphs(cfg, dev), 0.0
     for micro in range(accum):
-        x, y = (t.to(raw.wte.weight.device, non_blocking=True) for t in next_batch())
+        x, y = (t.to(dev, non_blocking=True) for t in next_batch())
         last = not isinstance(model, DDP) or micro == accum - 1
+        if graphs:  # a new replay: the last one's outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         with nullcontext() if last else model.no_sync():
             with ctx:
                 loss = model(x, y)
             (loss / accum).backward()
-        loss_sum = loss_sum + loss.detach() / accum
+        loss_sum = loss_sum + loss.detach() / accum  # a new tensor: the next replay leaves it as it is
     norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=not graphs)  # CUDA graphs: the gradients stay where build() made them
     return loss_sum, norm
 
 # ----------------------------------------------------------------------------- training
@@ -224,8 +260,10 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
     for i in range(0, len(windows), cfg.batch_size):
         rows = np.stack([val[w * T:(w + 1) * T + 1] for w in windows[i:i + cfg.batch_size]]).astype(np.int64)
         rows = torch.from_numpy(rows).to(dev)
+        if cuda_graphs(cfg, dev):
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
-            total += model(rows[:, :-1], rows[:, 1:]).float() * len(rows)
+            total += model(rows[:, :-1], rows[:, 1:]).float() * len(rows)  # added up before the next replay
         count += len(rows)
     with ctx:  # a rank may hold no val window
         gates = raw.gate_audit(rows[:, :-1]) if raw.config.residual != "additive" and windows else None
@@ -250,6 +288,21 @@ def setup(cfg):
         dist.init_process_group("nccl" if cuda else "gloo")
     return rank, world, dev, torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
+def variant(mcfg):
+    """The paper's name of the model's variant, for the run's first line."""
+    if mcfg.residual == "additive":
+        return "additive baseline"
+    rule = "DDL" if mcfg.residual == "delta" else "write-only control"
+    if mcfg.d_v == 1:
+        return f"{rule}, d_v = 1"
+    read = mcfg.compressor.upper() + (" + EC" if mcfg.embed_conv else "")
+    return f"DDL-{read}, d_v = {mcfg.d_v}" if rule == "DDL" else f"{rule}, {read}, d_v = {mcfg.d_v}"
+
+def hms(seconds):
+    """A duration as h:mm:ss."""
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
 def train(cfg, mcfg, kept):
     """kept: what a Ctrl-C leaves, filled as the run goes: the log, the checkpoint and its step."""
     rank, world, dev, ctx = setup(cfg)
@@ -260,6 +313,7 @@ def train(cfg, mcfg, kept):
     if cfg.val_tokens < T:
         raise ConfigError(f"--val_tokens={cfg.val_tokens}: must be >= block_size={T} (one whole val window)")
     check_folder("--out_dir", cfg.out_dir)  # before the data load and the build
+    check_compile(cfg, mcfg, dev, world)
     accum = cfg.total_batch // (B * world)
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
@@ -293,11 +347,16 @@ def train(cfg, mcfg, kept):
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    path = "fused.py" if cfg.fused else "ddl.py"
+    mode = (f"compiled ({cfg.compile_mode}{', CUDA graphs' if cuda_graphs(cfg, dev) else ''})"
+            if compiled(cfg, dev) else "eager")
+    dtype = "bf16 autocast" if dev.type == "cuda" else "fp32"
     log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
              device=name, world_size=world, threads=torch.get_num_threads(), torch=torch.__version__,
              **provenance(), grad_accum=accum, params=raw.num_params(), resumed_from=step if ckpt else None,
-             changed=changed),
-        f"{name} x{world} | {raw.num_params():,} params | accum {accum} | {cfg.total_batch * T:,} tokens/step"
+             changed=changed, variant=variant(mcfg), path=path, mode=mode, dtype=dtype),
+        f"{name} x{world} | {variant(mcfg)} | {path} | {mode} | {dtype} | {raw.num_params():,} params | "
+        f"accum {accum} | {cfg.total_batch * T:,} tokens/step"
         + (f" | resumed at step {step}, changed: {changed or 'nothing'}" if ckpt else ""))
     if master and dev.type == "cpu":  # torch takes a thread per core: slow where other work runs too
         print(f"cpu: {torch.get_num_threads()} torch threads (OMP_NUM_THREADS=1: often faster on busy cores)")
@@ -324,6 +383,11 @@ def train(cfg, mcfg, kept):
         if gates:
             log(dict(type="gates", step=step, gates=gates))
 
+    start = time.perf_counter()
+    if master and compiled(cfg, dev) and step < cfg.max_steps:
+        print("compiling: the first evaluation and the first step compile the model, which takes about 1-4 "
+              "minutes at the 124m size on one H100 (longer for d_v > 1); nothing is printed meanwhile",
+              flush=True)
     if not ckpt:
         run_eval()  # the initial model (a resumed run's step has its eval in the log)
     # the clock counts training only: it restarts after this run's first step (compilation), pauses for evals
@@ -338,16 +402,20 @@ def train(cfg, mcfg, kept):
         if step == first:
             sync()
             t0, train_time = time.perf_counter(), 0.0
+            if master and compiled(cfg, dev):
+                print(f"compiled: {t0 - start:.0f} s to the end of the first step", flush=True)
         if step == first or step % cfg.log_interval == 0 or step == cfg.max_steps:
             lval, elapsed = loss.item(), train_time + time.perf_counter() - t0  # .item() syncs first
             ms = 1000 * elapsed / (step - first) if step > first else None
             tps = cfg.total_batch * T / (ms / 1000) if ms else None
             mfu = raw.flops_per_token(T) * tps / world / (peak * 1e12) if ms and peak else None  # per GPU
+            left = ms / 1000 * (cfg.max_steps - step) if ms else None  # training steps only, evals aside
             log(dict(type="train", step=step, loss=lval, lr=lr, grad_norm=norm.item(), ms_per_step=ms,
-                     tokens_per_s=tps, mfu=mfu, train_time_s=elapsed),
-                f"step {step:6d} | loss {lval:.4f} | lr {lr:.2e} | norm {norm.item():.3f} | "
+                     tokens_per_s=tps, mfu=mfu, train_time_s=elapsed, left_s=left),
+                f"step {step:6d}/{cfg.max_steps} | loss {lval:.4f} | lr {lr:.2e} | norm {norm.item():.3f} | "
                 + (f"{ms:7.1f} ms | {tps:,.0f} tok/s" if ms else "first step, untimed")
-                + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+                + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
+                + f" | {hms(time.perf_counter() - start)} elapsed" + (f", {hms(left)} left" if ms else ""))
             check_finite()
         # a step's records all come before its checkpoint: a resume keeps the log up to the checkpoint's step
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -364,8 +432,14 @@ def train(cfg, mcfg, kept):
                                  model_config=dataclasses.asdict(mcfg), data=stream.state(),
                                  rng=dict(cpu=torch.get_rng_state())), ckpt_path)
                 kept["step"] = step
+    if master and step >= first:
+        timed = (step - first) * cfg.total_batch * T  # the first step (compilation) is not timed
+        print(f"done: {step - first + 1} steps, {(step - first + 1) * cfg.total_batch * T:,} tokens in "
+              f"{hms(time.perf_counter() - start)}" + (f"; {timed / train_time:,.0f} tok/s over the timed "
+                                                       f"steps ({hms(train_time)})" if timed else ""))
     if dev.type == "cuda" and master:
-        print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
+        print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved(dev) / 2**30:.2f} GiB reserved (CUDA graphs' pools included)")
     if master and cfg.sample_tokens:
         print("sample: ", end="")
         sample(raw, cfg, dev, ctx)
@@ -376,7 +450,7 @@ def train(cfg, mcfg, kept):
 def sample(model, cfg, dev, ctx):
     """Print num_samples continuations of cfg.prompt as they come (seeded by --seed; only the ids tiktoken
     decodes: no vocabulary padding), then the tokens/s (stderr); returns the texts."""
-    enc, texts, t0 = tiktoken.get_encoding("gpt2"), [], time.perf_counter()
+    enc, texts, timed, seconds = tiktoken.get_encoding("gpt2"), [], 0, 0.0
     torch.manual_seed(cfg.seed)
     prompt = torch.tensor([[enc.eot_token] + enc.encode_ordinary(cfg.prompt)], device=dev)
     for _ in range(cfg.num_samples):
@@ -384,14 +458,19 @@ def sample(model, cfg, dev, ctx):
         texts.append(utf8.decode(enc.decode_bytes(prompt[0, 1:].tolist())))
         print(texts[-1], end="", flush=True)
         with ctx:
-            for t in model.generate_tokens(prompt, cfg.sample_tokens, cfg.temperature, cfg.top_k or None,
-                                           enc.n_vocab):
+            for n, t in enumerate(model.generate_tokens(prompt, cfg.sample_tokens, cfg.temperature,
+                                                        cfg.top_k or None, enc.n_vocab)):
                 texts[-1] += (piece := utf8.decode(enc.decode_single_token_bytes(t.item())))
                 print(piece, end="", flush=True)
+                if n == 1:  # timed from here: the prompt's forward and the decoder's set-up (on CUDA a
+                    t0 = time.perf_counter()  # graph's capture, for the second token) come once per sample
+            if cfg.sample_tokens > 2:
+                timed, seconds = timed + cfg.sample_tokens - 2, seconds + time.perf_counter() - t0
         texts[-1] += (piece := utf8.decode(b"", final=True))
         print(piece + ("\n---------------" if cfg.num_samples > 1 else ""))
-    n, seconds = cfg.num_samples * cfg.sample_tokens, time.perf_counter() - t0
-    print(f"{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s", file=sys.stderr)
+    if timed:
+        print(f"{timed} tokens in {seconds:.2f} s: {timed / seconds:.1f} tokens/s (each sample's first two "
+              "tokens not timed: the prompt's forward and the decoder's set-up)", file=sys.stderr)
     return texts
 
 def main(argv):
