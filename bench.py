@@ -1,19 +1,20 @@
 """
 Throughput of every DDL variant against the additive baseline, in one process on one device.
 
-    python bench.py --preset=124m                       # every variant, one GPU, unfused
-    python bench.py --preset=124m --fused=true --bench_batch=30 --bench_variants=additive,delta,cc
+    python bench.py --preset=124m                       # every variant, one GPU, default compile mode
+    python bench.py --preset=124m --bench_batch=16 --bench_steps=10 --bench_variants=additive,cc+fused
                                                         # the README's table
-    python bench.py --preset=124m --bench_variants=additive,cc --bench_batch=32
+    python bench.py --preset=124m --compile_mode=reduce-overhead     # the same under CUDA graphs
     python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
     python bench.py --preset=124m --bench_profile=true --bench_variants=additive,delta
-                                                        # where each step's GPU time goes
+                                                        # where each step's GPU time goes, the host's share
 
 First the measured bf16 matmul peak and a check of one sublayer boundary as the model runs it (k
 from k~, Eq. 2.2, the next CC read and its norm; in bf16 and fp32, compiled or fused) against
-float64; then, per variant, full training steps (train.py's build and train_step: forward, backward,
-clip, AdamW) and forwards with targets under no_grad (inference), on a fixed random batch, median of
-bench_steps after 3 warm-up calls. Takes train.py's and GPTConfig's keys too.
+float64; then per variant, built and compiled as train.py does (one graph), full training steps
+(train.py's train_step: forward, backward, clip, AdamW) and forwards with targets under no_grad
+(inference) on a fixed random batch: WARM_UP calls each, then bench_steps rounds that time the
+baseline's call and the variant's back to back. Takes train.py's and GPTConfig's keys too.
 """
 import json
 import os

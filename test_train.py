@@ -1068,10 +1068,10 @@ def test_compiled_runs_refuse_check_spectrum_and_cuda_graphs_under_torchrun():
 def test_the_first_line_names_the_variant_the_path_the_mode_and_the_dtype(shards, tmp_path, capsys):
     run_train(shards, tmp_path / "h", "--max_steps=1")
     first = capsys.readouterr().out.splitlines()[0]
-    assert re.fullmatch(r"cpu x1 \| DDL-TC \+ EC, d_v = 2 \| ddl.py \| eager \| fp32 \| [0-9,]+ params \| "
+    assert re.fullmatch(r"cpu x1 \| DDL TC \+ EC, d_v = 2 \| ddl.py \| eager \| fp32 \| [0-9,]+ params \| "
                         r"accum 2 \| 64 tokens/step", first)
     names = {"additive baseline": dict(residual="additive"), "DDL, d_v = 1": dict(),
              "write-only control, d_v = 1": dict(residual="write"),
-             "DDL-CC, d_v = 4": dict(d_v=4, embed_conv=False),
-             "write-only control, TC + EC, d_v = 3": dict(residual="write", d_v=3, compressor="tc")}
+             "DDL CC, d_v = 4": dict(d_v=4, embed_conv=False),
+             "write-only control TC + EC, d_v = 3": dict(residual="write", d_v=3, compressor="tc")}
     assert [train.variant(GPTConfig(**kw)) for kw in names.values()] == list(names)

@@ -295,8 +295,7 @@ def variant(mcfg):
     rule = "DDL" if mcfg.residual == "delta" else "write-only control"
     if mcfg.d_v == 1:
         return f"{rule}, d_v = 1"
-    read = mcfg.compressor.upper() + (" + EC" if mcfg.embed_conv else "")
-    return f"DDL-{read}, d_v = {mcfg.d_v}" if rule == "DDL" else f"{rule}, {read}, d_v = {mcfg.d_v}"
+    return f"{rule} {mcfg.compressor.upper()}{' + EC' if mcfg.embed_conv else ''}, d_v = {mcfg.d_v}"
 
 def hms(seconds):
     """A duration as h:mm:ss."""
