@@ -3,12 +3,14 @@ The run folder (out_dir) that train.py writes, kept whole: one run in it at a ti
 run never over another run's files unless asked, checkpoints written whole or not at all, the log cut back
 to the checkpoint on resume, and which code made the run (provenance).
 """
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import os
 import subprocess
+import time
 
 import torch
 
@@ -18,24 +20,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CKPT_KEYS = ("model", "optimizer", "step", "config", "model_config", "data", "rng", "world_size")
 SOURCES = ("bench.py", "ddl.py", "fused.py", "hellaswag.py", "prepare_data.py", "rundir.py", "train.py")
 
+# a lock holding no pid is refused for this long after it was made: the run that made it may be starting
+# (it writes its pid right after); past this, the lock is a failed start's and is taken over
+LOCK_START_S = 10.0
+
 def claim(cfg):
     """Take out_dir/lock (made with O_EXCL, holding this pid): a second run into out_dir is refused while
-    this one runs; the lock of a process that is gone is taken over. A new run refuses an out_dir holding
+    this one runs; the lock of a process that is gone, or one left without a pid for LOCK_START_S, is taken
+    over; a lock this call made but could not write is removed. A new run refuses an out_dir holding
     a run's ckpt.pt or log.jsonl unless --overwrite=true, which deletes them: log and checkpoint stay of
     one run (a new log beside an old checkpoint would later pass for its history)."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
     lock = os.path.join(cfg.out_dir, "lock")
+    with named_os_errors(lock):
+        os.makedirs(cfg.out_dir, exist_ok=True)
     while True:
-        try:
-            with open(lock, "x") as f:  # "x": O_CREAT | O_EXCL, fails where the file exists
+        try:  # "x": O_CREAT | O_EXCL, fails where the file exists
+            with named_os_errors(lock), open(lock, "x") as f, removed_on_error(lock):
                 f.write(str(os.getpid()))
+                f.flush()
             break
         except FileExistsError:
-            if (pid := lock_pid(lock)) is None or pid_alive(pid):
+            pid = lock_pid(lock)
+            starting = pid is None and time.time() - os.path.getmtime(lock) < LOCK_START_S
+            if starting or (pid is not None and pid_alive(pid)):
                 msg = f"--out_dir={cfg.out_dir} is in use by another run (pid {pid}, {lock}): wait for it, "
                 msg += "choose another --out_dir, or delete the lock if no run uses it"
                 raise ConfigError(msg) from None
-            print(f"{lock}: its run (pid {pid}) is gone; taking the lock over")
+            print(f"{lock}: its run ({f'pid {pid}' if pid else 'no pid: a failed start'}) is gone; "
+                  "taking the lock over")
             os.remove(lock)
     old = [n for n in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(cfg.out_dir, n))]
     if old and not cfg.resume and not cfg.overwrite:
@@ -90,10 +102,40 @@ def all_finite(tensors):
     return bool(torch.stack(torch._foreach_norm(flat)).isfinite().all()) or all(
         bool(torch.stack(torch.aminmax(t)).isfinite().all()) for t in flat)
 
+@contextlib.contextmanager
+def removed_on_error(path):
+    """Delete path if the body raises (a half-written file would keep a disk full or stand in a later run's
+    way), then let the exception go on."""
+    try:
+        yield
+    except BaseException:
+        if os.path.exists(path):
+            os.remove(path)
+        raise
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+@contextlib.contextmanager
+def named_os_errors(path):
+    """A full disk, or a read-only or forbidden folder, as one line naming path (ConfigError); any other
+    OSError keeps its traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        raise ConfigError(f"cannot write {path}: {DISK_ERRORS[e.errno]}: free space or choose another "
+                          "--out_dir") from None
+
 def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename: a crash mid-write leaves the old file intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """torch.save to a temporary name, then rename: a crash mid-write leaves the old file intact, and the
+    temporary file is removed. Written through a Python file, so that a full disk raises its own OSError
+    (torch's own writer says only "iostream error")."""
+    with named_os_errors(path), removed_on_error(path + ".tmp"):
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+        os.replace(path + ".tmp", path)
 
 def load_checkpoint(path):
     """The checkpoint at path, refusing a missing or unreadable file and one without train.py's keys."""

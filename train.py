@@ -322,17 +322,20 @@ def train(cfg, mcfg, kept):
         raise DataError(f"the val shard holds {len(val)} tokens, fewer than block_size + 1 = {T + 1}")
     hs = hellaswag.from_setting(cfg.hellaswag)  # read once: a missing file stops the run before it starts
     step = ckpt["step"] if ckpt else 0
-    if master:  # the one process that writes; nothing is written before this
-        claim(cfg)
-        start_log(log_path, step if ckpt else None)
-        kept.update(log=log_path, ckpt=ckpt_path, step=step if ckpt else None)
-    raw, model, opt = build(cfg, mcfg, dev)
+    raw, model, opt = build(cfg, mcfg, dev)  # before the claim: a setting that cannot run writes nothing
     stream = TokenStream(train_shards, T, B, cfg.seed, rank, world)
     if ckpt:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         stream.load_state(ckpt["data"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
+    if master:  # the one process that writes; nothing is written before this
+        claim(cfg)
+        start_log(log_path, step if ckpt else None)
+        kept.update(log=log_path, ckpt=ckpt_path, step=step if ckpt else None)
+    # evaluation runs the model without DDP: a rank that holds no val window must join no collective (DDP's
+    # forward broadcasts buffers) but the val loss's all_reduce
+    single = model
     if world > 1:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -371,8 +374,16 @@ def train(cfg, mcfg, kept):
             raise FloatingPointError(f"{what} not finite at step {bad}: training stopped, {ckpt_path} is "
                                      "left as it was; lower --lr or lengthen --warmup_steps")
 
+    def save_checkpoint():
+        check_finite(weights=True)
+        if master:
+            save_atomic(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step, world_size=world,
+                             config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
+                             data=stream.state(), rng=dict(cpu=torch.get_rng_state())), ckpt_path)
+            kept["step"] = step
+
     def run_eval():
-        vloss, gates = evaluate(model, raw, val, cfg, ctx, dev, rank, world)
+        vloss, gates = evaluate(single, raw, val, cfg, ctx, dev, rank, world)
         acc = hellaswag.evaluate(raw, hs, dev, ctx, rank, world) if hs else None  # raw: not compiled, not DDP
         log(dict(type="val", step=step, loss=vloss, ppl=math.exp(vloss)),
             f"step {step:6d} | val loss {vloss:.4f} | ppl {math.exp(vloss):.2f}"
@@ -389,6 +400,8 @@ def train(cfg, mcfg, kept):
               flush=True)
     if not ckpt:
         run_eval()  # the initial model (a resumed run's step has its eval in the log)
+        if cfg.max_steps == 0:
+            save_checkpoint()  # the initial model: --resume continues from it
     # the clock counts training only: it restarts after this run's first step (compilation), pauses for evals
     first, t0, train_time = step + 1, time.perf_counter(), 0.0
     while step < cfg.max_steps:
@@ -424,13 +437,7 @@ def train(cfg, mcfg, kept):
             run_eval()
             t0 = time.perf_counter()
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            check_finite(weights=True)
-            if master:
-                save_atomic(dict(model=raw.state_dict(), optimizer=opt.state_dict(), step=step,
-                                 world_size=world, config=dataclasses.asdict(cfg),
-                                 model_config=dataclasses.asdict(mcfg), data=stream.state(),
-                                 rng=dict(cpu=torch.get_rng_state())), ckpt_path)
-                kept["step"] = step
+            save_checkpoint()
     if master and step >= first:
         timed = (step - first) * cfg.total_batch * T  # the first step (compilation) is not timed
         print(f"done: {step - first + 1} steps, {(step - first + 1) * cfg.total_batch * T:,} tokens in "
@@ -488,6 +495,14 @@ def main(argv):
         print("train.py: interrupted" + (f": kept {what} and its log {kept['log']}" if kept else ""),
               file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        if kept.get("log") and kept["step"] is None and os.path.exists(kept["log"]):
+            # a new run that failed before its first checkpoint: its log moves aside, so that a retry is
+            # not refused as a run to --resume or --overwrite
+            failed = os.path.join(cfg.out_dir, "log.failed.jsonl")
+            os.replace(kept["log"], failed)
+            print(f"train.py: no checkpoint was written; the log is kept as {failed}", file=sys.stderr)
+        raise
     finally:
         release(cfg.out_dir)
 
