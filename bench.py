@@ -242,7 +242,8 @@ def bench(cfg, mcfg, bcfg):
     fused = cfg.fused or any(n in FUSED for n in names)
     if fused and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # as fused.install
         raise ConfigError(f"--fused=true: device={dev.type!r} is not supported: fused.py's kernels need cuda "
-                          "(or TRITON_INTERPRET=1 on the CPU)")
+                          "(or TRITON_INTERPRET=1 on the CPU: for tests, over 100 s a step at the smoke "
+                          "size)")
     if bcfg.bench_profile and dev.type != "cuda":
         raise ConfigError(f"--bench_profile=true profiles GPU kernels: device={dev.type!r} runs none "
                           "(use cuda)")

@@ -365,8 +365,8 @@ def check_config(gpt):
         raise ConfigError(f"fused: dtype={dtype!r} is not supported: must be float32 or bfloat16 "
                           "(the kernels compute in fp32)")
     if not (INTERPRET or device.type == "cuda"):
-        raise ConfigError(f"fused: device={device.type!r} is not supported: must be cuda "
-                          "(or TRITON_INTERPRET=1 on the CPU)")
+        raise ConfigError(f"fused: device={device.type!r} is not supported: must be cuda (or "
+                          "TRITON_INTERPRET=1 on the CPU: for tests, over 100 s a step at the smoke size)")
 
 def check_against_ddl(gpt, tol=1e-4):
     """Run a perturbed fp32 copy of gpt on a few tokens through ddl.py's body and through fused_body;

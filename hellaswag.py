@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ddl import GPT, ConfigError, GPTConfig, setting
+from ddl import ConfigError, setting
 from prepare_data import DataError
+from rundir import load_model
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_FILE = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")  # where --fetch puts it
@@ -94,13 +95,23 @@ def parse_record(line, where):
         raise HellaSwagError(f"{where}: label must be an integer 0-3, got {label!r}")
     return rec
 
+def utf8(line, where):
+    """A line's bytes as text, or an error naming the file and line where they are not UTF-8."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HellaSwagError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
 def read_examples(path):
     """The records of a HellaSwag JSON-lines file (blank lines skipped), each checked by parse_record."""
+    if os.path.isdir(path):
+        raise HellaSwagError(f"{path} is a folder: --file names HellaSwag's val file (hellaswag_val.jsonl)")
     if not os.path.isfile(path):
         raise HellaSwagError(f"{path}: no such file; download it with "
                              f"`python hellaswag.py --fetch=true --file={path}` (from {URL})")
-    with open(path, encoding="utf-8") as f:
-        records = [parse_record(line, f"{path}:{i}") for i, line in enumerate(f, 1) if line.strip()]
+    with open(path, "rb") as f:
+        records = [parse_record(utf8(line, f"{path}:{i}"), f"{path}:{i}") for i, line in enumerate(f, 1)
+                   if line.strip()]
     if not records:
         raise HellaSwagError(f"{path}: the file holds no examples")
     return records
@@ -200,9 +211,7 @@ def main(argv):
     cfg, = train.parse_args(argv, kinds=(EvalConfig,), doc=__doc__)
     rank, world, dev, ctx = train.setup(cfg)
     examples = load(fetch(cfg.file) if cfg.fetch else cfg.file)[:cfg.limit or None]
-    ckpt = train.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    model = GPT(GPTConfig(**ckpt["model_config"])).to(dev)
-    model.load_state_dict(ckpt["model"])
+    model, ckpt = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), dev)
     t0 = time.perf_counter()
     r = evaluate(model, examples, dev, ctx, rank, world, cfg.batch_examples)
     seconds = time.perf_counter() - t0

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ddl import ConfigError
+from ddl import GPT, ConfigError, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CKPT_KEYS = ("model", "optimizer", "step", "config", "model_config", "data", "rng", "world_size")
@@ -80,8 +80,12 @@ def start_log(path, step):
     later steps (and a last line cut short) came after the checkpoint; a record seen twice is kept once."""
     lines = open(path).readlines() if step is not None and os.path.exists(path) else []
     keep, seen = [], set()
-    for line in lines:
-        rec = json.loads(line) if line.endswith("\n") else {}
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line) if line.endswith("\n") else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not a JSON record ({e.msg}): mend or delete that line, then "
+                              "--resume again") from None
         key = (rec.get("type"), rec.get("step"))
         if rec and (rec["type"] == "config" or rec["step"] <= step and key not in seen):
             keep.append(line)
@@ -145,7 +149,20 @@ def load_checkpoint(path):
         raise ConfigError(f"cannot load checkpoint {path}: {e}") from None
     if missing := [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]:
         raise ConfigError(f"{path} is not a checkpoint of this train.py: it has no {', '.join(missing)}")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    for what, keys in (("unknown", set(ckpt["model_config"]) - known),
+                       ("missing", known - set(ckpt["model_config"]))):
+        if keys:  # a missing key would silently take today's default
+            raise ConfigError(f"{path}: its model_config has {what} keys {', '.join(sorted(keys))}: made by "
+                              "another version of ddl.py; load it with that version")
     return ckpt
+
+def load_model(path, dev):
+    """The GPT of the checkpoint at path, with its weights, on dev, and the checkpoint."""
+    ckpt = load_checkpoint(path)
+    model = GPT(GPTConfig(**ckpt["model_config"])).to(dev)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
 
 def resume_changes(ckpt, cfg, mcfg, world):
     """The settings that differ from the checkpoint's run, {key: [old, new]}. Another model config,

@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import re
 import urllib.error
 import urllib.request
 from contextlib import nullcontext
@@ -312,3 +313,15 @@ def test_command_line_settings_are_checked():
         hellaswag.main(["--limit=-1"])
     with pytest.raises(ConfigError, match="unknown key --fetc; did you mean --fetch"):
         hellaswag.main(["--fetc=true"])
+
+
+def test_a_non_utf8_line_or_a_folder_is_one_error_naming_it(tmp_path):
+    good = json.dumps(dict(ctx="A man", endings=["a", "b", "c", "d"], label=0))
+    path = tmp_path / "hs.jsonl"
+    path.write_bytes(good.encode() + b"\n" + b'{"ctx": "caf\xe9"}\n')
+    where = re.escape(str(path))
+    with pytest.raises(hellaswag.HellaSwagError, match=f"^{where}:2: not UTF-8 text \\(byte 12"):
+        hellaswag.read_examples(str(path))
+    folder = re.escape(str(tmp_path))
+    with pytest.raises(hellaswag.HellaSwagError, match=f"^{folder} is a folder: --file names"):
+        hellaswag.read_examples(str(tmp_path))

@@ -148,7 +148,7 @@ def test_training_errors(shards, tmp_path):
         train.main([*TRAIN_TINY, f"--data_dir={tmp_path / 'empty'}", f"--out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="unknown key --n_layers; did you mean --n_layer"):
         train.main(["--n_layers=3"])
-    with pytest.raises(ValueError, match="--max_steps='ten': expected a int"):
+    with pytest.raises(ValueError, match="--max_steps='ten': expected an int"):
         train.main(["--max_steps=ten"])
     with pytest.raises(ValueError, match="--preset='1b'"):
         train.main(["--preset=1b"])
@@ -234,7 +234,8 @@ def test_token_stream_needs_one_batch_of_windows_per_process():
     # 8 windows: 4 for each of 2 processes
     train.TokenStream([np.arange(81, dtype=np.uint16)], 10, 4, 0, 1, 2)
     for tokens, world in ((40, 1), (80, 2)):
-        message = f"^too few train tokens for batch_size=4 x block_size=10 x {world} processes$"
+        message = (f"^too few train tokens: no shard holds batch_size=4 x {world} processes windows of "
+                   r"block_size \+ 1 = 11 tokens \(a window never crosses two shards\)$")
         with pytest.raises(prepare_data.DataError, match=message):
             train.TokenStream([np.arange(tokens, dtype=np.uint16)], 10, 4, 0, 0, world)
 
@@ -577,7 +578,7 @@ def test_resume_allows_and_records_a_new_batch_size_and_refuses_other_data(shard
     ("--min_lr=0.1", "--min_lr=0.1: must lie in"), ("--beta2=1", "--beta2=1.0: must lie in"),
     ("--val_tokens=8", "--val_tokens=8: must be >= block_size=16"),
     ("--embed_conv=no", "--embed_conv='no': expected a bool"),
-    ("--n_layer=2.5", "--n_layer='2.5': expected a int"),
+    ("--n_layer=2.5", "--n_layer='2.5': expected an int"),
     ("--resume=maybe", "--resume='maybe': expected a bool"),
     ("--total_batch=5", "--total_batch=5 must be a multiple of batch_size x processes = 2"),
 ])
@@ -641,6 +642,7 @@ def test_parse_args_bools_preset_first_and_the_argument_form():
         cfg, _ = train.parse_args([f"--compile={text}", f"--resume={text}"])
         assert cfg.compile is value and cfg.resume is value, text
     assert train.parse_args(["--resume"])[0].resume is True and train.parse_args([])[0].resume is False
+    assert train.parse_args(["--overwrite"])[0].overwrite is True  # any bool as a bare --flag
     # the keys given win over the preset
     cfg, mcfg = train.parse_args(["--max_steps=3", "--preset=smoke", "--n_layer=3"])
     got = (cfg.max_steps, mcfg.n_layer, cfg.lr, cfg.batch_size, mcfg.d_v, cfg.out_dir)
@@ -648,8 +650,8 @@ def test_parse_args_bools_preset_first_and_the_argument_form():
     cfg, mcfg = train.parse_args(["--lr=2e-3"])
     assert (cfg.max_steps, mcfg.n_layer, cfg.lr, cfg.batch_size, mcfg.d_v) == (100_000, 12, 2e-3, 16, 1)
     for arg in ("lr=0.1", "--lr", "-lr=0.1"):
-        with pytest.raises(ConfigError,
-                           match=f"^argument {re.escape(repr(arg))} is not of the form --key=value$"):
+        with pytest.raises(ConfigError, match=f"^argument {re.escape(repr(arg))} is not of the form "
+                                              r"--key=value \(or --flag for a true bool\)$"):
             train.parse_args([arg])
 
 
@@ -1120,7 +1122,8 @@ def test_a_lock_that_cannot_be_written_is_removed_and_a_lock_without_pid_taken_o
     os.utime(lock, (stale, stale))
     rundir.claim(cfg)
     assert lock.read_text() == str(os.getpid())
-    assert f"{lock}: its run (no pid: a failed start) is gone; taking the lock over" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{lock}: its run (no pid: a failed start) is gone; taking the lock over" in out
     rundir.release(cfg.out_dir)
 
 
@@ -1149,3 +1152,41 @@ def test_a_failed_start_leaves_nothing_that_blocks_a_retry(shards, tmp_path, mon
     assert torch.load(zero / "ckpt.pt", weights_only=False)["step"] == 0
     log = run_train(shards, zero, "--max_steps=2", "--resume")
     assert [r["step"] for r in log if r["type"] == "train"] == [1, 2]
+
+
+def test_a_garbled_log_an_empty_out_dir_and_a_checkpoint_of_another_config_are_one_line(shards, tmp_path):
+    out = tmp_path / "g"
+    run_train(shards, out, "--max_steps=2", "--ckpt_interval=2")
+    lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+    for bad in ("{garbled\n", "\n"):
+        (out / "log.jsonl").write_text("".join(lines[:2] + [bad] + lines[2:]))
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(out / 'log.jsonl'))}:3: not a JSON record "):
+            run_train(shards, out, "--max_steps=3", "--resume")
+    with pytest.raises(ConfigError, match="^--out_dir='': must name a folder$"):
+        train.parse_args(["--out_dir="])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    for change, what in ((dict(gate_kind="x"), "unknown keys gate_kind"),
+                         (dict(k_eps=None), "missing keys k_eps")):
+        config = {k: v for k, v in {**ckpt["model_config"], **change}.items() if v is not None}
+        torch.save({**ckpt, "model_config": config}, out / "ckpt.pt")
+        message = f"^{re.escape(str(out / 'ckpt.pt'))}: its model_config has {what}: made by another version"
+        with pytest.raises(ConfigError, match=message):
+            train.main(["--mode=sample", f"--out_dir={out}", "--device=cpu"])
+        with pytest.raises(ConfigError, match=message):
+            run_train(shards, out, "--max_steps=3", "--resume")
+
+
+def test_without_the_vocabulary_offline_a_test_is_skipped_naming_tiktoken_cache_dir(monkeypatch):
+    import conftest
+
+    def offline(name):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(conftest, "LOAD_ENCODING", offline)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"tiktoken could not load gpt2 \(ConnectionError\): "
+                                                    "offline, set TIKTOKEN_CACHE_DIR"):
+        tiktoken.get_encoding("gpt2")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/a/cache")  # set, yet failing: a failure
+    with pytest.raises(ConnectionError):
+        tiktoken.get_encoding("gpt2")

@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 from ddl import GPT, ConfigError, GPTConfig, setting
 from prepare_data import DataError, check_folder, read_shard
-from rundir import (HERE, all_finite, claim, load_checkpoint, provenance, release, resume_changes,
-                    save_atomic, start_log)
+from rundir import (HERE, all_finite, claim, load_checkpoint, load_model, provenance, release,
+                    resume_changes, save_atomic, start_log)
 
 SMOKE_TEXT = "smoke/kjv.txt"  # the smoke preset's corpus (smoke/README.md), under HERE
 
@@ -85,7 +85,8 @@ class TrainConfig:
                    ("device", self.device in ("auto", "cpu", "cuda"), "allowed: auto, cpu, cuda"),
                    ("compile_mode", self.compile_mode in COMPILE_MODES,
                     f"allowed: {', '.join(COMPILE_MODES)}"),
-                   ("overwrite", not (self.overwrite and self.resume), "excludes --resume: choose one")]
+                   ("overwrite", not (self.overwrite and self.resume), "excludes --resume: choose one"),
+                   ("out_dir", self.out_dir.strip() != "", "must name a folder")]
         for key, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"--{key}={getattr(self, key)!r}: {allowed}")
@@ -114,9 +115,11 @@ def parse_args(argv, kinds=(TrainConfig, GPTConfig), doc=__doc__):
             print(doc + "\n".join(f"  --{k}={f.default!r}".ljust(36) + " " + f.metadata["help"]
                                   for k, (_, f) in fields.items()))
             sys.exit(0)
-        key, eq, text = arg[2:].partition("=") if arg != "--resume" else ("resume", "=", "true")
+        key, eq, text = arg[2:].partition("=")
+        if not eq and fields.get(key, (None, None))[1] is not None and fields[key][1].type is bool:
+            eq, text = "=", "true"  # a bare --flag: true
         if not arg.startswith("--") or not eq:
-            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value (or --flag for a true bool)")
         if key not in fields:
             near = ", ".join("--" + n for n in difflib.get_close_matches(key, list(fields), n=3))
             raise ConfigError(f"unknown key --{key}" + (f"; did you mean {near}?" if near else ""))
@@ -124,7 +127,8 @@ def parse_args(argv, kinds=(TrainConfig, GPTConfig), doc=__doc__):
         try:
             given[key] = BOOLS[text.lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
-            raise ConfigError(f"--{key}={text!r}: expected a {kind.__name__}") from None
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise ConfigError(f"--{key}={text!r}: expected {article} {kind.__name__}") from None
     values = {**PRESETS.get(given.get("preset"), {}), **given}  # TrainConfig checks the preset's name
     for key in [k for k in ("compressor", "embed_conv") if k in given and values.get("d_v", 1) == 1]:
         raise ConfigError(f"--{key}={given[key]!r}: applies to d_v > 1 only; d_v is 1: set --d_v or drop it")
@@ -138,7 +142,8 @@ class TokenStream:
     def __init__(self, shards, T, B, seed, rank=0, world=1):
         self.shards, self.T, self.B, self.seed, self.rank, self.world = shards, T, B, seed, rank, world
         if all((len(s) - 1) // T < world * B for s in shards):
-            raise DataError(f"too few train tokens for batch_size={B} x block_size={T} x {world} processes")
+            raise DataError(f"too few train tokens: no shard holds batch_size={B} x {world} processes "
+                            f"windows of block_size + 1 = {T + 1} tokens (a window never crosses two shards)")
         self.load_state(dict(epoch=0, shard=0, window=0))
 
     def load_state(self, s):
@@ -319,7 +324,8 @@ def train(cfg, mcfg, kept):
     changed = resume_changes(ckpt, cfg, mcfg, world) if ckpt else None
     train_shards, val = load_data(cfg, mcfg.vocab_size)
     if len(val) < T + 1:
-        raise DataError(f"the val shard holds {len(val)} tokens, fewer than block_size + 1 = {T + 1}")
+        raise DataError(f"the val shard holds {len(val)} token{'s' * (len(val) != 1)}, fewer than "
+                        f"block_size + 1 = {T + 1}")
     hs = hellaswag.from_setting(cfg.hellaswag)  # read once: a missing file stops the run before it starts
     step = ckpt["step"] if ckpt else 0
     raw, model, opt = build(cfg, mcfg, dev)  # before the claim: a setting that cannot run writes nothing
@@ -485,9 +491,7 @@ def main(argv):
         if cfg.mode == "train":
             return train(cfg, mcfg, kept)
         _, _, dev, ctx = setup(cfg)
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        model = GPT(GPTConfig(**ckpt["model_config"])).to(dev)
-        model.load_state_dict(ckpt["model"])
+        model, _ = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), dev)
         sample(model.eval(), cfg, dev, ctx)
     except KeyboardInterrupt:  # one line on what is kept, as prepare_data.py's
         what = (f"the step-{kept['step']} checkpoint {kept['ckpt']} (--resume continues it)"
