@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 
 import numpy as np
 import tiktoken
@@ -86,6 +87,13 @@ def file_documents(path, text_field):
         for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
             yield row_text(row, text_field, f"{path} row {i}"), f"{path} row {i}", path
         return
+    try:
+        yield from text_lines(path, text_field)
+    except (EOFError, OSError, zlib.error) as e:  # gzip's BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read it ({e}): a corrupt or truncated file?") from None
+
+def text_lines(path, text_field):
+    """file_documents of a .txt, .jsonl or .jsonl.gz file."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for lineno, data in enumerate([f.read()] if path.endswith(".txt") else f, 1):  # .txt: one document
             try:
@@ -163,9 +171,14 @@ def claim_output(out, run_args, force):
     existing = [f for f in os.listdir(out) if f.endswith((".bin", ".tmp")) or f == "manifest.json"]
     if existing and not (ours or force):
         raise DataError(f"--out {out} holds another run's output ({existing[0]}...): --force replaces it")
-    for f in existing:
-        os.remove(os.path.join(out, f))
+    clear_output(out)
     write_atomic(os.path.join(out, "run.json"), json.dumps(run_args).encode())
+
+def clear_output(out):
+    """Remove a run's files from out: shards, temporary files, the manifest and run.json."""
+    for f in os.listdir(out):
+        if f.endswith((".bin", ".tmp")) or f in ("manifest.json", "run.json"):
+            os.remove(os.path.join(out, f))
 
 def prepare(args):
     """Tokenise args' source into shards under args.out; returns the manifest."""
@@ -180,12 +193,16 @@ def prepare(args):
     tiktoken.get_encoding("gpt2")  # load the BPE once here: forked workers inherit it ready-made
     # Ctrl-C signals every process of the group: the workers ignore it, the main process handles it
     with mp.Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-        for source, tokens in pool.imap(tokenize, documents(args, files), chunksize=16):
-            tokens = tokens[:args.max_tokens - total] if args.max_tokens else tokens
-            writer.add(tokens, source)
-            docs, total = docs + 1, total + len(tokens)
-            if args.max_tokens and total >= args.max_tokens:
-                break
+        try:
+            for source, tokens in pool.imap(tokenize, documents(args, files), chunksize=16):
+                tokens = tokens[:args.max_tokens - total] if args.max_tokens else tokens
+                writer.add(tokens, source)
+                docs, total = docs + 1, total + len(tokens)
+                if args.max_tokens and total >= args.max_tokens:
+                    break
+        except DataError:  # bad input: a rerun meets it again, so the shards written so far go
+            clear_output(args.out)
+            raise
     if total <= args.val_tokens:
         raise DataError(f"the input gave {total:,} tokens: --val_tokens={args.val_tokens} leaves none "
                         "to train on")

@@ -420,3 +420,20 @@ def test_fineweb_path_uses_the_same_code(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets([{"text": "ok"}, {"body": "x"}]))
     with pytest.raises(prepare_data.DataError, match="fineweb-edu:sample-10BT row 1: no 'text' field"):
         prepare_data.prepare(prepare_data.parse_args(["--out", str(tmp_path / "fw2"), "--workers", "1"]))
+
+
+def test_a_corrupt_or_truncated_gzip_is_one_error_naming_it_and_leaves_no_partial_output(tmp_path):
+    """A .jsonl.gz cut short after enough text for the val shard, and one that is no gzip at all: a
+    DataError naming the file, and the output folder left without shards or run.json (a rerun meets the
+    same file)."""
+    gen = np.random.default_rng(1)
+    text = "".join(json.dumps({"text": " ".join(gen.choice(["delta", "state", "gate"], size=50))}) + "\n"
+                   for _ in range(400))
+    whole = gzip.compress(text.encode(), mtime=0)
+    for name, data, why in (("cut.jsonl.gz", whole[:len(whole) // 2], "Compressed file ended"),
+                            ("junk.jsonl.gz", b"not a gzip file", "Not a gzipped file")):
+        src, out = tmp_path / name, tmp_path / f"out-{name}"
+        src.write_bytes(data)
+        with pytest.raises(prepare_data.DataError, match=f"^{re.escape(str(src))}: cannot read it \\({why}"):
+            run_prepare(src, out, "--val_tokens=100", "--workers=1")
+        assert os.listdir(out) == []
