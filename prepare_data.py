@@ -6,11 +6,12 @@
 Each document (a .txt file, a JSON line, a parquet row): the end-of-text token 50256, then tiktoken GPT-2's
 ordinary encoding of its UTF-8 text as stored. Shards use llm.c's .bin layout (256 int32 header: magic,
 version, token count; uint16 tokens): {prefix}_val_000000.bin holds the input's first --val_tokens (to hold
-out a file, name it first), then {prefix}_train_{k:06d}.bin. run.json marks an unfinished output,
-manifest.json a complete one.
+out a file, name it first), then {prefix}_train_{k:06d}.bin. run.json marks an unfinished output and
+records its finished shards (the same command resumes after them), manifest.json a complete one.
 """
 import argparse
 import gzip
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -26,6 +27,7 @@ MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 EOT = 50256
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 EXTENSIONS = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+HUB_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}  # nominal, for the time left
 
 class DataError(ValueError):
     """A problem with the user's input, options or shards: reported in one line, without a traceback."""
@@ -134,19 +136,32 @@ def tokenize(item):
     return source, np.concatenate([[EOT], body]).astype(np.uint16)
 
 class ShardWriter:
-    """Cuts the token stream into the val shard, then train shards; val_sources: tokens from each source."""
-    def __init__(self, args):
-        self.args, self.shards, self.val_sources, self.fill = args, [], {}, 0
-        self.split, self.buf = "val", np.empty(args.val_tokens, dtype=np.uint16)
+    """Cuts the token stream into the val shard, then train shards; val_sources: tokens from each source.
+    After each shard, run.json records how far the input went into shards (documents: those wholly in them;
+    carry: the tokens of the next one already in them), so that a rerun after an interruption resumes
+    there, making the same bytes."""
+    def __init__(self, args, run_args, progress):
+        self.args, self.run_args, self.fill = args, run_args, 0
+        p = progress or dict(shards=[], val_sources={}, documents=0, carry=0)
+        self.shards, self.val_sources, self.doc, self.taken = (p[k] for k in ("shards", "val_sources",
+                                                                             "documents", "carry"))
+        self.split = "train" if self.shards else "val"  # the val shard is the first one written
+        self.buf = np.empty(args.shard_tokens if self.shards else args.val_tokens, dtype=np.uint16)
+        self.meter = Meter(args, self.doc, sum(s["tokens"] for s in self.shards))
 
     def add(self, tokens, source):
+        """One document's tokens (after its first `carry` where resumed)."""
         while len(tokens):
             n = min(len(tokens), len(self.buf) - self.fill)
             if self.split == "val":
                 self.val_sources[source] = self.val_sources.get(source, 0) + n
             self.buf[self.fill:self.fill + n], self.fill, tokens = tokens[:n], self.fill + n, tokens[n:]
+            self.taken += n
+            self.meter.count(n)
             if self.fill == len(self.buf):
                 self.flush()
+        self.doc, self.taken = self.doc + 1, 0
+        self.meter.count(0, documents=1)
 
     def flush(self):
         if self.fill:
@@ -154,47 +169,93 @@ class ShardWriter:
             name = f"{self.args.prefix}_{self.split}_{k:06d}.bin"
             write_shard(os.path.join(self.args.out, name), self.buf[:self.fill])
             self.shards.append({"file": name, "split": self.split, "tokens": self.fill})
-            print(f"wrote {name}: {self.fill:,} tokens", file=sys.stderr, flush=True)
+            write_atomic(os.path.join(self.args.out, "run.json"), json.dumps(dict(
+                args=self.run_args, shards=self.shards, val_sources=self.val_sources, documents=self.doc,
+                carry=self.taken)).encode())
+            self.meter.show(f"wrote {name}: {self.fill:,} tokens", final=True)
             self.split, self.fill, self.buf = "train", 0, np.empty(self.args.shard_tokens, dtype=np.uint16)
+
+def hms(seconds):
+    """A duration as h:mm:ss."""
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+class Meter:
+    """Progress: documents, tokens, tokens/s and, where the total is known (--max_tokens, or the hub
+    config's nominal size), the time left. On a terminal one line rewritten in place about once a second;
+    elsewhere a line with each finished shard."""
+    def __init__(self, args, documents, tokens):
+        self.target = args.max_tokens or (None if args.input else HUB_TOKENS.get(args.name))
+        self.documents, self.tokens, self.start = documents, tokens, tokens  # start: the resumed tokens
+        self.t0 = self.shown = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def count(self, tokens, documents=0):
+        self.tokens, self.documents = self.tokens + tokens, self.documents + documents
+        if self.tty and time.time() - self.shown >= 1:
+            self.show("")
+
+    def show(self, what, final=False):
+        rate = (self.tokens - self.start) / max(time.time() - self.t0, 1e-9)
+        left = (self.target - self.tokens) / rate if self.target and rate else None
+        line = (f"{what}{' | ' if what else ''}{self.documents:,} documents, {self.tokens:,} tokens, "
+                f"{rate:,.0f} tok/s" + (f", {hms(max(left, 0))} left" if left is not None else ""))
+        print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr,
+              flush=True)
+        self.shown = time.time()
 
 def read_json(path):  # None if there is no such file
     return json.loads(open(path).read()) if os.path.exists(path) else None
 
 def claim_output(out, run_args, force):
-    """The manifest if the same run is complete in `out` (unless force); else clears `out` (another run's
-    output only with force) and marks it with run.json until manifest.json is written."""
+    """(manifest, progress): the manifest if the same run is complete in `out` (unless force); else the
+    progress that run.json records where the same run was interrupted (its shards are kept, anything else
+    written after them removed); else None, with `out` cleared (another run's output only with force) and
+    marked with run.json until manifest.json is written."""
     os.makedirs(out, exist_ok=True)
     manifest = read_json(os.path.join(out, "manifest.json"))
     if manifest and manifest["args"] == run_args and not force:
-        return manifest
-    ours = read_json(os.path.join(out, "run.json")) == run_args
+        return manifest, None
+    run = read_json(os.path.join(out, "run.json"))
+    ours = isinstance(run, dict) and run.get("args") == run_args
+    if ours and not force and not manifest:
+        kept = {s["file"] for s in run["shards"]}
+        clear_output(out, keep={*kept, "run.json"})
+        return None, run if kept else None
     existing = [f for f in os.listdir(out) if f.endswith((".bin", ".tmp")) or f == "manifest.json"]
     if existing and not (ours or force):
         raise DataError(f"--out {out} holds another run's output ({existing[0]}...): --force replaces it")
     clear_output(out)
-    write_atomic(os.path.join(out, "run.json"), json.dumps(run_args).encode())
+    write_atomic(os.path.join(out, "run.json"), json.dumps(dict(args=run_args, shards=[])).encode())
+    return None, None
 
-def clear_output(out):
-    """Remove a run's files from out: shards, temporary files, the manifest and run.json."""
+def clear_output(out, keep=()):
+    """Remove a run's files from out (shards, temporary files, manifest, run.json), but those in keep."""
     for f in os.listdir(out):
-        if f.endswith((".bin", ".tmp")) or f in ("manifest.json", "run.json"):
+        if (f.endswith((".bin", ".tmp")) or f in ("manifest.json", "run.json")) and f not in keep:
             os.remove(os.path.join(out, f))
 
 def prepare(args):
     """Tokenise args' source into shards under args.out; returns the manifest."""
     files = local_files(args.input) if args.input else None  # bad paths fail before any write
     run_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("workers", "force")}
-    manifest = claim_output(args.out, run_args, args.force)
+    manifest, progress = claim_output(args.out, run_args, args.force)
     if manifest:
         print(f"{args.out} is already complete ({manifest['total_tokens']:,} tokens); --force to redo",
               file=sys.stderr)
         return manifest
-    writer, t0, docs, total = ShardWriter(args), time.time(), 0, 0
+    writer, t0 = ShardWriter(args, run_args, progress), time.time()
+    docs, total, carry = writer.doc, writer.meter.tokens, writer.taken
+    if progress:
+        print(f"resuming after {len(writer.shards)} finished shards ({total:,} tokens, {docs:,} documents)",
+              file=sys.stderr)
     tiktoken.get_encoding("gpt2")  # load the BPE once here: forked workers inherit it ready-made
     # Ctrl-C signals every process of the group: the workers ignore it, the main process handles it
     with mp.Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-        try:
-            for source, tokens in pool.imap(tokenize, documents(args, files), chunksize=16):
+        try:  # the documents already in shards are read again, but not tokenised
+            items = itertools.islice(documents(args, files), docs, None)
+            for source, tokens in pool.imap(tokenize, items, chunksize=16):
+                tokens, carry = tokens[carry:], 0  # resumed: the first one's tokens already in a shard
                 tokens = tokens[:args.max_tokens - total] if args.max_tokens else tokens
                 writer.add(tokens, source)
                 docs, total = docs + 1, total + len(tokens)
@@ -213,7 +274,7 @@ def prepare(args):
     write_atomic(os.path.join(args.out, "manifest.json"), json.dumps(manifest, indent=1).encode())  # last
     os.remove(os.path.join(args.out, "run.json"))
     print(f"done: {docs:,} documents, {total:,} tokens in {len(writer.shards)} shards, "
-          f"{total / (time.time() - t0):,.0f} tok/s -> {args.out}", file=sys.stderr)
+          f"{(total - writer.meter.start) / (time.time() - t0):,.0f} tok/s -> {args.out}", file=sys.stderr)
     if len(writer.val_sources) > 1:
         print(f"note: the val shard drew from {len(writer.val_sources)} input files (tokens from each: "
               f"{writer.val_sources}); to hold out the first one alone, lower --val_tokens", file=sys.stderr)
@@ -256,8 +317,8 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"prepare_data.py: error: {e}")
     except KeyboardInterrupt:
-        print("prepare_data.py: interrupted: the output is incomplete; rerun to restart from scratch",
-              file=sys.stderr)
+        print("prepare_data.py: interrupted: the output is incomplete; the same command resumes it after its "
+              "finished shards", file=sys.stderr)
         sys.exit(130)
 
 if __name__ == "__main__":

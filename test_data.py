@@ -331,11 +331,22 @@ def test_interrupted_run_leaves_no_partial_shard_and_reruns_identically(tmp_path
     assert len(done) == 2 and os.path.basename(calls[2]) not in done
     # the contract train.py relies on: run.json marks the folder unfinished, manifest.json is absent
     assert (tmp_path / "out" / "run.json").exists() and not (tmp_path / "out" / "manifest.json").exists()
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert sorted(s["file"] for s in run["shards"]) == done and run["carry"] > 0  # the next document begun
     monkeypatch.undo()
+    # the rerun resumes: the two finished shards are kept, not written again, and the output is the same,
+    # byte for byte (a shard boundary falls inside a document: its first tokens are left out on resume)
+    rewritten = []
+    monkeypatch.setattr(prepare_data, "write_shard", lambda path, tokens: (rewritten.append(path),
+                                                                           real(path, tokens)))
     run_prepare(tmp_path / "in", tmp_path / "out", *args)
+    assert [os.path.basename(p) for p in rewritten[:1]] == [os.path.basename(calls[2])]
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "ref"))
-    assert "run.json" not in os.listdir(tmp_path / "out")
-    assert all_tokens(tmp_path / "out").tolist() == all_tokens(tmp_path / "ref").tolist()
+    for f in os.listdir(tmp_path / "ref"):
+        got, want = ((tmp_path / d / f).read_bytes() for d in ("out", "ref"))
+        if f == "manifest.json":  # the same but for the output folder's name
+            got, want = (json.loads(b.replace(b"/out", b"/ref")) for b in (got, want))
+        assert got == want, f
 
 
 REAL_TOKENIZE = prepare_data.tokenize
@@ -361,8 +372,8 @@ def test_ctrl_c_workers_ignore_it_and_the_main_process_exits_130_in_one_line(tmp
         prepare_data.main(["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--val_tokens",
                            "5"])
     assert e.value.code == 130
-    assert capsys.readouterr().err == ("prepare_data.py: interrupted: the output is incomplete; "
-                                       "rerun to restart from scratch\n")
+    assert capsys.readouterr().err == ("prepare_data.py: interrupted: the output is incomplete; the same "
+                                       "command resumes it after its finished shards\n")
     assert (tmp_path / "out" / "run.json").exists() and not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -437,3 +448,20 @@ def test_a_corrupt_or_truncated_gzip_is_one_error_naming_it_and_leaves_no_partia
         with pytest.raises(prepare_data.DataError, match=f"^{re.escape(str(src))}: cannot read it \\({why}"):
             run_prepare(src, out, "--val_tokens=100", "--workers=1")
         assert os.listdir(out) == []
+
+
+def test_progress_lines_give_documents_tokens_rate_and_the_time_left(tmp_path, monkeypatch, capsys):
+    """Not a terminal: a line with each finished shard; with --max_tokens the time left is known. On a
+    fake clock of 1 s per shard written: 20 tokens/s."""
+    write_inputs(tmp_path / "in")
+    clock, real = [0.0], prepare_data.write_shard
+    monkeypatch.setattr(prepare_data.time, "time", lambda: clock[0])
+    monkeypatch.setattr(prepare_data, "write_shard", lambda path, tokens: (clock.__setitem__(0, clock[0] + 1),
+                                                                           real(path, tokens)))
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens=20", "--shard_tokens=20", "--max_tokens=100",
+                "--workers=1")
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("wrote ")]
+    assert re.fullmatch(r"wrote local_val_000000.bin: 20 tokens \| \d+ documents, 20 tokens, 20 tok/s, "
+                        r"0:00:04 left", lines[0])
+    assert re.fullmatch(r"wrote local_train_000000.bin: 20 tokens \| \d+ documents, 40 tokens, 20 tok/s, "
+                        r"0:00:03 left", lines[1])

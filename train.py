@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from ddl import GPT, ConfigError, GPTConfig, setting
-from prepare_data import DataError, check_folder, read_shard
+from prepare_data import DataError, check_folder, hms, read_shard
 from rundir import (HERE, all_finite, claim, load_checkpoint, load_model, provenance, release,
                     resume_changes, save_atomic, start_log)
 
@@ -301,11 +301,6 @@ def variant(mcfg):
     if mcfg.d_v == 1:
         return f"{rule}, d_v = 1"
     return f"{rule} {mcfg.compressor.upper()}{' + EC' if mcfg.embed_conv else ''}, d_v = {mcfg.d_v}"
-
-def hms(seconds):
-    """A duration as h:mm:ss."""
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 def train(cfg, mcfg, kept):
     """kept: what a Ctrl-C leaves, filled as the run goes: the log, the checkpoint and its step."""
