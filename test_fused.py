@@ -538,3 +538,35 @@ def test_fused_model_compiles_as_one_graph(fused, monkeypatch, capture_query_as_
     idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(one_graph(idx, idx), ref(idx, idx), rtol=1e-6)
+
+
+# from a mutation audit of install()'s check: each test fails on a one-line bug the rest let through
+
+def test_fused_install_refuses_a_non_finite_disagreement(fused, monkeypatch):
+    body = fused.fused_body
+    monkeypatch.setattr(fused, "fused_body", lambda self, X, cache=None: body(self, X, cache) * float("nan"))
+    model = tiny_model(d_v=4)
+    with pytest.raises(ConfigError, match="fused.py disagrees with ddl.py on this model: loss off by nan"):
+        fused.install(model)
+    assert model.body.__func__ is GPT.body
+
+
+def test_fused_install_refuses_a_rule_that_changes_only_the_gradients_or_agrees_only_at_init(fused,
+                                                                                             monkeypatch):
+    """beta's gradient halved at the same value; and beta + (beta - 1)^2, equal in value and gradient where
+    beta = 1 exactly, as at the init (w_beta = 0, b_beta = 0): only the perturbed copy tells them apart."""
+    real = ddl.delta_update
+    half_grad = lambda b: b.detach() + 0.5 * (b - b.detach())
+    for rule in (lambda X, k, v, beta: real(X, k, v, half_grad(beta)),
+                 lambda X, k, v, beta: real(X, k, v, beta + (beta - 1) ** 2)):
+        monkeypatch.setattr(ddl, "delta_update", rule)
+        with pytest.raises(ConfigError, match="fused.py disagrees with ddl.py on this model"):
+            fused.install(tiny_model(d_v=4))
+
+
+def test_fused_install_clears_the_tiles_tuned_on_its_check(fused):
+    kernels = (fused._step_fwd, fused._step_bwd, fused._weight_bwd)
+    for k in kernels:
+        k.cache[("stale",)] = "a tile tuned elsewhere"  # the interpreter caches nothing by itself
+    fused.install(tiny_model(d_v=4))
+    assert [dict(k.cache) for k in kernels] == [{}, {}, {}]

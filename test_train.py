@@ -1,6 +1,7 @@
 """train.py: the training loop against oracles, checkpoints and resume, torchrun, sampling, and the failures
 a user can hit. CPU, offline; the GPT-2 vocabulary comes from TIKTOKEN_CACHE_DIR in CI (.ci/run)."""
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -1190,3 +1191,133 @@ def test_without_the_vocabulary_offline_a_test_is_skipped_naming_tiktoken_cache_
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/a/cache")  # set, yet failing: a failure
     with pytest.raises(ConnectionError):
         tiktoken.get_encoding("gpt2")
+
+
+# ============================================================================ what the docstrings promise
+# (from a mutation audit of rundir.py, train.main and fused.install: each test fails on a one-line bug that
+# the rest of the suite let through)
+
+def test_claim_removes_its_lock_when_the_pid_is_refused_at_the_flush(tmp_path, monkeypatch):
+    lock = tmp_path / "run" / "lock"
+
+    class FullOnFlush:  # the pid held in a buffer, refused when it reaches the disk
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            try:
+                self.flush()  # as a real file's close does
+            finally:
+                self.f.close()
+
+        def write(self, text):
+            self.pending = text
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "open", FullOnFlush, raising=False)
+    with pytest.raises(ConfigError, match=f"^cannot write {re.escape(str(lock))}: no space left"):
+        rundir.claim(train_cfg(out_dir=str(tmp_path / "run")))
+    assert not lock.exists()
+
+
+def test_a_lock_of_another_users_live_process_is_refused(tmp_path, monkeypatch):
+    def kill(pid, sig):  # 4242 lives under another user (EPERM); 4243 is gone
+        if pid == 4242:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        raise ProcessLookupError(errno.ESRCH, "No such process")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert rundir.pid_alive(4242) is True and rundir.pid_alive(4243) is False
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lock").write_text("4242")
+    with pytest.raises(ConfigError, match=r"is in use by another run \(pid 4242, "):
+        rundir.claim(train_cfg(out_dir=str(out)))
+    assert (out / "lock").read_text() == "4242"
+
+
+def test_start_log_keeps_a_record_seen_twice_once_and_drops_a_last_line_cut_short(tmp_path):
+    recs = [{"type": "config"}, {"type": "train", "step": 1}, {"type": "train", "step": 2},
+            {"type": "val", "step": 2}, {"type": "train", "step": 2}, {"type": "train", "step": 3}]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"type": "train", "st')
+    rundir.start_log(str(path), 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:4]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, PermissionError(errno.EACCES, "Permission denied")])
+def test_a_save_stopped_by_ctrl_c_or_a_forbidden_folder_leaves_no_temporary_file(tmp_path, monkeypatch, stop):
+    path = str(tmp_path / "ckpt.pt")
+    rundir.save_atomic({"step": 1}, path)
+
+    def stopped(obj, f):
+        f.write(b"x" * 100)
+        raise stop
+
+    monkeypatch.setattr(torch, "save", stopped)
+    raises = (pytest.raises(KeyboardInterrupt) if stop is KeyboardInterrupt else
+              pytest.raises(ConfigError, match=f"^cannot write {re.escape(path)}: permission denied: free"))
+    with raises:
+        rundir.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] and torch.load(path)["step"] == 1
+
+
+def test_load_checkpoint_refuses_a_file_that_is_not_a_dict_in_one_line(tmp_path):
+    torch.save(5, tmp_path / "ckpt.pt")
+    with pytest.raises(ConfigError, match="is not a checkpoint of this train.py: it has no model, optimizer"):
+        rundir.load_checkpoint(str(tmp_path / "ckpt.pt"))
+
+
+def test_provenance_without_git_still_hashes_the_sources(tmp_path, monkeypatch):
+    (tmp_path / "train.py").write_text("x = 1\n")
+    listing = f"{hashlib.sha256(b'x = 1' + bytes([10])).hexdigest()}  train.py\n"
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no git on PATH
+    assert rundir.provenance(str(tmp_path)) == dict(
+        source_sha256=hashlib.sha256(listing.encode()).hexdigest(), git_commit=None, git_dirty=None)
+
+
+def test_ctrl_c_before_the_folder_is_claimed_or_after_a_step_0_checkpoint_is_one_line(shards, tmp_path,
+                                                                                       monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    real_load = train.load_data
+    monkeypatch.setattr(train, "load_data", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run_train(shards, tmp_path / "o", "--max_steps=1")
+    assert e.value.code == 130 and capsys.readouterr().err == "train.py: interrupted\n"
+    assert not (tmp_path / "o" / "lock").exists()
+    monkeypatch.setattr(train, "load_data", real_load)
+    run_train(shards, tmp_path / "z", "--max_steps=0")
+    capsys.readouterr()
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit):
+        run_train(shards, tmp_path / "z", "--max_steps=2", "--resume")
+    assert f"kept the step-0 checkpoint {tmp_path / 'z' / 'ckpt.pt'} (--resume" in capsys.readouterr().err
+
+
+def test_a_checkpoint_check_names_the_first_non_finite_step_not_the_current_one(shards, tmp_path,
+                                                                                  monkeypatch):
+    real_step, calls = train.train_step, []
+
+    def poisoned(model, raw, *args):  # nan weights from step 5 on; the step-6 checkpoint's check finds it
+        calls.append(1)
+        if len(calls) == 5:
+            with torch.no_grad():
+                raw.wte.weight[0, 0] = float("nan")
+        return real_step(model, raw, *args)
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(FloatingPointError, match="^the loss or gradient norm is not finite at step 5:"):
+        run_train(shards, tmp_path / "nan", "--max_steps=8", "--ckpt_interval=2", "--log_interval=7",
+                  "--eval_interval=100")
+    log = [json.loads(line) for line in open(tmp_path / "nan" / "log.jsonl")]
+    assert log[-1] == {"type": "diverged", "step": 5}
+    assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)["step"] == 4

@@ -489,8 +489,8 @@ def main(argv):
         model, _ = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), dev)
         sample(model.eval(), cfg, dev, ctx)
     except KeyboardInterrupt:  # one line on what is kept, as prepare_data.py's
-        what = (f"the step-{kept['step']} checkpoint {kept['ckpt']} (--resume continues it)"
-                if kept.get("step") else "no checkpoint yet (--overwrite=true starts afresh)")
+        what = ("no checkpoint yet (--overwrite=true starts afresh)" if kept.get("step") is None
+                else f"the step-{kept['step']} checkpoint {kept['ckpt']} (--resume continues it)")
         print("train.py: interrupted" + (f": kept {what} and its log {kept['log']}" if kept else ""),
               file=sys.stderr)
         sys.exit(130)
