@@ -465,3 +465,21 @@ def test_progress_lines_give_documents_tokens_rate_and_the_time_left(tmp_path, m
                         r"0:00:04 left", lines[0])
     assert re.fullmatch(r"wrote local_train_000000.bin: 20 tokens \| \d+ documents, 40 tokens, 20 tok/s, "
                         r"0:00:03 left", lines[1])
+
+
+def test_on_a_terminal_the_progress_line_is_rewritten_in_place(tmp_path, monkeypatch, capsys):
+    """About once a second (here: every document, on a fake clock of 1 s each) the line is rewritten after
+    a carriage return, without a newline; each finished shard's line ends with one."""
+    write_inputs(tmp_path / "in")
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 1
+        return clock[0]
+
+    monkeypatch.setattr(prepare_data.time, "time", tick)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens=20", "--shard_tokens=20", "--workers=1")
+    err = capsys.readouterr().err
+    assert re.search(r"\r\d+ documents, \d+ tokens, [\d,]+ tok/s\r", err)  # rewritten, no newline between
+    assert re.search(r"\rwrote local_val_000000.bin: 20 tokens \| \d+ documents, 20 tokens, [\d,]+ tok/s\n", err)
