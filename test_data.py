@@ -482,4 +482,5 @@ def test_on_a_terminal_the_progress_line_is_rewritten_in_place(tmp_path, monkeyp
     run_prepare(tmp_path / "in", tmp_path / "out", "--val_tokens=20", "--shard_tokens=20", "--workers=1")
     err = capsys.readouterr().err
     assert re.search(r"\r\d+ documents, \d+ tokens, [\d,]+ tok/s\r", err)  # rewritten, no newline between
-    assert re.search(r"\rwrote local_val_000000.bin: 20 tokens \| \d+ documents, 20 tokens, [\d,]+ tok/s\n", err)
+    shard = r"\rwrote local_val_000000.bin: 20 tokens \| \d+ documents, 20 tokens, [\d,]+ tok/s\n"
+    assert re.search(shard, err)
