@@ -23,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RESIDUALS = ("additive", "delta", "write")
-COMPRESSORS = ("cc", "tc")
 SUBLAYERS = ("attn", "mlp")
 
 class ConfigError(ValueError):
@@ -257,9 +256,11 @@ class EmbedConv(nn.Module):
         x, n_past = with_past(cache, self, x.unsqueeze(-1), self.weight.shape[-1] - 1)
         return causal_token_conv(x, self.weight.to(x.dtype))[:, n_past:]
 
+COMPRESSORS = {"cc": ChannelCompressor, "tc": TokenCompressor}  # GPTConfig.compressor: a new one is an entry
+
 def make_compressor(cfg):
-    """The compression of the state (B, T, d, d_v) to a sublayer's width d (§3.2)."""
-    return ChannelCompressor(cfg) if cfg.compressor == "cc" else TokenCompressor(cfg)
+    """The compression of the state (B, T, d, d_v) to a sublayer's width d (§3.2), by name."""
+    return COMPRESSORS[cfg.compressor](cfg)
 
 # ----------------------------------------------------------------------------- the block
 
@@ -278,8 +279,8 @@ class ResidualBranch(nn.Module):
             # v's projection W_v (d_v x d), initialised like the other matrices, and b_v = 0
             self.W_v = nn.Parameter(torch.randn(cfg.d_v, cfg.n_embd) * (0.5 / math.sqrt(cfg.n_embd)))
             self.b_v = nn.Parameter(torch.zeros(cfg.d_v))
-            # beta = 2 sigmoid(w.c + b) with w = 0 and b = logit(beta_init / 2): every token starts at
-            # exactly beta_init. Departure: the authors' global init perturbs w; we start it at zero.
+            # beta = 2 sigmoid(w.c + b), w = 0, b = logit(beta_init / 2): every token starts at beta_init
+            # (clamped into (0, 2)). Departure: the authors' global init perturbs w; we start it at zero.
             # The gate's shape lives here and in gate(): one beta per token, broadcast over d_v.
             p = min(max(cfg.beta_init / 2, 1e-6), 1 - 1e-6)
             self.w_beta = nn.Parameter(torch.zeros(1, cfg.n_embd))
@@ -313,26 +314,34 @@ class ResidualBranch(nn.Module):
         return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
 
     def update(self, X, k_in, v_in, beta_in):
-        """The residual update of the state X from its named inputs: the baseline adds k_in = F(c);
-        DDL writes along k = k_in / |k_in| (§3.1) the gated difference to v(v_in), gate beta(beta_in)."""
+        """The residual update of the state X from its named inputs (the place to change what feeds the
+        rule): the baseline adds k_in = F(c); DDL writes along k = k_in / sqrt(|k_in|^2 + eps_k^2) (§3.1)
+        the gated difference to v(v_in), gate beta(beta_in)."""
         if self.cfg.residual == "additive":
             return X + k_in
         k, v, beta = unit_direction(k_in, self.cfg.k_eps), self.value(v_in), self.gate(beta_in)
         state = X if self.cfg.d_v > 1 else X.unsqueeze(-1)  # d_v = 1: the same rule on (d, 1)
-        rule = delta_update if self.cfg.residual == "delta" else write_update
-        new_state = rule(state, k, v, beta)
+        new_state = self.rank1_step(state, k_in, k, v, beta)
         if self.record:
             self.stats = dict(beta=beta.detach(), k_tilde_norm=k_in.detach().float().norm(dim=-1),
                               e_pre=readout_error(state, k, v).detach().abs())
-        if self.cfg.check_spectrum:
-            self.check_spectrum(k_in, k, v, beta, state, new_state)
         return new_state if self.cfg.d_v > 1 else new_state.squeeze(-1)
 
+    def rank1_step(self, state, k_tilde, k, v, beta):
+        """One rank-1 step along k (Eq. 2.2, or write-only's X + beta k v^T), checked with check_spectrum
+        against its own premises: a variant with several steps per sublayer calls it once for each."""
+        rule = delta_update if self.cfg.residual == "delta" else write_update
+        new_state = rule(state, k, v, beta)
+        if self.cfg.check_spectrum:
+            self.check_spectrum(k_tilde, k, v, beta, state, new_state)
+        return new_state
+
     def check_spectrum(self, k_tilde, k, v, beta, state, new_state):
-        """Prop. 2.1 and Eq. 2.4 in fp32: 0 < beta < 2; for the delta rule the readout error contracts as
-        k^T X_{l+1} - v^T = (1 - beta |k|^2)(k^T X_l - v^T), an identity for any k, which is Eq. 2.4's
-        e_post = (1 - beta) e_pre where |k| = 1, checked where |k~| >> eps_k (§3.1). Raises
-        AssertionError naming the quantity."""
+        """The premises of one rank-1 step, state -> new_state (rank1_step), in fp32: 0 < beta < 2 (Prop.
+        2.1's range); |k| = 1 where |k~| >> eps_k (§3.1); for the delta rule, the readout error after the
+        step, k^T new_state - v^T = (1 - beta |k|^2)(k^T state - v^T), an identity for any k, which is
+        Eq. 2.4's e_post = (1 - beta) e_pre where |k| = 1. It compares the states on either side of one
+        step: two steps in a row are two checks, never one. Raises AssertionError naming the quantity."""
         def fail(what):
             raise AssertionError(f"check_spectrum: {self.name}: {what}")
         k_sq = k.float().square().sum(dim=-1, keepdim=True)
@@ -363,9 +372,8 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- the GPT
 
 def may_sync():
-    """Whether a check may read a value back to the host: in eager mode only, never inside torch.compile
-    (one graph, no break) nor while a CUDA graph is captured. is_compiling() must come first: torch.compile
-    cannot trace the capture query and would split the graph there, keeping the logits alive."""
+    """Whether a check may read a value back to the host: in eager mode, outside a CUDA graph's capture.
+    is_compiling() comes first: torch.compile cannot trace the capture query (a graph break)."""
     return not torch.compiler.is_compiling() and not (
         torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 

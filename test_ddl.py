@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ddl
-from ddl import GPT, GPTConfig, delta_update, unit_direction
+from ddl import GPT, ConfigError, GPTConfig, delta_update, unit_direction
 
 TINY = dict(vocab_size=97, n_layer=2, n_head=2, head_dim=8, n_embd=16, block_size=32)
 VARIANTS = {
@@ -100,15 +100,25 @@ def o_mlp(m, x):
     return (gate * torch.sigmoid(gate) * up) @ m.c_proj.weight.T
 
 
-def o_compress(kind, comp, X):
-    """CC: x[i] = sum_j mix_ij X[i, j]. TC: x[t, i] = sum_s sum_j channel_mix_j taps_ijs X[t - s, i, j]."""
-    if kind == "cc":
-        return torch.einsum("btij,ij->bti", X, comp.mix)
+def o_cc(comp, X):
+    """CC: x[i] = sum_j mix_ij X[i, j]."""
+    return torch.einsum("btij,ij->bti", X, comp.mix)
+
+
+def o_tc(comp, X):
+    """TC: x[t, i] = sum_s sum_j channel_mix_j taps_ijs X[t - s, i, j]."""
     out = torch.zeros(X.shape[:-1], dtype=X.dtype)
     for t in range(X.shape[1]):
         for s in range(min(t + 1, comp.taps.shape[-1])):
             out[:, t] += (comp.taps[:, :, s] * comp.channel_mix * X[:, t - s]).sum(-1)
     return out
+
+
+O_COMPRESSORS = {"cc": o_cc, "tc": o_tc}  # one oracle per name: a name without one fails here, by name
+
+
+def o_compress(kind, comp, X):
+    return O_COMPRESSORS[kind](comp, X)
 
 
 def o_embed_conv(ec, x):
@@ -448,6 +458,43 @@ def test_forward_errors_and_ignored_targets():
     targets[0, :4] = -1
     targets[1, 2] = -1
     assert m(idx, targets).item() == pytest.approx(o_loss(o_logits(m, idx), targets).item(), rel=1e-6)
+
+
+def test_section_3_2_every_compressor_name_builds_its_own_module_with_its_own_oracle():
+    """Each name GPTConfig accepts is a key of ddl.COMPRESSORS and builds that class, before every sublayer
+    and at the end, and has an oracle here; an unknown name is refused naming the allowed ones."""
+    assert set(O_COMPRESSORS) == set(ddl.COMPRESSORS), "a compressor without its oracle (or the reverse)"
+    for name, cls in ddl.COMPRESSORS.items():
+        m = tiny_model(d_v=4, compressor=name)
+        built = [m.final_compressor] + [getattr(b, s).compressor for b in m.blocks for s in ("attn", "mlp")]
+        assert all(type(c) is cls for c in built), name
+        X = torch.randn(2, 5, 16, 4, generator=torch.Generator().manual_seed(3))
+        check_tensor(f"{name} read", m.final_compressor(X), O_COMPRESSORS[name](m.final_compressor, X),
+                     atol=1e-6)
+    with pytest.raises(ConfigError, match=r"^GPTConfig.compressor='xx' is invalid: allowed: cc, tc$"):
+        GPTConfig(d_v=4, compressor="xx")
+
+
+def test_check_spectrum_checks_each_rank_1_step_of_a_two_step_update(monkeypatch):
+    """A modification with two rank-1 steps per sublayer (two directions) that calls rank1_step for each
+    passes check_spectrum; checking the two steps as one against one step's identity fails, as it should."""
+    def two_steps(self, X, k_in, v_in, beta_in):
+        k, v, beta = unit_direction(k_in, self.cfg.k_eps), self.value(v_in), self.gate(beta_in)
+        k2_in = k_in.roll(1, dims=-1)
+        half = self.rank1_step(X, k_in, k, v, beta)
+        return self.rank1_step(half, k2_in, unit_direction(k2_in, self.cfg.k_eps), v, beta)
+
+    monkeypatch.setattr(ddl.ResidualBranch, "update", two_steps)
+    m = tiny_model(d_v=4, check_spectrum=True)
+    idx = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(4))
+    m(idx)  # each step checked against its own premises: no alarm
+    br, gen = m.blocks[0].attn, torch.Generator().manual_seed(5)
+    X, k_in = torch.randn(2, 6, 16, 4, generator=gen), torch.randn(2, 6, 16, generator=gen)
+    k, k2 = unit_direction(k_in, 1e-5), unit_direction(k_in.roll(1, dims=-1), 1e-5)
+    v, beta = torch.rand(2, 6, 4, generator=gen), 1.5 * torch.ones(2, 6, 1)
+    both = delta_update(delta_update(X, k, v, beta), k2, v, beta)
+    with pytest.raises(AssertionError, match=r"e_post != \(1 - beta \|k\|\^2\) e_pre"):
+        br.check_spectrum(k_in, k, v, beta, X, both)
 
 
 # ============================================================================ init, weight decay, config
