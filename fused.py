@@ -7,9 +7,9 @@ you ask for it:
     python train.py --preset=124m --d_v=4 --fused=true        # or: bench.py ... --fused=true
     import fused; fused.install(model)                        # replaces model.body, nothing else
 
-install() refuses a config field it has not declared (SUPPORTED) and first runs one forward and backward
-of a perturbed fp32 copy of the model through both bodies: if ddl.py's update has changed, it refuses,
-so the fast path never trains a rule that ddl.py does not run.
+install() refuses a config value it has not declared (SUPPORTED; an undeclared field runs at its default
+only) and first runs one forward and backward of a perturbed fp32 copy of the model through both bodies:
+if any quantity differs, it refuses, naming the first, so the fast path never trains what ddl.py does not.
 
 Per token, one kernel takes the state X_l, the sublayer's output k~ and the gates v, beta, and gives
 
@@ -341,8 +341,9 @@ def fused_body(model, X, cache=None):
 # 13.90 to 12.21 GiB and added 1.9 ms of kernel time per step.
 SEGMENT = 4
 
-# Every GPTConfig field with the values the fused path runs (None: any). install() refuses a config field
-# missing here, so that a new option of ddl.py is never trained through kernels that do not know it.
+# GPTConfig's fields with the values the fused path runs (None: any; WHY says why where it can). A field
+# missing here runs only at its default, so that a new option of ddl.py, once used, is never trained through
+# kernels that do not know it, while at its default it costs nothing (install's numerical check still runs).
 SUPPORTED = dict(vocab_size=None, n_layer=None, n_head=None, head_dim=None, n_embd=None, block_size=None,
                  residual=("delta", "write"), d_v=range(2, 1 << 16), compressor=("cc",), embed_conv=None,
                  conv_kernel=None, beta_init=None, k_eps=None, v_scale=None, check_spectrum=(False,))
@@ -351,15 +352,18 @@ WHY = dict(d_v="> 1 (the fused path is for the expanded state)", residual="delta
            check_spectrum="False (it checks ddl.py's own forward)")
 
 def check_config(gpt):
-    """Refuse a config value, or a config field, that the kernels have not been declared to run."""
+    """Refuse a config value that the kernels have not been declared to run: one outside SUPPORTED, or a
+    field missing there at another value than its default."""
     for f in dataclasses.fields(gpt.config):
         value = getattr(gpt.config, f.name)
-        if f.name not in SUPPORTED:
-            raise ConfigError(f"fused: GPTConfig.{f.name} is not declared in fused.SUPPORTED: fused.py "
-                              "does not know whether its kernels run it; declare it there, with a test, "
-                              "or run unfused")
-        if SUPPORTED[f.name] is not None and value not in SUPPORTED[f.name]:
-            raise ConfigError(f"fused: {f.name}={value!r} is not supported: must be {WHY[f.name]}")
+        if f.name not in SUPPORTED and value != f.default:
+            raise ConfigError(f"fused: GPTConfig.{f.name}={value!r} is not declared in fused.SUPPORTED, so "
+                              f"fused.py runs it only at its default {f.default!r}: declare it there, with a "
+                              "test, or run unfused")
+        allowed = SUPPORTED.get(f.name)
+        if allowed is not None and value not in allowed:
+            why = WHY.get(f.name, f"one of {allowed!r} (fused.SUPPORTED)")
+            raise ConfigError(f"fused: {f.name}={value!r} is not supported: must be {why}")
     dtype, device = gpt.wte.weight.dtype, gpt.wte.weight.device
     if dtype not in (torch.float32, torch.bfloat16):
         raise ConfigError(f"fused: dtype={dtype!r} is not supported: must be float32 or bfloat16 "
@@ -399,9 +403,9 @@ def check_against_ddl(gpt, tol=1e-4):
         err = (got - want).abs().max().item() / (want.abs().max().item() + 1e-12)
         if not err <= tol:
             raise ConfigError(f"fused: fused.py disagrees with ddl.py on this model: {name} "
-                              f"{'' if name == 'loss' else 'gradient '}off by {err:.2g} (relative, fp32): "
-                              "ddl.py's update runs a rule the kernels do not; update fused.py or run "
-                              "unfused")
+                              f"{'' if name == 'loss' else 'gradient '}off by {err:.2g} (relative, fp32; the "
+                              "first quantity that differs, the loss first, then parameters in order): "
+                              "make fused.py compute what ddl.py does, or run unfused")
 
 def install(model):
     """Run model's state updates through the fused kernels (replaces model.body, nothing else), after

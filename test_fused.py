@@ -265,14 +265,25 @@ def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
 # -------------------------------------------------------------- the fast path cannot drift from ddl.py
 # Changes a reader of the paper would make in ddl.py: install() must refuse each, never train the old rule.
 
-def test_fused_install_refuses_a_config_field_it_has_not_declared(fused):
+def test_fused_install_runs_an_undeclared_field_at_its_default_only_and_names_a_generic_reason(fused,
+                                                                                              monkeypatch):
+    """A new option off by default leaves today's model, so install() runs it (after its numerical check);
+    any other value is refused by name. A declared field without a WHY entry gets a generic reason."""
     @dataclasses.dataclass
     class WithNewOption(GPTConfig):
         per_channel_gate: bool = False
     model = tiny_model(d_v=4)
     model.config = WithNewOption(**dataclasses.asdict(model.config))
-    with pytest.raises(ConfigError, match=r"GPTConfig.per_channel_gate is not declared in fused.SUPPORTED"):
+    assert fused.install(model).body.__func__ is fused.fused_body
+    model = tiny_model(d_v=4)
+    model.config = WithNewOption(**{**dataclasses.asdict(model.config), "per_channel_gate": True})
+    with pytest.raises(ConfigError, match=r"^fused: GPTConfig.per_channel_gate=True is not declared in "
+                                          r"fused.SUPPORTED, so fused.py runs it only at its default False"):
         fused.install(model)
+    monkeypatch.setitem(fused.SUPPORTED, "conv_kernel", (2, 3))
+    with pytest.raises(ConfigError, match=r"^fused: conv_kernel=4 is not supported: must be one of \(2, 3\) "
+                                          r"\(fused.SUPPORTED\)$"):
+        fused.install(tiny_model(d_v=4))
 
 
 def test_fused_install_refuses_when_k_comes_from_another_input(fused, monkeypatch):
