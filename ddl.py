@@ -412,24 +412,28 @@ class GPT(nn.Module):
         embedding counted once, as the LM head) plus 12 L T d for attention scores."""
         return 6 * self.num_params() + 12 * self.config.n_layer * T * self.config.n_embd
 
-    # Weight decay by a parameter's role, named by the last part of its name: the matrices that map
-    # features (the backbone's, W_v, the compressors' and EC's weights) decay; gains, biases, the gate's
-    # w_beta and TC's channel mix (a 1-D read over d_v, as in the authors' code) do not. A new parameter
-    # must be put in one of the two, so that nothing changes its decay by changing its shape.
-    DECAYED = ("weight", "W_v", "mix", "taps")
-    NOT_DECAYED = ("q_norm_gain", "key_norm_gain", "norm_gain", "final_norm_gain", "b_v", "w_beta", "b_beta",
-                   "channel_mix")
+    # Weight decay by a parameter's role, "Module.name" of the module that declares it: the matrices that
+    # map features (the backbone's, W_v, the compressors' and EC's weights) decay; gains, biases, the gate's
+    # w_beta and TC's channel mix (a 1-D read over d_v, as in the authors' code) do not. A new parameter, or
+    # one of a new module that reuses a name, must be put in one of the two: its shape decides nothing.
+    DECAYED = ("Linear.weight", "Embedding.weight", "ResidualBranch.W_v", "ChannelCompressor.mix",
+               "TokenCompressor.taps", "EmbedConv.weight")
+    NOT_DECAYED = ("CausalSelfAttention.q_norm_gain", "CausalSelfAttention.key_norm_gain",
+                   "ResidualBranch.norm_gain", "GPT.final_norm_gain", "ResidualBranch.b_v",
+                   "ResidualBranch.w_beta", "ResidualBranch.b_beta", "TokenCompressor.channel_mix")
 
     def configure_optimizers(self, lr, weight_decay, betas, device_type):
         """AdamW, fused on CUDA, with weight decay on the DECAYED roles only (see above)."""
-        groups = ([], [])
-        for name, p in self.named_parameters():
-            role = name.rsplit(".", 1)[-1]
-            if role not in self.DECAYED + self.NOT_DECAYED:
-                raise ValueError(f"configure_optimizers: parameter {name} has no weight-decay role: "
-                                 "add its name to GPT.DECAYED or GPT.NOT_DECAYED")
-            if p.requires_grad:
-                groups[role in self.NOT_DECAYED].append(p)
+        groups, seen = ([], []), set()
+        for path, module in self.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                role = f"{type(module).__name__}.{name}"
+                if role not in self.DECAYED + self.NOT_DECAYED:
+                    raise ValueError(f"configure_optimizers: parameter {path}.{name} ({role}) has no "
+                                     "weight-decay role: add it to GPT.DECAYED or GPT.NOT_DECAYED")
+                if p.requires_grad and id(p) not in seen:  # the tied LM head is the embedding's weight
+                    seen.add(id(p))
+                    groups[role in self.NOT_DECAYED].append(p)
         return torch.optim.AdamW([dict(params=groups[0], weight_decay=weight_decay),
                                   dict(params=groups[1], weight_decay=0.0)],
                                  lr=lr, betas=betas, fused=device_type == "cuda")

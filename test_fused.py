@@ -307,7 +307,7 @@ def test_fused_install_refuses_a_changed_update_rule_and_a_per_channel_gate(fuse
     monkeypatch.undo()
     # beta per value channel, (..., d_v): the kernels take one beta per token and say so
     monkeypatch.setattr(ddl.ResidualBranch, "gate",
-                        lambda self, c: 2 * torch.sigmoid(c.float()[..., :4] + self.b_beta))
+                        lambda self, c, *a, **kw: 2 * torch.sigmoid(c.float()[..., :4] + self.b_beta))
     shape = r"fused: beta has shape \(\d+, \d+, 4\), the kernels take \(\d+, \d+\)"
     with pytest.raises(ValueError, match=shape):
         fused.install(tiny_model(d_v=4))
