@@ -72,6 +72,10 @@ class GPTConfig:
         need(self.k_eps > 0, "k_eps", "must be > 0")
         need(self.v_scale >= 0, "v_scale", "must be >= 0 (0 = plain linear v)")
 
+def rms_norm(x, gain):
+    """The backbone's norm layers (§3): RMSNorm over the last dim, a learned gain, eps 1e-5."""
+    return F.rms_norm(x, (x.shape[-1],), gain.to(x.dtype), eps=1e-5)
+
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_table(block_size, head_dim, base=10000.0):
@@ -144,8 +148,8 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.cos[at], self.sin[at]
         # RoPE then QK RMSNorm, the order of the authors' code (the norm commutes with rotation
         # up to its elementwise gain).
-        q = F.rms_norm(apply_rope(q, cos, sin), (self.head_dim,), self.q_norm_gain.to(q.dtype), eps=1e-5)
-        k = F.rms_norm(apply_rope(k, cos, sin), (self.head_dim,), self.key_norm_gain.to(k.dtype), eps=1e-5)
+        q = rms_norm(apply_rope(q, cos, sin), self.q_norm_gain)
+        k = rms_norm(apply_rope(k, cos, sin), self.key_norm_gain)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -191,8 +195,8 @@ def write_update(X, k, v, beta):
     return X + k.unsqueeze(-1) * (beta.to(acc) * v.to(acc)).to(X.dtype).unsqueeze(-2)
 
 def unit_direction(k_tilde, eps):
-    """k = k~ / sqrt(|k~|^2 + eps^2), computed as in §3.1: RMSNorm with eps^2/d, then / sqrt(d),
-    which never squares large activations in low precision."""
+    """k = k~ / sqrt(|k~|^2 + eps^2), the §3.1 normalisation of k (not a norm layer: no gain), computed as
+    RMSNorm with eps^2/d, then / sqrt(d), which never squares large activations in low precision."""
     d = k_tilde.shape[-1]
     return F.rms_norm(k_tilde, (d,), eps=eps * eps / d) * (1.0 / math.sqrt(d))
 
@@ -296,7 +300,7 @@ class ResidualBranch(nn.Module):
 
     def input_norm(self, x_in):
         """c = RMSNorm(x_in), the sublayer's input, which also feeds v and beta."""
-        return F.rms_norm(x_in, (x_in.shape[-1],), self.norm_gain.to(x_in.dtype), eps=1e-5)
+        return rms_norm(x_in, self.norm_gain)
 
     # beta and v are written as fp32 elementwise products summed over d, not as matmuls: they stay
     # in fp32 under autocast, and torch.compile fuses them into the kernel that computes c, where
@@ -463,7 +467,7 @@ class GPT(nn.Module):
                 x = x.to(torch.get_autocast_dtype(x.device.type))
             x = self.embed_conv(x, cache) if cfg.embed_conv else x.unsqueeze(-1).expand(*x.shape, cfg.d_v)
         x = self.body(x, cache)
-        x = F.rms_norm(x, (cfg.n_embd,), self.final_norm_gain.to(x.dtype), eps=1e-5)
+        x = rms_norm(x, self.final_norm_gain)
         if cache is not None:
             x = x[:, -1:]
         logits = self.lm_head(x)

@@ -126,3 +126,17 @@ def test_plot_draws_seeds_that_share_no_eval_step_each_on_its_own(tmp_path, monk
     plot.plot_val_loss(plot.load_runs(str(tmp_path / "runs")), str(tmp_path / "v.png"))
     assert [list(c.args[0]) for c in axes[1].plot.call_args_list] == [[10.0, 30.0], [20.0]]
     assert [c.kwargs["label"] for c in axes[0].plot.call_args_list] == ["DDL d_v=1", None]
+
+
+def test_memorize_unit_k_probe_reads_the_models_own_input_norm(monkeypatch):
+    """The probe's c is the branch's input_norm (a LayerNorm here, as a reader's change would make it): the
+    probe follows, X + unit_direction(F(input_norm(X)))."""
+    import ddl
+    memorize = load_script("memorize")
+    layer_norm = lambda self, x: torch.nn.functional.layer_norm(x, (x.shape[-1],), self.norm_gain)
+    monkeypatch.setattr(ddl.ResidualBranch, "input_norm", layer_norm)
+    branch = tiny_model(residual="additive").blocks[0].mlp
+    X = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    c = torch.nn.functional.layer_norm(X, (16,), branch.norm_gain)
+    want = X + ddl.unit_direction(branch.sublayer(c), branch.cfg.k_eps)
+    assert torch.allclose(memorize.additive_with_unit_k(branch, X), want, atol=1e-6)

@@ -17,7 +17,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ddl  # noqa: E402
@@ -37,7 +36,7 @@ VARIANTS = {  # name: (GPTConfig overrides, ablation)
 
 def additive_with_unit_k(branch, X, cache=None):
     """The additive residual with the sublayer output normalised as DDL normalises k: X + k."""
-    c = F.rms_norm(X, (X.shape[-1],), branch.norm_gain.to(X.dtype), eps=1e-5)
+    c = branch.input_norm(X)  # the model's own norm: a change to it reaches this probe too
     return X + ddl.unit_direction(branch.sublayer(c, cache), branch.cfg.k_eps)
 
 
