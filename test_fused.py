@@ -581,3 +581,17 @@ def test_fused_install_clears_the_tiles_tuned_on_its_check(fused):
         k.cache[("stale",)] = "a tile tuned elsewhere"  # the interpreter caches nothing by itself
     fused.install(tiny_model(d_v=4))
     assert [dict(k.cache) for k in kernels] == [{}, {}, {}]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fused_install_on_any_variant_runs_it_as_ddl_does_or_refuses_it_by_name(fused, name):
+    """The battery's fused part: install() either passes its own comparison with ddl.py (the kernels run
+    this variant) or refuses with one ConfigError naming the setting."""
+    model = tiny_model(**VARIANTS[name])
+    try:
+        fused.install(model)
+    except ConfigError as e:
+        assert re.match(r"fused: (residual|d_v|compressor)=.* is not supported: must be ", str(e)), str(e)
+        assert model.body.__func__ is GPT.body
+    else:
+        assert VARIANTS[name].get("compressor") == "cc" and model.body.__func__ is fused.fused_body

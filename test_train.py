@@ -22,7 +22,7 @@ import prepare_data
 import rundir
 import train
 from ddl import GPT, ConfigError, GPTConfig
-from test_ddl import TINY, tiny_model
+from test_ddl import TINY, VARIANTS, tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1011,12 +1011,11 @@ def test_provenance_hashes_the_source_files_and_names_a_commit_only_where_they_a
 
 # ============================================================================ the compiled path: one graph
 
-@pytest.mark.parametrize("name", ["additive", "delta1", "cc_ec", "tc_ec", "write4"])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_compiles_as_one_graph_training_and_evaluation(name, capture_query_as_on_cuda):
     """torch.compile(fullgraph=True) raises at any graph break: the training forward with targets and its
     backward under bf16 autocast (as on CUDA), and the no-grad evaluation forward, each one graph with the
     eager model's loss and gradients; the eager model still refuses a bad token id (its checks run there)."""
-    from test_ddl import VARIANTS
     model, twin = tiny_model(3, **VARIANTS[name]), tiny_model(3, **VARIANTS[name])
     one_graph = torch.compile(twin, fullgraph=True, backend="eager")
     x, y = (torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
