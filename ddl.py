@@ -11,9 +11,20 @@ The shortcut A = I - beta k k^T has eigenvalue 1 - beta along k and 1 elsewhere 
 identity at beta = 0, projection at beta = 1, reflection at beta = 2.
 
 Reading order: config, RoPE, generation's cache, attention, SwiGLU MLP, the delta update, the
-compressors, the residual branch and block, the GPT (forward, gate audit, cached generation).
-Backbone (paper §3, §4.1): Llama-style, pre-norm RMSNorm, RoPE, QK-norm, SwiGLU, no biases, tied
-embedding and LM head.
+compressors (CC: channel, TC: token; EC: the embedding's convolution), the residual branch and block,
+the GPT (forward, gate audit, cached generation). Backbone (paper §3, §4.1): Llama-style, pre-norm
+RMSNorm, RoPE, QK-norm, SwiGLU, no biases, tied embedding and LM head. The README's "paper in the
+code" table maps each equation to its function and test; "departure" marks where we differ from the
+authors' code (docs/departures.md).
+
+Shapes: B sequences, T tokens, d = n_embd; the state X is (B, T, d) at d_v = 1, (B, T, d, d_v) above;
+the sublayer's input c and output k~, and k, are (B, T, d); v is (B, T, d_v); beta (B, T, 1).
+
+To add a variant: a GPTConfig field (checked in __post_init__); the code it switches (the named inputs
+of ResidualBranch.update for what feeds the rule, rank1_step for the rule, COMPRESSORS for a compressor);
+a weight-decay role for each new parameter (GPT.DECAYED, NOT_DECAYED); the Cache if it mixes tokens
+(with_past); an entry in test_ddl.VARIANTS (the any-variant battery) and a test against an oracle of its
+own. fused.py runs a new field at its default only, until it is declared in fused.SUPPORTED.
 """
 import math
 from dataclasses import dataclass, field, fields
