@@ -116,7 +116,7 @@ def parse_args(argv, kinds=(TrainConfig, GPTConfig), doc=__doc__):
                                   for k, (_, f) in fields.items()))
             sys.exit(0)
         key, eq, text = arg[2:].partition("=")
-        if not eq and fields.get(key, (None, None))[1] is not None and fields[key][1].type is bool:
+        if not eq and key in fields and fields[key][1].type is bool:
             eq, text = "=", "true"  # a bare --flag: true
         if not arg.startswith("--") or not eq:
             raise ConfigError(f"argument {arg!r} is not of the form --key=value (or --flag for a true bool)")
@@ -218,9 +218,9 @@ def check_compile(cfg, mcfg, dev, world):
         raise ConfigError(f"--compile_mode={cfg.compile_mode!r} (CUDA graphs) is untested under torchrun: "
                           "use default or max-autotune-no-cudagraphs")
 
-def build(cfg, mcfg, dev):
+def build(cfg, mcfg, dev, world=1):
     """The seeded model, its compiled form on CUDA (else itself) and its optimizer: train.py's, bench.py's."""
-    check_compile(cfg, mcfg, dev, 1)
+    check_compile(cfg, mcfg, dev, world)
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(dev)
     raw = __import__("fused").install(raw) if cfg.fused else raw  # imported only when asked: it needs Triton
@@ -312,7 +312,6 @@ def train(cfg, mcfg, kept):
     if cfg.val_tokens < T:
         raise ConfigError(f"--val_tokens={cfg.val_tokens}: must be >= block_size={T} (one whole val window)")
     check_folder("--out_dir", cfg.out_dir)  # before the data load and the build
-    check_compile(cfg, mcfg, dev, world)
     accum = cfg.total_batch // (B * world)
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
@@ -323,7 +322,7 @@ def train(cfg, mcfg, kept):
                         f"block_size + 1 = {T + 1}")
     hs = hellaswag.from_setting(cfg.hellaswag)  # read once: a missing file stops the run before it starts
     step = ckpt["step"] if ckpt else 0
-    raw, model, opt = build(cfg, mcfg, dev)  # before the claim: a setting that cannot run writes nothing
+    raw, model, opt = build(cfg, mcfg, dev, world)  # before the claim: a bad setting writes nothing
     stream = TokenStream(train_shards, T, B, cfg.seed, rank, world)
     if ckpt:
         raw.load_state_dict(ckpt["model"])
