@@ -200,8 +200,7 @@ class Meter:
         left = (self.target - self.tokens) / rate if self.target and rate else None
         line = (f"{what}{' | ' if what else ''}{self.documents:,} documents, {self.tokens:,} tokens, "
                 f"{rate:,.0f} tok/s" + (f", {hms(max(left, 0))} left" if left is not None else ""))
-        print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr,
-              flush=True)
+        print(("\r" if self.tty else "") + line, end="\n" if final else "", file=sys.stderr, flush=True)
         self.shown = time.time()
 
 def read_json(path):  # None if there is no such file
