@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ddl import ConfigError, GPTConfig, delta_update, setting, unit_direction
-from train import TrainConfig, build, compiled, cuda_graphs, parse_args, setup, train_step
+from rundir import setup
+from train import TrainConfig, build, compiled, cuda_graphs, parse_args, train_step
 
 VARIANTS = {
     "additive": dict(residual="additive", d_v=1),
@@ -188,14 +189,14 @@ class Variant:
     graph breaks from its build on, and the graphs its own calls compile after the warm-up."""
     def __init__(self, name, cfg, mcfg, dev, ctx, x, y):
         kind = name.removesuffix("+fused")  # fused.py: the expanded state with CC, by name or by --fused
-        self.fused = name in FUSED or (cfg.fused and kind + "+fused" in FUSED)
+        self.fused = name in FUSED or (cfg.fused == "true" and kind + "+fused" in FUSED)
         self.name, before = kind + "+fused" * self.fused, compile_counts()
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
             held = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
-        cfg = replace(cfg, fused=self.fused)
+        cfg = replace(cfg, fused="true" if self.fused else "false")  # the name says the path
         self.raw, model, opt = build(cfg, replace(mcfg, **VARIANTS[kind]), dev)
         graphs = cuda_graphs(cfg, dev)
 
@@ -239,7 +240,7 @@ def bench(cfg, mcfg, bcfg):
     the first variant), timed in rounds that alternate the two; prints one table and returns its rows."""
     _, _, dev, ctx = setup(cfg)
     names = bcfg.bench_variants.split(",")
-    fused = cfg.fused or any(n in FUSED for n in names)
+    fused = cfg.fused == "true" or any(n in FUSED for n in names)
     if fused and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # as fused.install
         raise ConfigError(f"--fused=true: device={dev.type!r} is not supported: fused.py's kernels need cuda "
                           "(or TRITON_INTERPRET=1 on the CPU: for tests, over 100 s a step at the smoke "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ddl import ConfigError, setting
 from prepare_data import DataError
-from rundir import load_model
+from rundir import load_model, parse_settings, setup
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_FILE = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")  # where --fetch puts it
@@ -207,9 +207,8 @@ def evaluate(model, examples, device, ctx, rank=0, world=1, batch_examples=16):
 # ----------------------------------------------------------------------------- the command line
 
 def main(argv):
-    import train  # here, not at the top: train.py imports this module
-    cfg, = train.parse_args(argv, kinds=(EvalConfig,), doc=__doc__)
-    rank, world, dev, ctx = train.setup(cfg)
+    cfg, = parse_settings(argv, (EvalConfig,), __doc__)
+    rank, world, dev, ctx = setup(cfg)
     examples = load(fetch(cfg.file) if cfg.fetch else cfg.file)[:cfg.limit or None]
     model, ckpt = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), dev)
     t0 = time.perf_counter()

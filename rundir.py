@@ -1,24 +1,75 @@
 """
-The run folder (out_dir) that train.py writes, kept whole: one run in it at a time (out_dir/lock), a new
-run never over another run's files unless asked, checkpoints written whole or not at all, the log cut back
-to the checkpoint on resume, and which code made the run (provenance).
+What a run of train.py or hellaswag.py stands on: its settings from the command line (parse_settings), its
+device and process group (setup), a model loaded from a checkpoint (load_model), and the run folder
+(out_dir) that train.py writes, kept whole: one run in it at a time (out_dir/lock), a new run never over
+another run's files unless asked, checkpoints written whole or not at all, the log cut back to the
+checkpoint on resume, and which code made the run (provenance).
 """
 import contextlib
 import dataclasses
+import difflib
 import errno
 import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from ddl import GPT, ConfigError, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CKPT_KEYS = ("model", "optimizer", "step", "config", "model_config", "data", "rng", "world_size")
 SOURCES = ("bench.py", "ddl.py", "fused.py", "hellaswag.py", "prepare_data.py", "rundir.py", "train.py")
+BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+def parse_settings(argv, kinds, doc, presets=None):
+    """Each dataclass of kinds from --key=value overrides typed from its defaults; presets[--preset] first
+    (the dataclass that has `preset` checks its name). -h / --help prints doc and every key."""
+    fields = {f.name: (kind, f) for kind in kinds for f in dataclasses.fields(kind)}
+    given = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(doc + "\n".join(f"  --{k}={f.default!r}".ljust(36) + " " + f.metadata["help"]
+                                  for k, (_, f) in fields.items()))
+            sys.exit(0)
+        key, eq, text = arg[2:].partition("=")
+        if not eq and key in fields and fields[key][1].type is bool:
+            eq, text = "=", "true"  # a bare --flag: true
+        if not arg.startswith("--") or not eq:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value (or --flag for a true bool)")
+        if key not in fields:
+            near = ", ".join("--" + n for n in difflib.get_close_matches(key, list(fields), n=3))
+            raise ConfigError(f"unknown key --{key}" + (f"; did you mean {near}?" if near else ""))
+        kind = fields[key][1].type
+        try:
+            given[key] = BOOLS[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise ConfigError(f"--{key}={text!r}: expected {article} {kind.__name__}") from None
+    values = {**(presets or {}).get(given.get("preset"), {}), **given}
+    for key in [k for k in ("compressor", "embed_conv") if k in given and values.get("d_v", 1) == 1]:
+        raise ConfigError(f"--{key}={given[key]!r}: applies to d_v > 1 only; d_v is 1: set --d_v or drop it")
+    return [kind(**{k: v for k, v in values.items() if fields[k][0] is kind}) for kind in kinds]
+
+def setup(cfg):
+    """Process group (torchrun), device and autocast context."""
+    ddp, env = "RANK" in os.environ, os.environ  # ddp: started by torchrun
+    rank, world, local = (int(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device='cuda': this torch finds no CUDA device (CPU-only build or no GPU)")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    return rank, world, dev, autocast
 
 # a lock holding no pid is refused for this long after it was made: the run that made it may be starting
 # (it writes its pid right after); past this, the lock is a failed start's and is taken over

@@ -667,14 +667,14 @@ def test_124m_preset_runs_the_papers_480_sequences_per_step_on_1_to_16_gpus():
 
 def test_device_cpu_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    rank, world, dev, ctx = train.setup(train_cfg(device="cpu"))
+    rank, world, dev, ctx = rundir.setup(train_cfg(device="cpu"))
     assert (rank, world, dev) == (0, 1, torch.device("cpu")) and isinstance(ctx, nullcontext)
 
 
 def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="--device='cuda': this torch finds no CUDA device"):
-        train.setup(train_cfg(device="cuda"))
+        rundir.setup(train_cfg(device="cuda"))
 
 
 def test_sampling_never_emits_padding_ids(capsys):
@@ -1057,14 +1057,41 @@ def test_compiled_runs_refuse_check_spectrum_and_cuda_graphs_under_torchrun():
 def test_the_first_line_names_the_variant_the_path_the_mode_and_the_dtype(shards, tmp_path, capsys):
     run_train(shards, tmp_path / "h", "--max_steps=1")
     first = capsys.readouterr().out.splitlines()[0]
-    assert re.fullmatch(r"cpu x1 \| DDL TC \+ EC, d_v = 2 \| ddl.py \| eager \| fp32 \| [0-9,]+ params \| "
-                        r"accum 2 \| 64 tokens/step", first)
+    assert re.fullmatch(r"cpu x1 \| DDL TC \+ EC, d_v = 2 \| ddl.py \(--fused=auto: no CUDA\) \| eager \| "
+                        r"fp32 \| [0-9,]+ params \| accum 2 \| 64 tokens/step", first)
     names = {"additive baseline": dict(residual="additive"), "DDL, d_v = 1": dict(),
              "write-only control, d_v = 1": dict(residual="write"),
              "DDL CC, d_v = 4": dict(d_v=4, embed_conv=False),
              "write-only control TC + EC, d_v = 3": dict(residual="write", d_v=3, compressor="tc")}
     assert [train.variant(GPTConfig(**kw)) for kw in names.values()] == list(names)
 
+
+
+def test_fused_auto_takes_fused_py_where_install_accepts_the_model_else_ddl_py_saying_why(monkeypatch):
+    """--fused: auto runs fused.install on CUDA and keeps what it returns; what install refuses runs in ddl.py
+    with install's reason; no CUDA or false: ddl.py without importing fused.py; true: install's error."""
+    calls, fast = [], object()
+
+    def install(model):  # a stand-in for fused.install: refuses d_v = 1 as the real one does
+        calls.append(model)
+        if model.config.d_v == 1:
+            raise ConfigError("fused: d_v=1 is not supported: must be > 1")
+        return fast
+    monkeypatch.setitem(sys.modules, "fused", type(sys)("fused"))
+    monkeypatch.setattr(sys.modules["fused"], "install", install, raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    wide, narrow = tiny_model(d_v=2, compressor="cc"), tiny_model()
+    choose = lambda fused, model, dev: train.choose_path(train_cfg(fused=fused), model, dev)
+    assert choose("auto", wide, cuda) == (fast, "fused.py (--fused=auto)")
+    assert choose("auto", narrow, cuda) == (narrow, "ddl.py (--fused=auto: fused: d_v=1 is not supported: "
+                                                    "must be > 1)")
+    assert choose("true", wide, cuda) == (fast, "fused.py (--fused=true)") and len(calls) == 3
+    assert choose("auto", wide, cpu) == (wide, "ddl.py (--fused=auto: no CUDA)")
+    assert choose("false", wide, cuda) == (wide, "ddl.py (--fused=false)") and len(calls) == 3
+    with pytest.raises(ConfigError, match="^fused: d_v=1 is not supported"):
+        choose("true", narrow, cuda)
+    with pytest.raises(ConfigError, match="^--fused='yes': allowed: auto, true, false$"):
+        train.parse_args(["--fused=yes"])
 
 # ============================================================================ the run folder: disks and locks
 

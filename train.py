@@ -10,7 +10,6 @@ Every setting is a --key=value override of a TrainConfig default or a ddl.GPTCon
 """
 import codecs
 import dataclasses
-import difflib
 import glob
 import json
 import math
@@ -28,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 from ddl import GPT, ConfigError, GPTConfig, setting
 from prepare_data import DataError, check_folder, hms, read_shard
-from rundir import (HERE, all_finite, claim, load_checkpoint, load_model, provenance, release,
-                    resume_changes, save_atomic, start_log)
+from rundir import (HERE, all_finite, claim, load_checkpoint, load_model, parse_settings, provenance, release,
+                    resume_changes, save_atomic, setup, start_log)
 
 SMOKE_TEXT = "smoke/kjv.txt"  # the smoke preset's corpus (smoke/README.md), under HERE
 
@@ -62,7 +61,8 @@ class TrainConfig:
     compile: bool = setting(True, "torch.compile (CUDA only), as one graph: a graph break is an error")
     compile_mode: str = setting("default", "torch.compile's mode: default | reduce-overhead (CUDA graphs) | "
                                            "max-autotune (CUDA graphs) | max-autotune-no-cudagraphs")
-    fused: bool = setting(False, "d_v > 1, CC: the state's rewrite in fused.py's Triton kernels (CUDA)")
+    fused: str = setting("auto", "the state's rewrite in fused.py's Triton kernels: auto (on CUDA where "
+                                 "fused.install accepts the model: d_v > 1, CC) | true (or an error) | false")
     device: str = setting("auto", "auto | cpu | cuda")
     peak_tflops: float = setting(0.0, "bf16 peak per GPU for MFU where the card is not in PEAK_TFLOPS")
     sample_tokens: int = setting(64, "tokens generated at the end of training and in --mode=sample")
@@ -83,6 +83,7 @@ class TrainConfig:
                    ("mode", self.mode in ("train", "sample"), "allowed: train, sample (bench.py benchmarks)"),
                    ("preset", self.preset in ("", *PRESETS), f"allowed: {', '.join(PRESETS)}"),
                    ("device", self.device in ("auto", "cpu", "cuda"), "allowed: auto, cpu, cuda"),
+                   ("fused", self.fused in FUSED_CHOICES, f"allowed: {', '.join(FUSED_CHOICES)}"),
                    ("compile_mode", self.compile_mode in COMPILE_MODES,
                     f"allowed: {', '.join(COMPILE_MODES)}"),
                    ("overwrite", not (self.overwrite and self.resume), "excludes --resume: choose one"),
@@ -100,39 +101,14 @@ PRESETS = {
                   eval_interval=50, val_tokens=4096, log_interval=20, ckpt_interval=200, compile=False,
                   out_dir="out-smoke", data_dir=SMOKE_TEXT),
 }
+FUSED_CHOICES = ("auto", "true", "false")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16, per GPU
-BOOLS = {"true": True, "1": True, "false": False, "0": False}
-
 # ----------------------------------------------------------------------------- settings
 
 def parse_args(argv, kinds=(TrainConfig, GPTConfig), doc=__doc__):
-    """Each dataclass of kinds from --key=value overrides typed from its defaults; the preset's go first."""
-    fields = {f.name: (kind, f) for kind in kinds for f in dataclasses.fields(kind)}
-    given = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(doc + "\n".join(f"  --{k}={f.default!r}".ljust(36) + " " + f.metadata["help"]
-                                  for k, (_, f) in fields.items()))
-            sys.exit(0)
-        key, eq, text = arg[2:].partition("=")
-        if not eq and key in fields and fields[key][1].type is bool:
-            eq, text = "=", "true"  # a bare --flag: true
-        if not arg.startswith("--") or not eq:
-            raise ConfigError(f"argument {arg!r} is not of the form --key=value (or --flag for a true bool)")
-        if key not in fields:
-            near = ", ".join("--" + n for n in difflib.get_close_matches(key, list(fields), n=3))
-            raise ConfigError(f"unknown key --{key}" + (f"; did you mean {near}?" if near else ""))
-        kind = fields[key][1].type
-        try:
-            given[key] = BOOLS[text.lower()] if kind is bool else kind(text)
-        except (KeyError, ValueError):
-            article = "an" if kind.__name__[0] in "aeiou" else "a"
-            raise ConfigError(f"--{key}={text!r}: expected {article} {kind.__name__}") from None
-    values = {**PRESETS.get(given.get("preset"), {}), **given}  # TrainConfig checks the preset's name
-    for key in [k for k in ("compressor", "embed_conv") if k in given and values.get("d_v", 1) == 1]:
-        raise ConfigError(f"--{key}={given[key]!r}: applies to d_v > 1 only; d_v is 1: set --d_v or drop it")
-    return [kind(**{k: v for k, v in values.items() if fields[k][0] is kind}) for kind in kinds]
+    """rundir.parse_settings with train.py's presets: --preset=name sets PRESETS[name] before the flags."""
+    return parse_settings(argv, kinds, doc, PRESETS)
 
 # ----------------------------------------------------------------------------- data
 
@@ -218,12 +194,26 @@ def check_compile(cfg, mcfg, dev, world):
         raise ConfigError(f"--compile_mode={cfg.compile_mode!r} (CUDA graphs) is untested under torchrun: "
                           "use default or max-autotune-no-cudagraphs")
 
+def choose_path(cfg, raw, dev):
+    """--fused: the model with its state updates through fused.py's kernels or ddl.py's, and a line saying
+    which and why. auto takes fused.py on CUDA wherever fused.install accepts the model (its config check
+    and its numerical check against ddl.py); what install refuses, auto runs in ddl.py, saying why."""
+    if cfg.fused == "false" or (cfg.fused == "auto" and dev.type != "cuda"):
+        return raw, f"ddl.py (--fused={cfg.fused}{': no CUDA' if cfg.fused == 'auto' else ''})"
+    import fused  # only here: it needs Triton
+    try:
+        return fused.install(raw), f"fused.py (--fused={cfg.fused})"
+    except ConfigError as e:
+        if cfg.fused == "true":
+            raise
+        return raw, f"ddl.py (--fused=auto: {e})"
+
 def build(cfg, mcfg, dev, world=1):
     """The seeded model, its compiled form on CUDA (else itself) and its optimizer: train.py's, bench.py's."""
     check_compile(cfg, mcfg, dev, world)
     torch.manual_seed(cfg.seed)
-    raw = GPT(mcfg).to(dev)
-    raw = __import__("fused").install(raw) if cfg.fused else raw  # imported only when asked: it needs Triton
+    raw, path = choose_path(cfg, GPT(mcfg).to(dev), dev)
+    raw.path = path  # the run's header and log name it
     model = compile_model(raw, cfg.compile_mode) if compiled(cfg, dev) else raw
     if cuda_graphs(cfg, dev):
         # a graph's outputs, the backward's gradients too, live in its memory, which the next replay reuses;
@@ -277,21 +267,6 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
         dist.all_reduce(total)
         dist.all_reduce(count)
     return (total / count).item(), gates
-
-def setup(cfg):
-    """Process group (torchrun), device and autocast context."""
-    ddp, env = "RANK" in os.environ, os.environ  # ddp: started by torchrun
-    rank, world, local = (int(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device='cuda': this torch finds no CUDA device (CPU-only build or no GPU)")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, dev, torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
 def variant(mcfg):
     """The paper's name of the model's variant, for the run's first line."""
@@ -349,15 +324,14 @@ def train(cfg, mcfg, kept):
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    path = "fused.py" if cfg.fused else "ddl.py"
     mode = (f"compiled ({cfg.compile_mode}{', CUDA graphs' if cuda_graphs(cfg, dev) else ''})"
             if compiled(cfg, dev) else "eager")
     dtype = "bf16 autocast" if dev.type == "cuda" else "fp32"
     log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
              device=name, world_size=world, threads=torch.get_num_threads(), torch=torch.__version__,
              **provenance(), grad_accum=accum, params=raw.num_params(), resumed_from=step if ckpt else None,
-             changed=changed, variant=variant(mcfg), path=path, mode=mode, dtype=dtype),
-        f"{name} x{world} | {variant(mcfg)} | {path} | {mode} | {dtype} | {raw.num_params():,} params | "
+             changed=changed, variant=variant(mcfg), path=raw.path, mode=mode, dtype=dtype),
+        f"{name} x{world} | {variant(mcfg)} | {raw.path} | {mode} | {dtype} | {raw.num_params():,} params | "
         f"accum {accum} | {cfg.total_batch * T:,} tokens/step"
         + (f" | resumed at step {step}, changed: {changed or 'nothing'}" if ckpt else ""))
     if master and dev.type == "cpu":  # torch takes a thread per core: slow where other work runs too
