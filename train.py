@@ -419,7 +419,8 @@ def train(cfg, mcfg, kept):
                                                        f"steps ({hms(train_time)})" if timed else ""))
     if dev.type == "cuda" and master:
         print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB allocated, "
-              f"{torch.cuda.max_memory_reserved(dev) / 2**30:.2f} GiB reserved (CUDA graphs' pools included)")
+              f"{torch.cuda.max_memory_reserved(dev) / 2**30:.2f} GiB reserved"
+              + (" (CUDA graphs' pools included)" if cuda_graphs(cfg, dev) else ""))
     if master and cfg.sample_tokens:
         print("sample: ", end="")
         sample(raw, cfg, dev, ctx)
