@@ -57,7 +57,9 @@ class GPTConfig:
     compressor: str = setting("cc", "d_v > 1: cc (channel mixing) | tc (token convolution), §3.2")
     embed_conv: bool = setting(True, "d_v > 1: EC, a causal token convolution expanding the embedding")
     conv_kernel: int = setting(4, "taps of the EC and TC causal convolutions")
-    beta_init: float = setting(1.0, "beta at initialisation, in [0, 2]")
+    beta_bound: float = setting(2.0, "beta = beta_bound * sigmoid(.), in (0, 2]: 2 (the paper) reaches "
+                                     "reflection; 1 keeps the eigenvalue 1 - beta in [0, 1]")
+    beta_init: float = setting(1.0, "beta at initialisation, in [0, beta_bound]")
     k_eps: float = setting(1e-5, "epsilon_k of k = k~ / sqrt(|k~|^2 + eps^2) (§3.1)")
     v_scale: float = setting(4.0, "v = v_scale * sigmoid(W_v c + b_v); 0: plain linear v = W_v c + b_v")
     check_spectrum: bool = setting(False, "assert Prop. 2.1 / Eq. 2.4 numerically in every forward (slow)")
@@ -79,7 +81,10 @@ class GPTConfig:
         need(self.compressor in COMPRESSORS, "compressor", f"allowed: {', '.join(COMPRESSORS)}")
         need(self.residual != "additive" or self.d_v == 1, "d_v",
              "the additive baseline has a vector state: use d_v=1, or residual='delta'/'write'")
-        need(0.0 <= self.beta_init <= 2.0, "beta_init", "must lie in [0, 2]")
+        need(0.0 < self.beta_bound <= 2.0, "beta_bound", "must lie in (0, 2]: above 2, 1 - beta < -1 "
+             "would amplify the state along k")
+        need(0.0 <= self.beta_init <= self.beta_bound, "beta_init",
+             f"must lie in [0, beta_bound={self.beta_bound!r}]")
         need(self.k_eps > 0, "k_eps", "must be > 0")
         need(self.v_scale >= 0, "v_scale", "must be >= 0 (0 = plain linear v)")
 
@@ -294,10 +299,11 @@ class ResidualBranch(nn.Module):
             # v's projection W_v (d_v x d), initialised like the other matrices, and b_v = 0
             self.W_v = nn.Parameter(torch.randn(cfg.d_v, cfg.n_embd) * (0.5 / math.sqrt(cfg.n_embd)))
             self.b_v = nn.Parameter(torch.zeros(cfg.d_v))
-            # beta = 2 sigmoid(w.c + b), w = 0, b = logit(beta_init / 2): every token starts at beta_init
-            # (clamped into (0, 2)). Departure: the authors' global init perturbs w; we start it at zero.
-            # The gate's shape lives here and in gate(): one beta per token, broadcast over d_v.
-            p = min(max(cfg.beta_init / 2, 1e-6), 1 - 1e-6)
+            # beta = beta_bound sigmoid(w.c + b), w = 0, b = logit(beta_init / beta_bound): every token
+            # starts at beta_init, or within 1e-6 * beta_bound of it at the range's ends 0 and beta_bound,
+            # which sigmoid never reaches. Departure: the authors' global init perturbs w; we start it at
+            # zero. The gate's shape lives here and in gate(): one beta per token, broadcast over d_v.
+            p = min(max(cfg.beta_init / cfg.beta_bound, 1e-6), 1 - 1e-6)
             self.w_beta = nn.Parameter(torch.zeros(1, cfg.n_embd))
             self.b_beta = nn.Parameter(torch.full((1,), math.log(p / (1 - p))))
         self.record = False  # set by GPT.record_gates(): keep this forward's gate statistics in .stats
@@ -317,8 +323,10 @@ class ResidualBranch(nn.Module):
     # in fp32 under autocast, and torch.compile fuses them into the kernel that computes c, where
     # (d -> 1) and (d -> d_v) matrix products would each be a separate, nearly empty GEMM launch.
     def gate(self, beta_in):
-        """beta = 2 sigmoid(w_beta . c + b_beta) in (0, 2), (..., 1) in fp32 (§2.2)."""
-        return 2 * torch.sigmoid(torch.sum(beta_in.float().unsqueeze(-2) * self.w_beta, dim=-1) + self.b_beta)
+        """beta = beta_bound sigmoid(w_beta . c + b_beta) in (0, beta_bound), (..., 1) in fp32 (§2.2: the
+        paper's beta_bound is 2; 1 is the ablation without reflection, where A's eigenvalue 1 - beta >= 0)."""
+        logit = torch.sum(beta_in.float().unsqueeze(-2) * self.w_beta, dim=-1) + self.b_beta
+        return self.cfg.beta_bound * torch.sigmoid(logit)
 
     def value(self, v_in):
         """v in R^{d_v}, in fp32. The paper's text writes v = W_v c; the authors' code (and ours by
@@ -352,19 +360,21 @@ class ResidualBranch(nn.Module):
         return new_state
 
     def check_spectrum(self, k_tilde, k, v, beta, state, new_state):
-        """The premises of one rank-1 step, state -> new_state (rank1_step), in fp32: 0 < beta < 2 (Prop.
-        2.1's range); |k| = 1 where |k~| >> eps_k (§3.1); for the delta rule, the readout error after the
-        step, k^T new_state - v^T = (1 - beta |k|^2)(k^T state - v^T), an identity for any k, which is
-        Eq. 2.4's e_post = (1 - beta) e_pre where |k| = 1. It compares the states on either side of one
-        step: two steps in a row are two checks, never one. Raises AssertionError naming the quantity."""
+        """The premises of one rank-1 step, state -> new_state (rank1_step), in fp32: 0 < beta < beta_bound
+        (<= 2, Prop. 2.1's range); |k| = 1 where |k~| >> eps_k (§3.1); for the delta rule, the readout error
+        after the step, k^T new_state - v^T = (1 - beta |k|^2)(k^T state - v^T), an identity for any k,
+        which is Eq. 2.4's e_post = (1 - beta) e_pre where |k| = 1. It compares the states on either side
+        of one step: two steps in a row are two checks, never one. Raises AssertionError naming the
+        quantity."""
         def fail(what):
             raise AssertionError(f"check_spectrum: {self.name}: {what}")
         k_sq = k.float().square().sum(dim=-1, keepdim=True)
         unit = k_tilde.float().norm(dim=-1, keepdim=True) > 100 * self.cfg.k_eps
         if bool((((k_sq.sqrt() - 1).abs() > 1e-2) & unit).any()):
             fail("|k| != 1 where |k~| >> eps_k (§3.1)")
-        if not bool(((beta > 0) & (beta < 2)).all()):
-            fail(f"beta outside (0, 2): min {beta.min().item():.4g}, max {beta.max().item():.4g}")
+        if not bool(((beta > 0) & (beta < self.cfg.beta_bound)).all()):
+            fail(f"beta outside (0, {self.cfg.beta_bound:g}): min {beta.min().item():.4g}, "
+                 f"max {beta.max().item():.4g}")
         if self.cfg.residual == "delta":
             e_pre = readout_error(state.float(), k.float(), v)
             e_post = readout_error(new_state.float(), k.float(), v)

@@ -346,7 +346,8 @@ SEGMENT = 4
 # kernels that do not know it, while at its default it costs nothing (install's numerical check still runs).
 SUPPORTED = dict(vocab_size=None, n_layer=None, n_head=None, head_dim=None, n_embd=None, block_size=None,
                  residual=("delta", "write"), d_v=range(2, 1 << 16), compressor=("cc",), embed_conv=None,
-                 conv_kernel=None, beta_init=None, k_eps=None, v_scale=None, check_spectrum=(False,))
+                 conv_kernel=None, beta_bound=None, beta_init=None, k_eps=None, v_scale=None,
+                 check_spectrum=(False,))  # beta_bound: the kernels take beta as made by ddl.py's gate()
 WHY = dict(d_v="> 1 (the fused path is for the expanded state)", residual="delta or write",
            compressor="cc (TC's read spans tokens; it runs in ddl.py)",
            check_spectrum="False (it checks ddl.py's own forward)")

@@ -26,6 +26,7 @@ VARIANTS = {
     "tc": dict(residual="delta", d_v=4, compressor="tc", embed_conv=False),
     "write1": dict(residual="write", d_v=1),
     "write4": dict(residual="write", d_v=4, compressor="cc", embed_conv=True),
+    "cc_ec_no_reflection": dict(residual="delta", d_v=4, compressor="cc", embed_conv=True, beta_bound=1.0),
 }
 F64 = torch.float64
 
@@ -144,7 +145,7 @@ def o_branch(br, X):
     k = f / torch.sqrt((f * f).sum(-1, keepdim=True) + cfg.k_eps ** 2)
     z = c @ br.W_v.T + br.b_v
     v = z if cfg.v_scale == 0 else cfg.v_scale * torch.sigmoid(z)
-    beta = 2 * torch.sigmoid(c @ br.w_beta[0] + br.b_beta[0])          # one gate per token, (B, T)
+    beta = cfg.beta_bound * torch.sigmoid(c @ br.w_beta[0] + br.b_beta[0])  # one gate per token, (B, T)
     S = X.reshape(*X.shape[:3], cfg.d_v)                                 # (B, T, d, d_v)
     kX = torch.einsum("bti,btij->btj", k, S)                             # k^T X, (B, T, d_v)
     bk = beta[..., None, None] * k[..., :, None]
@@ -269,16 +270,17 @@ def test_eq_2_2_write_control_has_no_erase_term_and_readout_error_sign():
     )
 
 
-def test_eq_2_2_value_and_gate_projections():
-    """v = v_scale sigmoid(W_v c + b_v) (v_scale = 0: W_v c + b_v); beta = 2 sigmoid(w.c + b), one per
-    token."""
+@pytest.mark.parametrize("beta_bound", [2.0, 1.0, 1.5])
+def test_eq_2_2_value_and_gate_projections(beta_bound):
+    """v = v_scale sigmoid(W_v c + b_v) (v_scale = 0: W_v c + b_v); beta = beta_bound sigmoid(w.c + b), one
+    per token (the paper: beta_bound = 2; 1: no reflection)."""
     gen = torch.Generator().manual_seed(6)
     c = torch.randn(2, 5, 16, dtype=F64, generator=gen)
     for v_scale in (2.5, 0.0):
-        br = scrambled(residual="delta", d_v=4, v_scale=v_scale).blocks[1].mlp
+        br = scrambled(residual="delta", d_v=4, v_scale=v_scale, beta_bound=beta_bound).blocks[1].mlp
         z = c @ br.W_v.T + br.b_v
         check_tensor("v", br.value(c), 2.5 * torch.sigmoid(z) if v_scale else z, atol=1e-6)
-        want = 2 * torch.sigmoid(c @ br.w_beta[0] + br.b_beta[0])
+        want = beta_bound / (1 + torch.exp(-(c @ br.w_beta[0] + br.b_beta[0])))
         check_tensor("beta", br.gate(c), want[..., None], atol=1e-6)
 
 
@@ -542,9 +544,9 @@ def test_every_parameter_of_every_variant_has_a_weight_decay_role_and_one_group(
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in m.parameters())
 
 
-@pytest.mark.parametrize("beta_init", [0.5, 1.0, 1.7])
-def test_special_initialisations_survive_the_global_init(beta_init):
-    m = tiny_model(residual="delta", d_v=4, compressor="tc", beta_init=beta_init)
+@pytest.mark.parametrize("beta_init,beta_bound", [(0.5, 2.0), (1.0, 2.0), (1.7, 2.0), (0.3, 1.0), (0.9, 1.0)])
+def test_special_initialisations_survive_the_global_init(beta_init, beta_bound):
+    m = tiny_model(residual="delta", d_v=4, compressor="tc", beta_init=beta_init, beta_bound=beta_bound)
     m.record_gates()
     m(torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)))
     for row in m.gate_stats():
@@ -606,6 +608,9 @@ def test_weight_decay_by_role_and_a_new_parameter_must_declare_one():
         (dict(block_size=0), "block_size"),
         (dict(n_head=4, head_dim=3, n_embd=12), "head_dim"),
         (dict(beta_init=-0.1), "beta_init"),
+        (dict(beta_bound=2.5), "beta_bound"),
+        (dict(beta_bound=0.0), "beta_bound"),
+        (dict(beta_bound=1.0, beta_init=1.5), "beta_init"),
     ],
 )
 def test_config_errors_name_the_field(kw, field):
@@ -618,6 +623,7 @@ def test_config_accepts_the_edges_of_its_ranges_and_ints_for_floats():
     for kw in (
         dict(beta_init=0.0),
         dict(beta_init=2),
+        dict(beta_bound=1, beta_init=1),
         dict(v_scale=0),
         dict(d_v=1, conv_kernel=1, n_layer=1),
     ):
@@ -708,6 +714,20 @@ def test_check_spectrum_catches_a_five_percent_error_in_k(monkeypatch, factor):
     monkeypatch.setattr(ddl, "unit_direction", lambda kt, eps: factor * real(kt, eps))
     with pytest.raises(AssertionError, match=r"layer 0 attn: \|k\| != 1"):
         m(idx)
+
+
+@pytest.mark.parametrize("beta_bound", [1.0, 2.0])
+def test_check_spectrum_bounds_beta_by_beta_bound(monkeypatch, beta_bound):
+    """Prop. 2.1's range as configured: a gate of 1.5 is within (0, 2) and outside (0, 1)."""
+    m = tiny_model(check_spectrum=True, residual="delta", d_v=4, beta_bound=beta_bound)
+    idx = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(20))
+    m(idx)  # passes as it is
+    monkeypatch.setattr(m.blocks[0].mlp, "gate", lambda c, *a, **kw: torch.full((*c.shape[:-1], 1), 1.5))
+    if beta_bound == 2.0:
+        m(idx)
+    else:
+        with pytest.raises(AssertionError, match=r"layer 0 mlp: beta outside \(0, 1\): min 1.5"):
+            m(idx)
 
 
 def test_check_spectrum_catches_a_gate_below_zero_and_a_contraction_off_by_ten_percent(monkeypatch):

@@ -221,7 +221,7 @@ def check_fused_model(ref, fast, B, T):
         assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
 
 
-@pytest.mark.parametrize("name", ["cc_ec", "write4"])  # CC without EC: FUSED_SHAPES["dv2"]
+@pytest.mark.parametrize("name", ["cc_ec", "write4", "cc_ec_no_reflection"])  # CC w/o EC: FUSED_SHAPES["dv2"]
 def test_fused_model_equals_ddl_forward_and_gradients(fused, name, monkeypatch):
     """The whole model through the fused body (one step per sublayer boundary, the next compressor read
     and norm in the kernel): loss and every parameter's gradient equal to ddl.py's forward, in fp32."""

@@ -1062,7 +1062,8 @@ def test_the_first_line_names_the_variant_the_path_the_mode_and_the_dtype(shards
     names = {"additive baseline": dict(residual="additive"), "DDL, d_v = 1": dict(),
              "write-only control, d_v = 1": dict(residual="write"),
              "DDL CC, d_v = 4": dict(d_v=4, embed_conv=False),
-             "write-only control TC + EC, d_v = 3": dict(residual="write", d_v=3, compressor="tc")}
+             "write-only control TC + EC, d_v = 3": dict(residual="write", d_v=3, compressor="tc"),
+             "DDL, d_v = 1, beta < 1": dict(beta_bound=1.0, beta_init=0.5)}
     assert [train.variant(GPTConfig(**kw)) for kw in names.values()] == list(names)
 
 

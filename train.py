@@ -273,9 +273,10 @@ def variant(mcfg):
     if mcfg.residual == "additive":
         return "additive baseline"
     rule = "DDL" if mcfg.residual == "delta" else "write-only control"
+    bound = "" if mcfg.beta_bound == 2 else f", beta < {mcfg.beta_bound:g}"  # the ablation without reflection
     if mcfg.d_v == 1:
-        return f"{rule}, d_v = 1"
-    return f"{rule} {mcfg.compressor.upper()}{' + EC' if mcfg.embed_conv else ''}, d_v = {mcfg.d_v}"
+        return f"{rule}, d_v = 1{bound}"
+    return f"{rule} {mcfg.compressor.upper()}{' + EC' if mcfg.embed_conv else ''}, d_v = {mcfg.d_v}{bound}"
 
 def train(cfg, mcfg, kept):
     """kept: what a Ctrl-C leaves, filled as the run goes: the log, the checkpoint and its step."""
