@@ -88,6 +88,10 @@ class GPTConfig:
         need(self.k_eps > 0, "k_eps", "must be > 0")
         need(self.v_scale >= 0, "v_scale", "must be >= 0 (0 = plain linear v)")
 
+def mean_cosine(a, b):
+    """The mean over tokens of the cosine of a's and b's vectors (last dim): the gate audit's k probes."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+
 def rms_norm(x, gain):
     """The backbone's norm layers (§3): RMSNorm over the last dim, a learned gain, eps 1e-5."""
     return F.rms_norm(x, (x.shape[-1],), gain.to(x.dtype), eps=1e-5)
@@ -347,7 +351,8 @@ class ResidualBranch(nn.Module):
         new_state = self.rank1_step(state, k_in, k, v, beta)
         if self.record:
             self.stats = dict(beta=beta.detach(), k_tilde_norm=k_in.detach().float().norm(dim=-1),
-                              e_pre=readout_error(state, k, v).detach().abs())
+                              e_pre=readout_error(state, k, v).detach().abs(),
+                              k=k[:1].detach().float())  # the first sequence's k: how stable k is
         return new_state if self.cfg.d_v > 1 else new_state.squeeze(-1)
 
     def rank1_step(self, state, k_tilde, k, v, beta):
@@ -511,11 +516,17 @@ class GPT(nn.Module):
             if isinstance(m, ResidualBranch):
                 m.record, m.stats = on, None
 
+    def recorded_k(self):
+        """Each residual branch's k on the first sequence of the last recorded forward, in block order."""
+        return [getattr(block, name).stats["k"] for block in self.blocks for name in SUBLAYERS]
+
     @torch.no_grad()
-    def gate_stats(self, bins=10):
+    def gate_stats(self, bins=10, k_before=None):
         """The gate audit (§5): per layer and sublayer, statistics of beta, |k~| and
-        |e_pre| = |k^T X - v^T| from the last forward run after `record_gates()`, and a
-        histogram of beta over [0, 2]."""
+        |e_pre| = |k^T X - v^T| from the last forward run after `record_gates()`, a histogram of beta
+        over [0, 2], and two means over the first sequence's tokens of the cosine of two k: the
+        block's attention k against its MLP k (k_cos_attn_mlp), and each k against the same token's k
+        in k_before, an earlier recorded_k() of the same sequence (k_cos_before; None without it)."""
         if self.config.residual == "additive":
             raise ValueError("gate_stats: the additive baseline has no gate (residual='additive')")
         out = []
@@ -525,7 +536,9 @@ class GPT(nn.Module):
                 if s is None:
                     raise RuntimeError("gate_stats: call model.record_gates() and run a forward first")
                 row = dict(layer=i, sublayer=name,
-                           beta_hist=torch.histc(s["beta"].float(), bins=bins, min=0, max=2).long().tolist())
+                           beta_hist=torch.histc(s["beta"].float(), bins=bins, min=0, max=2).long().tolist(),
+                           k_cos_attn_mlp=mean_cosine(block.attn.stats["k"], block.mlp.stats["k"]),
+                           k_cos_before=None if k_before is None else mean_cosine(s["k"], k_before[len(out)]))
                 for key in ("beta", "k_tilde_norm", "e_pre"):
                     t = s[key].float()
                     row.update({f"{key}_min": t.min().item(), f"{key}_mean": t.mean().item(),
@@ -534,13 +547,14 @@ class GPT(nn.Module):
         return out
 
     @torch.no_grad()
-    def gate_audit(self, idx):
-        """gate_stats() of one forward of idx, recorded for that forward only."""
+    def gate_audit(self, idx, k_before=None):
+        """gate_stats(k_before=k_before) of one forward of idx, recorded for that forward only, and its
+        recorded_k() (the next audit's k_before)."""
         self.record_gates()
         self(idx)
-        stats = self.gate_stats()
+        stats, k = self.gate_stats(k_before=k_before), self.recorded_k()
         self.record_gates(False)
-        return stats
+        return stats, k
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):

@@ -136,7 +136,7 @@ def o_embed_conv(ec, x):
 
 
 def o_branch(br, X):
-    """One residual branch from its formulas; returns the new state and (beta, |k~|, |k^T X - v|)."""
+    """One residual branch from its formulas; returns the new state and (beta, |k~|, |k^T X - v|, k)."""
     cfg = br.cfg
     c = o_rms(X if cfg.d_v == 1 else o_compress(cfg.compressor, br.compressor, X), br.norm_gain)
     f = o_attn(br.sublayer, c) if br.name.endswith("attn") else o_mlp(br.sublayer, c)
@@ -153,7 +153,7 @@ def o_branch(br, X):
         new = S + bk * (v - kX)[..., None, :]                            # X + beta k (v^T - k^T X)
     else:
         new = S + bk * v[..., None, :]                                   # X + beta k v^T
-    return new.reshape(X.shape), (beta, f.norm(dim=-1), (kX - v).abs())
+    return new.reshape(X.shape), (beta, f.norm(dim=-1), (kX - v).abs(), k)
 
 
 def o_logits(m, idx):
@@ -651,19 +651,34 @@ def test_gate_stats_costs_nothing_when_off_and_reports_when_on():
 
 def test_gate_stats_equal_a_hand_computation():
     """beta min/mean/max and its 10-bin histogram over [0, 2], |k~| and |e_pre| = |k^T X - v|,
-    per layer and sublayer, from the inputs each branch saw."""
+    per layer and sublayer, from the inputs each branch saw; the mean cosine, over the first sequence's
+    tokens, of the block's attention and MLP k, and of each k and the same token's k of an earlier audit."""
     m = scrambled(residual="delta", d_v=4, compressor="tc", block_size=12)
     inputs = {}
     for blk in m.blocks:
         for br in (blk.attn, blk.mlp):
             br.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod.name, args[0]))
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(15))
     m.record_gates()
-    m(torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(15)))
-    rows = m.gate_stats()
+    m(idx)
+    branches = [br for blk in m.blocks for br in (blk.attn, blk.mlp)]
+    k_before = {br.name: o_branch(br, inputs[br.name])[1][3][0] for br in branches}
+    k_earlier = m.recorded_k()
+    with torch.no_grad():  # training moves every k a little
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=F64))
+    m(idx)
+    rows = m.gate_stats(k_before=k_earlier)
     assert len(rows) == 4
+    cos = lambda a, b: ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean().item()
     for row in rows:
         br = getattr(m.blocks[row["layer"]], row["sublayer"])
-        beta, k_tilde_norm, e_pre = o_branch(br, inputs[br.name])[1]
+        beta, k_tilde_norm, e_pre, k = o_branch(br, inputs[br.name])[1]
+        assert row["k_cos_before"] == pytest.approx(cos(k[0], k_before[br.name]), abs=1e-6)  # k kept in fp32
+        assert row["k_cos_before"] < 0.999  # k moved: the cosine is not 1 by construction
+        blk = m.blocks[row["layer"]]
+        k_attn, k_mlp = (o_branch(b, inputs[b.name])[1][3][0] for b in (blk.attn, blk.mlp))
+        assert row["k_cos_attn_mlp"] == pytest.approx(cos(k_attn, k_mlp), abs=1e-6)
         assert beta.max() - beta.min() > 0.5  # a spread of gates, so the histogram is not one bin
         hist = torch.bincount((beta / 0.2).floor().long().clamp(max=9).flatten(), minlength=10)
         assert row["beta_hist"] == hist.tolist()

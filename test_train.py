@@ -51,6 +51,9 @@ def test_training_writes_checkpoint_and_log(shards, tmp_path):
     assert [r["step"] for r in log if r["type"] == "val"] == [0, 4, 5]
     gates = [r for r in log if r["type"] == "gates"][-1]["gates"]
     assert len(gates) == 4 and {"beta_mean", "beta_hist", "k_tilde_norm_mean", "e_pre_mean"} <= set(gates[0])
+    # k's stability: against the previous eval's k from the second eval on (the first has none)
+    before = [[row["k_cos_before"] for row in r["gates"]] for r in log if r["type"] == "gates"]
+    assert before[0] == [None] * 4 and all(-1 <= c < 1 for c in before[1] + before[2])
     ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 5 and ckpt["model_config"]["compressor"] == "tc"
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
@@ -343,14 +346,14 @@ def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
     T = m.config.block_size
     val = np.random.default_rng(3).integers(0, 97, 8 * T).astype(np.uint16)
     cfg = train_cfg(val_tokens=5 * T + 3, batch_size=2)  # 5 whole windows, not 6 (the shard holds 7)
-    got, gates = train.evaluate(m, m, val, cfg, nullcontext(), torch.device("cpu"), 0, 1)
+    got, gates, _ = train.evaluate(m, m, val, cfg, nullcontext(), torch.device("cpu"), 0, 1)
     windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(5)]
     with torch.no_grad():
         want = sum(m(w[:, :-1], w[:, 1:]).item() for w in windows) / 5
     assert got == pytest.approx(want, rel=1e-6)
     assert len(gates) == 4
     # a budget beyond the shard: every whole window, 7 of the 8 T tokens (the 8th lacks its last target)
-    got, _ = train.evaluate(m, m, val, train_cfg(val_tokens=100 * T, batch_size=4), nullcontext(),
+    got, _, _ = train.evaluate(m, m, val, train_cfg(val_tokens=100 * T, batch_size=4), nullcontext(),
                             torch.device("cpu"), 0, 1)
     windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(7)]
     with torch.no_grad():

@@ -246,8 +246,9 @@ def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
 # ----------------------------------------------------------------------------- training
 
 @torch.no_grad()
-def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
-    """Mean loss over the val shard's first val_tokens // block_size whole windows; a batch's gate audit."""
+def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None):
+    """Mean loss over the val shard's first val_tokens // block_size whole windows; the last batch's gate
+    audit (the same rows at every eval), with k compared to k_before, the last eval's; this eval's k."""
     T = raw.config.block_size
     windows = list(range(rank, min(cfg.val_tokens, len(val) - 1) // T, world))
     total, count = torch.zeros((), device=dev), torch.zeros((), device=dev)
@@ -260,13 +261,15 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world):
         with ctx:
             total += model(rows[:, :-1], rows[:, 1:]).float() * len(rows)  # added up before the next replay
         count += len(rows)
-    with ctx:  # a rank may hold no val window
-        gates = raw.gate_audit(rows[:, :-1]) if raw.config.residual != "additive" and windows else None
+    gates, k = None, None
+    if raw.config.residual != "additive" and windows:  # a rank may hold no val window
+        with ctx:
+            gates, k = raw.gate_audit(rows[:, :-1], k_before)
     model.train()
     if world > 1:
         dist.all_reduce(total)
         dist.all_reduce(count)
-    return (total / count).item(), gates
+    return (total / count).item(), gates, k
 
 def variant(mcfg):
     """The paper's name of the model's variant, for the run's first line."""
@@ -357,8 +360,10 @@ def train(cfg, mcfg, kept):
                              data=stream.state(), rng=dict(cpu=torch.get_rng_state())), ckpt_path)
             kept["step"] = step
 
+    probe = {}  # the last eval's k on the audit's first sequence: the next eval's k_cos_before
+
     def run_eval():
-        vloss, gates = evaluate(single, raw, val, cfg, ctx, dev, rank, world)
+        vloss, gates, probe["k"] = evaluate(single, raw, val, cfg, ctx, dev, rank, world, probe.get("k"))
         acc = hellaswag.evaluate(raw, hs, dev, ctx, rank, world) if hs else None  # raw: not compiled, not DDP
         log(dict(type="val", step=step, loss=vloss, ppl=math.exp(vloss)),
             f"step {step:6d} | val loss {vloss:.4f} | ppl {math.exp(vloss):.2f}"
