@@ -119,6 +119,7 @@ class Cache:
     in place, and positions held on the device, so that a step can be replayed as a CUDA graph."""
     def __init__(self, block_size):
         self.block_size, self.length, self.pos, self.buffers = block_size, 0, None, {}
+        self.positions = None  # the newest tokens' positions (T,), set by advance() before each forward
 
     def advance(self, T, device):
         """Count T new tokens; their positions (T,) on the device, where the modules read them."""
@@ -199,8 +200,8 @@ class SwiGLU(nn.Module):
 def readout_error(X, k, v):
     """e = k^T X - v^T, the readout error of Eq. 2.4 (one sign convention everywhere), (..., d_v).
     Reduced in fp32 (or wider) whatever X's dtype."""
-    acc = torch.promote_types(X.dtype, torch.float32)
-    return torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc) - v.to(acc)
+    acc_dtype = torch.promote_types(X.dtype, torch.float32)  # summed over d in fp32 at least
+    return torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc_dtype) - v.to(acc_dtype)
 
 def delta_update(X, k, v, beta):
     """Eq. 2.2: X + beta k (v^T - k^T X) = X - beta k e^T, for X (..., d, d_v), k (..., d),
@@ -211,8 +212,8 @@ def delta_update(X, k, v, beta):
 
 def write_update(X, k, v, beta):
     """The write-only control (§5): X + beta k v^T, the delta rule without its erase term."""
-    acc = torch.promote_types(X.dtype, torch.float32)
-    return X + k.unsqueeze(-1) * (beta.to(acc) * v.to(acc)).to(X.dtype).unsqueeze(-2)
+    acc_dtype = torch.promote_types(X.dtype, torch.float32)  # beta v in fp32 at least, as delta_update's e
+    return X + k.unsqueeze(-1) * (beta.to(acc_dtype) * v.to(acc_dtype)).to(X.dtype).unsqueeze(-2)
 
 def unit_direction(k_tilde, eps):
     """k = k~ / sqrt(|k~|^2 + eps^2), the §3.1 normalisation of k (not a norm layer: no gain), computed as
@@ -307,9 +308,9 @@ class ResidualBranch(nn.Module):
             # starts at beta_init, or within 1e-6 * beta_bound of it at the range's ends 0 and beta_bound,
             # which sigmoid never reaches. Departure: the authors' global init perturbs w; we start it at
             # zero. The gate's shape lives here and in gate(): one beta per token, broadcast over d_v.
-            p = min(max(cfg.beta_init / cfg.beta_bound, 1e-6), 1 - 1e-6)
+            share = min(max(cfg.beta_init / cfg.beta_bound, 1e-6), 1 - 1e-6)  # sigmoid(b) at the start
             self.w_beta = nn.Parameter(torch.zeros(1, cfg.n_embd))
-            self.b_beta = nn.Parameter(torch.full((1,), math.log(p / (1 - p))))
+            self.b_beta = nn.Parameter(torch.full((1,), math.log(share / (1 - share))))
         self.record = False  # set by GPT.record_gates(): keep this forward's gate statistics in .stats
         self.stats = None
 
@@ -468,12 +469,12 @@ class GPT(nn.Module):
                                   dict(params=groups[1], weight_decay=0.0)],
                                  lr=lr, betas=betas, fused=device_type == "cuda")
 
-    def check_ids(self, name, ids, low):
-        """Refuse ids outside [low, vocab_size): an index error deep inside the model names nothing."""
+    def check_ids(self, name, ids, min_id):
+        """Refuse ids outside [min_id, vocab_size): an index error deep inside the model names nothing."""
         if may_sync() and ids.numel():
             lo, hi = (t.item() for t in torch.aminmax(ids))  # one pass
-            if lo < low or hi >= self.config.vocab_size:
-                raise ValueError(f"{name} must lie in [{low}, {self.config.vocab_size}); got [{lo}, {hi}]")
+            if lo < min_id or hi >= self.config.vocab_size:
+                raise ValueError(f"{name} must lie in [{min_id}, {self.config.vocab_size}); got [{lo}, {hi}]")
 
     def forward(self, idx, targets=None, cache=None):
         """The logits (B, T, vocab) in fp32; with targets (-1: ignored), the mean cross-entropy only.
