@@ -511,6 +511,9 @@ class GPT(nn.Module):
             X = block(X, cache)
         return X if self.final_compressor is None else self.final_compressor(X, cache)
 
+    # The gate audit (§5) in four names: each ResidualBranch's `record` flag and the `stats` (tensors) it
+    # keeps while the flag is on; record_gates() sets the flags, gate_stats() turns the kept tensors into
+    # rows of numbers, and gate_audit(idx) does both around one forward (what train.py logs at each eval).
     def record_gates(self, on=True):
         """Make every residual branch keep its gate statistics from the next forwards (or stop)."""
         for m in self.modules():
