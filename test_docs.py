@@ -140,3 +140,113 @@ def test_memorize_unit_k_probe_reads_the_models_own_input_norm(monkeypatch):
     c = torch.nn.functional.layer_norm(X, (16,), branch.norm_gain)
     want = X + ddl.unit_direction(branch.sublayer(c), branch.cfg.k_eps)
     assert torch.allclose(memorize.additive_with_unit_k(branch, X), want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- docs/ladder.py
+
+def ladder_log(points, acc_norm):
+    """A finished run's records: points is [(step, train clock s, val loss)], step 0 first."""
+    return ([dict(type="config")] + [dict(type="train", step=s, train_time_s=t) for s, t, _ in points[1:]]
+            + [dict(type="val", step=s, loss=v) for s, _, v in points]
+            + [dict(type="hellaswag", step=points[-1][0], acc_norm=acc_norm)])
+
+
+def write_logs(folder, logs):
+    folder.mkdir(exist_ok=True)
+    for run, log in logs.items():
+        (folder / f"{run}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+
+def test_ladder_plan_sweeps_three_lrs_then_two_seeds_at_the_best_and_every_command_parses(tmp_path):
+    ladder = load_script("ladder")
+    paths = types.SimpleNamespace(standin="s.jsonl", data_dir="data/ladder", runs="runs")
+    todo = ladder.plan({})
+    assert len(todo) == 3 * 21 and {r[4] for r in todo} == {1337}  # 21 cells: sizes x variants x passes
+    for r in todo:
+        cfg, mcfg = train.parse_args(ladder.train_args(*r, paths))
+        assert cfg.total_batch == 64 and cfg.max_steps == 264 * r[2]  # 264 whole batches a pass
+        assert cfg.hellaswag == "s.jsonl" and cfg.min_lr == pytest.approx(cfg.lr / 10)
+    # the smallest size at 4 passes: >= 20 tokens per non-embedding parameter, counted by hand
+    d, L, hd = 256, 4, 128
+    n = L * (4 * d * d + 3 * d * (8 * d // 3) + 2 * d + 2 * hd) + d
+    assert ladder.non_embedding_params("d256", "additive") == n and 4 * 264 * 64 * 1024 / n > 20
+    assert ladder.non_embedding_params("d768", "additive") / n > 20  # the ladder spans > 20x
+    logs = {ladder.name("d256", "additive", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, loss)], 0.3)
+            for lr, loss in ((1.5e-3, 5.0), (3e-3, 4.8), (6e-3, 4.9))}
+    todo = ladder.plan(logs)
+    assert [r for r in todo if r[:3] == ("d256", "additive", 1)] == [("d256", "additive", 1, 3e-3, s)
+                                                                     for s in (1338, 1339)]
+    assert len(todo) == 3 * 20 + 2
+
+
+def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_token_and_time(tmp_path):
+    """Additive's best lr 3e-3 (seeds: 5.0, 5.1, 4.9; 10 s of training), DDL's 6e-3 (4.6, 4.7, 4.5),
+    evaluated at steps 0, 132, 264 at 0, 8 and 16 s: at additive's 10 s, DDL's val loss lies a quarter of
+    the way from its step-132 loss to its final one."""
+    ladder = load_script("ladder")
+    name = lambda v, lr, s: ladder.name("d256", v, 1, lr, s)
+    logs = {name("additive", 1.5e-3, 1337): ladder_log([(0, 0, 11), (264, 10, 5.3)], 0.2),
+            name("additive", 6e-3, 1337): ladder_log([(0, 0, 11), (264, 10, 5.2)], 0.2),
+            name("delta", 1.5e-3, 1337): ladder_log([(0, 0, 11), (264, 16, 4.9)], 0.2),
+            name("delta", 3e-3, 1337): ladder_log([(0, 0, 11), (264, 16, 4.8)], 0.2)}
+    for seed, base, ddl in ((1337, 5.0, 4.6), (1338, 5.1, 4.7), (1339, 4.9, 4.5)):
+        logs[name("additive", 3e-3, seed)] = ladder_log([(0, 0, 11), (132, 5, 6.0), (264, 10, base)], 0.30)
+        logs[name("delta", 6e-3, seed)] = ladder_log([(0, 0, 11), (132, 8, ddl + 1), (264, 16, ddl)], 0.34)
+    write_logs(tmp_path / "logs", logs)
+    rows = ladder.table(ladder.load_logs(str(tmp_path / "logs")))
+    assert [(r["variant"], r["lr"], r["seeds"]) for r in rows] == [("additive", 3e-3, 3), ("delta", 6e-3, 3)]
+    base, ddl = rows
+    assert base["loss"] == pytest.approx(5.0) and base["spread"] == pytest.approx(0.2)
+    assert ddl["loss"] == pytest.approx(4.6) and ddl["gap"] == pytest.approx(-0.4)
+    pairs = ((5.0, 4.6), (5.1, 4.7), (4.9, 4.5))
+    at_10s = [(d + 1) + (10 - 8) / (16 - 8) * (d - (d + 1)) - b for b, d in pairs]
+    assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s))  # 4.6 + 0.75 - 5.0 = +0.35
+    assert ddl["standin_acc_norm"] == pytest.approx(0.34) and base["gap"] is None
+    assert ddl["tokens_per_param"] == pytest.approx(264 * 64 * 1024 / ddl["params"])
+
+
+def test_ladder_run_logs_each_finished_run_and_deletes_its_checkpoint(tmp_path, monkeypatch):
+    ladder = load_script("ladder")
+    paths = types.SimpleNamespace(standin=str(tmp_path / "missing.jsonl"), data_dir="d",
+                                  runs=str(tmp_path / "r"), logs=str(tmp_path / "logs"))
+    todo = ladder.plan({})[:2]
+    with pytest.raises(SystemExit, match="--standin=.*missing.jsonl: no such file; make it with docs"):
+        ladder.run(todo, paths)
+    paths.standin = str(tmp_path / "s.jsonl")
+    open(paths.standin, "w").close()
+
+    def train_py(cmd, check):  # what train.py leaves in its out_dir
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--out_dir="))
+        os.makedirs(out)
+        open(os.path.join(out, "ckpt.pt"), "w").close()
+        with open(os.path.join(out, "log.jsonl"), "w") as f:
+            f.write(json.dumps(dict(type="config", out=out)) + "\n")
+    monkeypatch.setattr(ladder.subprocess, "run", train_py)
+    ladder.run(todo, paths)
+    for r in todo:
+        out = os.path.join(paths.runs, ladder.name(*r))
+        assert ladder.load_logs(paths.logs)[ladder.name(*r)] == [dict(type="config", out=out)]
+        assert sorted(os.listdir(out)) == ["log.jsonl"]
+    assert ladder.plan(ladder.load_logs(paths.logs)) == ladder.plan({})[2:]
+
+
+def test_ladder_figure_draws_each_gap_against_tokens_per_parameter_with_the_larger_spread(tmp_path):
+    ladder, plot = load_script("ladder"), load_script("plot")
+    name = lambda v, lr, s: ladder.name("d256", v, 1, lr, s)
+    logs = {name(v, lr, 1337): ladder_log([(0, 0, 11), (264, 10, 9.0)], 0.2)
+            for v in ("additive", "delta") for lr in (1.5e-3, 6e-3)}
+    seeds = ((1337, 5.0, 4.6), (1338, 5.3, 4.8), (1339, 4.8, 4.4))  # spreads: additive 0.5, DDL 0.4
+    for seed, base, ddl in seeds:
+        logs[name("additive", 3e-3, seed)] = ladder_log([(0, 0, 11), (264, 10, base)], 0.3)
+        logs[name("delta", 3e-3, seed)] = ladder_log([(0, 0, 11), (264, 20, ddl)], 0.3)
+    write_logs(tmp_path / "logs", logs)
+    plot.plt = fake_matplotlib()[0].pyplot
+    fig, axes = plot.plt.subplots.return_value
+    plot.plot_ladder(str(tmp_path / "logs"), str(tmp_path / "ladder.png"))
+    x = 264 * 64 * 1024 / ladder.non_embedding_params("d256", "delta")
+    at_10s = np.mean([11 + (d - 11) / 2 - b for _, b, d in seeds])  # halfway along DDL's 20 s
+    for ax, gap in zip(axes, (4.6 - np.mean([5.0, 5.3, 4.8]), at_10s)):
+        (xs, ys), kw = ax.errorbar.call_args
+        assert np.allclose(xs, [x]) and np.allclose(ys, [gap]) and np.allclose(kw["yerr"], [0.5])
+        assert kw["label"] == "DDL d_v=1, 1 pass"
+    fig.savefig.assert_called_once_with(str(tmp_path / "ladder.png"), dpi=120)

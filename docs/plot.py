@@ -1,13 +1,16 @@
 """Plot the small-scale runs: val_loss.png (val loss against tokens and training wall-clock, mean over
 seeds with a min..max band) and beta_heatmap.png (mean beta per layer and sublayer, last gates record);
 with --memorize, memorize.png from docs/memorize.py's output (loss against step, one panel per lr);
-with --sweep, lr_sweep.png from a learning-rate sweep (final val loss against peak lr, per variant).
+with --sweep, lr_sweep.png from a learning-rate sweep (final val loss against peak lr, per variant);
+with --ladder, ladder.png from the size ladder's logs (docs/ladder.py: each DDL variant's gap to the
+additive baseline against tokens per non-embedding parameter, per token and at equal training time).
 
     python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> plots/*.png
     python docs/plot.py runs --out docs        # redraw the committed figures in docs/
     python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders
     python docs/plot.py --memorize memorize.jsonl
     python docs/plot.py --sweep sweep          # sweep/<variant>_<lr>_<seed>/log.jsonl -> plots/lr_sweep.png
+    python docs/plot.py --ladder docs/records/ladder --out docs    # docs/ladder.png
 
 Drawing needs matplotlib (pip install matplotlib); --help does not.
 """
@@ -173,6 +176,32 @@ def plot_sweep(folder, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_ladder(folder, path):
+    """Two panels, x = tokens per non-embedding parameter (log): each DDL variant's gap to the baseline's
+    val loss (best lr each, mean of seeds; bars: the larger of the two seed spreads) per token, and at the
+    baseline's training time. A line per variant and number of passes; sizes are the points."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ladder  # docs/ladder.py: the table this figure draws
+    rows = ladder.table(ladder.load_logs(folder))
+    base = {(r["size"], r["passes"]): r for r in rows if r["variant"] == "additive"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained", sharey=True)
+    for key in sorted({(r["variant"], r["passes"]) for r in rows if r["gap"] is not None}):
+        mine = sorted((r for r in rows if (r["variant"], r["passes"]) == key and r["gap"] is not None),
+                      key=lambda r: r["tokens_per_param"])
+        x = [r["tokens_per_param"] for r in mine]
+        bars = [max(r["spread"], base[r["size"], r["passes"]]["spread"]) for r in mine]
+        label = f"{LABELS.get(key[0], key[0])}, {key[1]} pass{'es' if key[1] > 1 else ''}"
+        for ax, gap in zip(axes, ("gap", "gap_equal_time")):
+            ax.errorbar(x, [r[gap] for r in mine], yerr=bars, marker="o", ms=4, capsize=3, label=label)
+    for ax, title in zip(axes, ("per token (equal steps)", "at the baseline's training time")):
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="training tokens per non-embedding parameter", title=title)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set(ylabel="val loss: DDL - additive (best lr each)")
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
 def main():
     global plt
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +209,7 @@ def main():
     p.add_argument("--out", default="plots", help="output folder (default: plots; docs: the committed ones)")
     p.add_argument("--memorize", help="plot docs/memorize.py's JSON lines instead")
     p.add_argument("--sweep", help="plot a folder of <variant>_<lr>_<seed> runs of a learning-rate sweep")
+    p.add_argument("--ladder", help="plot the size ladder from a folder of its logs (docs/ladder.py)")
     args = p.parse_args()
     try:
         import matplotlib
@@ -192,6 +222,8 @@ def main():
         return plot_memorize(args.memorize, os.path.join(args.out, "memorize.png"))
     if args.sweep:
         return plot_sweep(args.sweep, os.path.join(args.out, "lr_sweep.png"))
+    if args.ladder:
+        return plot_ladder(args.ladder, os.path.join(args.out, "ladder.png"))
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"no <variant>-<seed>/log.jsonl in {args.runs!r}")

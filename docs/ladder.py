@@ -1,0 +1,185 @@
+"""
+The size ladder: does DDL's lead over the additive baseline hold as tokens per parameter grow? Four
+widths, d = 256 / 4 layers (3.1M non-embedding parameters) to the 124m preset's (85M), on the fixed prose
+corpus: part-0000 held out for validation, parts 1-3 (17.35M tokens) to train on, once; the two smallest
+also four times (passes repeat the data). Each variant first at three peak learning rates (one seed),
+then two more seeds at its best; the write-only control at the smallest and largest sizes only.
+
+    python prepare_data.py --input <corpus>/part-000{0,1,2,3}.jsonl.gz --out data/ladder --val_tokens=5771815
+    python docs/ladder.py plan                  # the runs still to do, as train.py commands
+    python docs/ladder.py run --only d256-      # run them in turn (those whose name holds the text)
+    python docs/ladder.py table                 # the tables, recomputed from the committed logs alone
+
+Every evaluation also scores the HellaSwag-format stand-in (docs/standin.py; not HellaSwag) through
+train.py's --hellaswag. A run's log.jsonl is copied to --logs (docs/records/ladder/<run>.jsonl) when it
+ends, and its checkpoint deleted (up to 1.5 GB a run; what the ladder reports is in the log). The data's
+--val_tokens is part-0000's size, so validation never sees training text.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from ddl import GPT, GPTConfig  # noqa: E402  (the repository's root, for the parameter counts)
+
+SIZES = {"d256": dict(n_embd=256, n_layer=4, n_head=2), "d384": dict(n_embd=384, n_layer=6, n_head=3),
+         "d512": dict(n_embd=512, n_layer=8, n_head=4), "d768": dict(n_embd=768, n_layer=12, n_head=6)}
+LR_CENTRE = {"d256": 3e-3, "d384": 2e-3, "d512": 1.5e-3, "d768": 1e-3}  # the sweep: x 0.5, 1, 2
+LR_FACTORS = (0.5, 1.0, 2.0)
+PASSES = {"d256": (1, 4), "d384": (1, 4), "d512": (1,), "d768": (1,)}
+VARIANTS = {"additive": dict(residual="additive"), "delta": dict(residual="delta"),
+            "cc": dict(residual="delta", d_v=4, compressor="cc", embed_conv=True),
+            "write": dict(residual="write", d_v=4, compressor="cc", embed_conv=True)}
+CONTROL_SIZES = ("d256", "d768")  # the write-only control's
+SWEEP_SEED, SEEDS = 1337, (1337, 1338, 1339)
+TRAIN_TOKENS, BATCH, T = 17_347_266, 64, 1024  # parts 1-3; sequences of T tokens per step
+VAL_TOKENS = 2_097_152  # the first 2M tokens of part-0000 at every eval
+
+def non_embedding_params(size, variant):
+    """Parameters outside the (tied) embedding, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**SIZES[size], head_dim=128, **VARIANTS[variant]))
+    return model.num_params() - model.wte.weight.numel()
+
+def name(size, variant, passes, lr, seed):
+    return f"{size}-{variant}-p{passes}-lr{lr:g}-s{seed}"
+
+def steps(passes):
+    """Optimizer steps for `passes` over the training text: train.py's TokenStream reads whole windows of
+    T + 1 tokens, BATCH a step, and starts a new pass where fewer than BATCH are left."""
+    return passes * (((TRAIN_TOKENS - 1) // T) // BATCH)
+
+def train_args(size, variant, passes, lr, seed, paths):
+    """train.py's arguments for one run: passes x the training text at BATCH x T tokens a step, warm-up a
+    tenth of the steps, cosine to lr / 10, 8 evaluations (each scoring the stand-in), one checkpoint."""
+    n = steps(passes)
+    flags = {**SIZES[size], "head_dim": 128, **VARIANTS[variant], "block_size": T, "batch_size": BATCH,
+             "total_batch": BATCH, "max_steps": n, "warmup_steps": n // 10, "lr": lr, "min_lr": lr / 10,
+             "eval_interval": n // 8, "val_tokens": VAL_TOKENS, "hellaswag": paths.standin, "seed": seed,
+             "log_interval": 10, "ckpt_interval": n, "sample_tokens": 0, "data_dir": paths.data_dir,
+             "out_dir": os.path.join(paths.runs, name(size, variant, passes, lr, seed)), "overwrite": True}
+    text = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else v
+    return [f"--{k}={text(v)}" for k, v in flags.items()]
+
+def cells():
+    """Every (size, variant, passes) of the ladder."""
+    return [(s, v, p) for s in SIZES for v in VARIANTS for p in PASSES[s]
+            if v != "write" or s in CONTROL_SIZES]
+
+def final_loss(log):
+    """The last val loss of a finished run's records."""
+    return [r["loss"] for r in log if r["type"] == "val"][-1]
+
+def load_logs(folder):
+    """{run name: its records}, for every log in folder."""
+    logs = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))):
+        with open(path) as f:
+            logs[os.path.basename(path)[:-len(".jsonl")]] = [json.loads(line) for line in f]
+    return logs
+
+def best_lr(logs, size, variant, passes):
+    """The sweep's lr of least final val loss, or None until all of its runs are logged."""
+    sweep = {lr: logs.get(name(size, variant, passes, lr, SWEEP_SEED))
+             for lr in (LR_CENTRE[size] * f for f in LR_FACTORS)}
+    return None if None in sweep.values() else min(sweep, key=lambda lr: final_loss(sweep[lr]))
+
+def plan(logs):
+    """The runs not logged yet: the sweeps, and the seeds at each best lr where its sweep is done."""
+    todo = []
+    for size, variant, passes in cells():
+        lr = best_lr(logs, size, variant, passes)
+        runs = ([(LR_CENTRE[size] * f, SWEEP_SEED) for f in LR_FACTORS] if lr is None
+                else [(lr, seed) for seed in SEEDS])
+        todo += [(size, variant, passes, lr, seed) for lr, seed in runs
+                 if name(size, variant, passes, lr, seed) not in logs]
+    return todo
+
+def val_at_time(log, seconds):
+    """The run's val loss at `seconds` of its training clock, interpolated between its evaluations (the
+    train records give each step's clock); its final loss past its end."""
+    train = [r for r in log if r["type"] == "train"]
+    val = [r for r in log if r["type"] == "val"]  # step 0 at clock 0: the start of the curve
+    clock = np.interp([r["step"] for r in val], [0] + [r["step"] for r in train],
+                      [0] + [r["train_time_s"] for r in train])
+    return float(np.interp(seconds, clock, [r["loss"] for r in val]))
+
+def table(logs):
+    """Per cell at its best lr: final val loss over seeds (mean, max - min), tokens per non-embedding
+    parameter, and for DDL the gap to the additive baseline per token (equal steps) and at the baseline's
+    training time (each seed against the baseline's run of the same seed). Rows of dicts."""
+    rows = []
+    for size, variant, passes in cells():
+        lr = best_lr(logs, size, variant, passes)
+        runs = {s: logs.get(name(size, variant, passes, lr, s)) for s in SEEDS} if lr else {}
+        runs = {s: log for s, log in runs.items() if log}
+        if not runs:
+            continue
+        losses = [final_loss(log) for log in runs.values()]
+        standin = [[r for r in log if r["type"] == "hellaswag"][-1]["acc_norm"] for log in runs.values()]
+        n = non_embedding_params(size, variant)
+        row = dict(size=size, variant=variant, passes=passes, lr=lr, seeds=len(runs), params=n,
+                   tokens_per_param=steps(passes) * BATCH * T / n, loss=float(np.mean(losses)),
+                   spread=float(np.ptp(losses)), standin_acc_norm=float(np.mean(standin)), gap=None,
+                   gap_equal_time=None)
+        base = next((r for r in rows if (r["size"], r["variant"], r["passes"]) == (size, "additive", passes)),
+                    None)
+        if variant != "additive" and base:
+            row["gap"] = row["loss"] - base["loss"]
+            pairs = [(log, logs[name(size, "additive", passes, base["lr"], s)]) for s, log in runs.items()
+                     if name(size, "additive", passes, base["lr"], s) in logs]
+            row["gap_equal_time"] = float(np.mean([
+                val_at_time(log, [r for r in b if r["type"] == "train"][-1]["train_time_s"]) - final_loss(b)
+                for log, b in pairs]))
+        rows.append(row)
+    return rows
+
+def run(todo, paths):
+    """Run each of todo with train.py, in turn; copy its log into paths.logs when it ends (a log there is a
+    finished run's) and delete its checkpoint."""
+    if not os.path.isfile(paths.standin):
+        sys.exit(f"ladder.py: error: --standin={paths.standin}: no such file; make it with docs/standin.py")
+    os.makedirs(paths.logs, exist_ok=True)
+    for r in todo:
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *train_args(*r, paths)], check=True)
+        out, dest = os.path.join(paths.runs, name(*r)), os.path.join(paths.logs, name(*r) + ".jsonl")
+        shutil.copyfile(os.path.join(out, "log.jsonl"), dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
+        os.remove(os.path.join(out, "ckpt.pt"))
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("plan", "run", "table"))
+    p.add_argument("--logs", default=os.path.join(ROOT, "docs", "records", "ladder"), help="the runs' logs")
+    p.add_argument("--data_dir", default="data/ladder", help="prepare_data.py's output (see above)")
+    p.add_argument("--runs", default="runs/ladder", help="the runs' folders")
+    p.add_argument("--standin", default="data/standin/standin_val.jsonl", help="docs/standin.py's output")
+    p.add_argument("--only", default="", help="run: only the runs whose name holds this text")
+    args = p.parse_args(argv)
+    logs = load_logs(args.logs)
+    todo = [r for r in plan(logs) if args.only in name(*r)]
+    if args.what == "plan":
+        for r in todo:
+            print("python train.py " + " ".join(train_args(*r, args)))
+    elif args.what == "run":
+        run(todo, args)
+    else:
+        print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
+              "stand-in acc_norm | gap per token | gap at equal time |\n|---|---|" + "---:|" * 10)
+        fmt = lambda x, f: "—" if x is None else format(x, f)
+        for r in table(logs):
+            print(f"| {r['size']} | {r['variant']} | {r['passes']} | {r['lr']:g} | {r['seeds']} | "
+                  f"{r['params'] / 1e6:.1f}M | {fmt(r['tokens_per_param'], '.1f')} | {r['loss']:.4f} | "
+                  f"{r['spread']:.4f} | {r['standin_acc_norm']:.4f} | {fmt(r['gap'], '+.4f')} | "
+                  f"{fmt(r['gap_equal_time'], '+.4f')} |")
+
+if __name__ == "__main__":
+    main()
