@@ -163,7 +163,7 @@ def test_ladder_plan_sweeps_three_lrs_then_two_seeds_at_the_best_and_every_comma
     todo = ladder.plan({})
     assert len(todo) == 3 * 21 and {r[4] for r in todo} == {1337}  # 21 cells: sizes x variants x passes
     for r in todo:
-        cfg, mcfg = train.parse_args(ladder.train_args(*r, paths))
+        cfg, mcfg = train.parse_args(ladder.ladder_args(r, paths))
         assert cfg.total_batch == 64 and cfg.max_steps == 264 * r[2]  # 264 whole batches a pass
         assert cfg.hellaswag == "s.jsonl" and cfg.min_lr == pytest.approx(cfg.lr / 10)
     # the smallest size at 4 passes: >= 20 tokens per non-embedding parameter, counted by hand
@@ -210,8 +210,9 @@ def test_ladder_run_logs_each_finished_run_and_deletes_its_checkpoint(tmp_path, 
     paths = types.SimpleNamespace(standin=str(tmp_path / "missing.jsonl"), data_dir="d",
                                   runs=str(tmp_path / "r"), logs=str(tmp_path / "logs"))
     todo = ladder.plan({})[:2]
+    jobs = [(ladder.name(*r), ladder.ladder_args(r, paths)) for r in todo]
     with pytest.raises(SystemExit, match="--standin=.*missing.jsonl: no such file; make it with docs"):
-        ladder.run(todo, paths)
+        ladder.run(jobs, paths)
     paths.standin = str(tmp_path / "s.jsonl")
     open(paths.standin, "w").close()
 
@@ -222,7 +223,7 @@ def test_ladder_run_logs_each_finished_run_and_deletes_its_checkpoint(tmp_path, 
         with open(os.path.join(out, "log.jsonl"), "w") as f:
             f.write(json.dumps(dict(type="config", out=out)) + "\n")
     monkeypatch.setattr(ladder.subprocess, "run", train_py)
-    ladder.run(todo, paths)
+    ladder.run(jobs, paths)
     for r in todo:
         out = os.path.join(paths.runs, ladder.name(*r))
         assert ladder.load_logs(paths.logs)[ladder.name(*r)] == [dict(type="config", out=out)]
@@ -250,3 +251,74 @@ def test_ladder_figure_draws_each_gap_against_tokens_per_parameter_with_the_larg
         assert np.allclose(xs, [x]) and np.allclose(ys, [gap]) and np.allclose(kw["yerr"], [0.5])
         assert kw["label"] == "DDL d_v=1, 1 pass"
     fig.savefig.assert_called_once_with(str(tmp_path / "ladder.png"), dpi=120)
+
+
+# ----------------------------------------------------------------------------- docs/ablations.py
+
+def audited_log(final_loss, k_cos_before, k_cos_attn_mlp):
+    """A finished run's records with a last gate audit of two rows."""
+    gates = [dict(layer=0, sublayer=s, k_cos_before=b, k_cos_attn_mlp=a)
+             for s, b, a in zip(("attn", "mlp"), k_cos_before, k_cos_attn_mlp)]
+    return ladder_log([(0, 0, 11), (264, 10, final_loss)], 0.3) + [dict(type="gates", step=264, gates=gates)]
+
+
+def test_ablations_wait_for_the_ladders_lr_then_run_each_setting_at_three_seeds_at_it():
+    ladder, abl = load_script("ladder"), load_script("ablations")
+    assert abl.plan({}, {}) == []  # no lr settled yet
+    sweep = {ladder.name("d512", "delta", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, loss)], 0.3)
+             for lr, loss in ((7.5e-4, 5.0), (1.5e-3, 4.9), (3e-3, 4.8))}
+    todo = abl.plan({}, sweep)
+    assert todo == [(s, seed, 3e-3) for s in ("delta-bound1", "write1") for seed in (1337, 1338, 1339)]
+    paths = types.SimpleNamespace(standin="s.jsonl", data_dir="data/ladder", runs="runs")
+    cfg, mcfg = train.parse_args(ladder.train_args("d512", abl.SETTINGS["delta-bound1"][1], 1, 3e-3, 1338,
+                                                   abl.run_name("delta-bound1", 1338), paths))
+    assert (mcfg.beta_bound, mcfg.residual, mcfg.d_v, mcfg.n_embd, cfg.lr, cfg.seed) == (1, "delta", 1, 512,
+                                                                                       3e-3, 1338)
+    assert cfg.out_dir == os.path.join("runs", "d512-delta-bound1-s1338")
+    assert {abl.SETTINGS[f"tc-k{k}"][1]["conv_kernel"] for k in (1, 2, 8)} == {1, 2, 8}
+    assert all(abl.SETTINGS[s][1]["compressor"] == "tc" and abl.SETTINGS[s][0] == "cc"
+               for s in ("tc", "tc-k1", "tc-k8"))
+
+
+def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_larger_spread():
+    """The reference (the ladder's delta at its best lr): 4.0, 4.1, 3.9 (spread 0.2); beta_bound = 1: 4.45,
+    4.55, 4.5 (spread 0.1): +0.5 >= 2 x 0.2 counts; write-only: 4.2, 4.25, 4.15 (0.1): +0.2 does not."""
+    ladder, abl = load_script("ladder"), load_script("ablations")
+    ladder_logs = {ladder.name("d512", "delta", 1, lr, 1337): audited_log(9.0, (0.5, 0.5), (0.1, 0.1))
+                   for lr in (7.5e-4, 3e-3)}
+    logs = {}
+    for seed, ref, bound1, write in ((1337, 4.0, 4.45, 4.2), (1338, 4.1, 4.55, 4.25), (1339, 3.9, 4.5, 4.15)):
+        ladder_logs[ladder.name("d512", "delta", 1, 1.5e-3, seed)] = audited_log(ref, (0.9, 0.7), (0.2, 0.4))
+        logs[abl.run_name("delta-bound1", seed)] = audited_log(bound1, (0.8, 0.6), (0.1, 0.3))
+        logs[abl.run_name("write1", seed)] = audited_log(write, (None, None), (0.0, 0.0))
+    rows = abl.table(logs, ladder_logs)
+    assert [(r["setting"], r["lr"], r["seeds"]) for r in rows] == [
+        ("delta", 1.5e-3, 3), ("delta-bound1", 1.5e-3, 3), ("write1", 1.5e-3, 3)]
+    ref, bound1, write = rows
+    assert ref["loss"] == pytest.approx(4.0) and ref["spread"] == pytest.approx(0.2) and ref["counts"] is None
+    assert bound1["difference"] == pytest.approx(0.5) and bound1["counts"] is True
+    assert write["difference"] == pytest.approx(0.2) and write["counts"] is False
+    assert (ref["k_cos_before"], ref["k_cos_attn_mlp"]) == pytest.approx((0.8, 0.3))
+    assert write["k_cos_before"] is None and bound1["standin"] == pytest.approx(0.3)
+
+
+def test_k_stability_figure_draws_each_reference_runs_layer_means_against_step(tmp_path):
+    """The ladder's d512 DDL d_v=1 run at its best lr (seed 1337), audited at steps 0 and 132: |k~| 2 and 4
+    over its two rows at step 0 (mean 3), the previous-eval cosine from step 132 on only."""
+    ladder, plot = load_script("ladder"), load_script("plot")
+    gates = lambda norms, before, attn_mlp: [dict(k_tilde_norm_mean=n, k_cos_before=b, k_cos_attn_mlp=a)
+                                             for n, b, a in zip(norms, before, attn_mlp)]
+    audits = [dict(type="gates", step=0, gates=gates((2, 4), (None, None), (0.1, 0.3))),
+              dict(type="gates", step=132, gates=gates((3, 5), (0.9, 0.7), (0.0, 0.4)))]
+    logs = {ladder.name("d512", "delta", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, loss)], 0.3) + audits
+            for lr, loss in ((7.5e-4, 5.0), (1.5e-3, 4.8), (3e-3, 4.9))}
+    write_logs(tmp_path / "ladder", logs)
+    (tmp_path / "ablations").mkdir()
+    plot.plt = mock.MagicMock()
+    fig, axes = mock.MagicMock(), [mock.MagicMock() for _ in range(3)]
+    plot.plt.subplots.return_value = (fig, axes)
+    plot.plot_k_stability(str(tmp_path), str(tmp_path / "k.png"))
+    for ax, want in zip(axes, (((0, 132), (3.0, 4.0)), ((132,), (0.8,)), ((0, 132), (0.2, 0.2)))):
+        (steps, ys), kw = ax.plot.call_args
+        assert steps == want[0] and ys == pytest.approx(want[1]) and kw["label"] == "DDL d_v=1"
+    fig.savefig.assert_called_once_with(str(tmp_path / "k.png"), dpi=120)

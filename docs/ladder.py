@@ -57,17 +57,23 @@ def steps(passes):
     T + 1 tokens, BATCH a step, and starts a new pass where fewer than BATCH are left."""
     return passes * (((TRAIN_TOKENS - 1) // T) // BATCH)
 
-def train_args(size, variant, passes, lr, seed, paths):
-    """train.py's arguments for one run: passes x the training text at BATCH x T tokens a step, warm-up a
-    tenth of the steps, cosine to lr / 10, 8 evaluations (each scoring the stand-in), one checkpoint."""
+def train_args(size, model, passes, lr, seed, run, paths):
+    """train.py's arguments for the run named `run` of a model of `size` (GPTConfig flags `model`): passes x
+    the training text at BATCH x T tokens a step, warm-up a tenth of the steps, cosine to lr / 10, 8
+    evaluations (each scoring the stand-in), one checkpoint."""
     n = steps(passes)
-    flags = {**SIZES[size], "head_dim": 128, **VARIANTS[variant], "block_size": T, "batch_size": BATCH,
+    flags = {**SIZES[size], "head_dim": 128, **model, "block_size": T, "batch_size": BATCH,
              "total_batch": BATCH, "max_steps": n, "warmup_steps": n // 10, "lr": lr, "min_lr": lr / 10,
              "eval_interval": n // 8, "val_tokens": VAL_TOKENS, "hellaswag": paths.standin, "seed": seed,
              "log_interval": 10, "ckpt_interval": n, "sample_tokens": 0, "data_dir": paths.data_dir,
-             "out_dir": os.path.join(paths.runs, name(size, variant, passes, lr, seed)), "overwrite": True}
+             "out_dir": os.path.join(paths.runs, run), "overwrite": True}
     text = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else v
     return [f"--{k}={text(v)}" for k, v in flags.items()]
+
+def ladder_args(r, paths):
+    """train_args of the ladder's run r = (size, variant, passes, lr, seed)."""
+    size, variant, passes, lr, seed = r
+    return train_args(size, VARIANTS[variant], passes, lr, seed, name(*r), paths)
 
 def cells():
     """Every (size, variant, passes) of the ladder."""
@@ -142,15 +148,15 @@ def table(logs):
         rows.append(row)
     return rows
 
-def run(todo, paths):
-    """Run each of todo with train.py, in turn; copy its log into paths.logs when it ends (a log there is a
-    finished run's) and delete its checkpoint."""
+def run(jobs, paths):
+    """Run each (run name, train.py arguments) of jobs, in turn; copy its log into paths.logs when it ends
+    (a log there is a finished run's) and delete its checkpoint."""
     if not os.path.isfile(paths.standin):
-        sys.exit(f"ladder.py: error: --standin={paths.standin}: no such file; make it with docs/standin.py")
+        sys.exit(f"error: --standin={paths.standin}: no such file; make it with docs/standin.py")
     os.makedirs(paths.logs, exist_ok=True)
-    for r in todo:
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *train_args(*r, paths)], check=True)
-        out, dest = os.path.join(paths.runs, name(*r)), os.path.join(paths.logs, name(*r) + ".jsonl")
+    for run_name, args in jobs:
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], check=True)
+        out, dest = os.path.join(paths.runs, run_name), os.path.join(paths.logs, run_name + ".jsonl")
         shutil.copyfile(os.path.join(out, "log.jsonl"), dest + ".tmp")
         os.replace(dest + ".tmp", dest)
         os.remove(os.path.join(out, "ckpt.pt"))
@@ -168,9 +174,9 @@ def main(argv=None):
     todo = [r for r in plan(logs) if args.only in name(*r)]
     if args.what == "plan":
         for r in todo:
-            print("python train.py " + " ".join(train_args(*r, args)))
+            print("python train.py " + " ".join(ladder_args(r, args)))
     elif args.what == "run":
-        run(todo, args)
+        run([(name(*r), ladder_args(r, args)) for r in todo], args)
     else:
         print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
               "stand-in acc_norm | gap per token | gap at equal time |\n|---|---|" + "---:|" * 10)

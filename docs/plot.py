@@ -3,7 +3,8 @@ seeds with a min..max band) and beta_heatmap.png (mean beta per layer and sublay
 with --memorize, memorize.png from docs/memorize.py's output (loss against step, one panel per lr);
 with --sweep, lr_sweep.png from a learning-rate sweep (final val loss against peak lr, per variant);
 with --ladder, ladder.png from the size ladder's logs (docs/ladder.py: each DDL variant's gap to the
-additive baseline against tokens per non-embedding parameter, per token and at equal training time).
+additive baseline against tokens per non-embedding parameter, per token and at equal training time);
+with --ablations, k_stability.png from docs/ablations.py's reference runs (k's gate-audit probes).
 
     python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> plots/*.png
     python docs/plot.py runs --out docs        # redraw the committed figures in docs/
@@ -11,6 +12,7 @@ additive baseline against tokens per non-embedding parameter, per token and at e
     python docs/plot.py --memorize memorize.jsonl
     python docs/plot.py --sweep sweep          # sweep/<variant>_<lr>_<seed>/log.jsonl -> plots/lr_sweep.png
     python docs/plot.py --ladder docs/records/ladder --out docs    # docs/ladder.png
+    python docs/plot.py --ablations docs/records --out docs       # docs/k_stability.png
 
 Drawing needs matplotlib (pip install matplotlib); --help does not.
 """
@@ -202,6 +204,33 @@ def plot_ladder(folder, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_k_stability(records, path):
+    """Three panels against step, one line per DDL reference run of docs/ablations.py (seed 1337): the mean
+    |k~|, the cosine of each token's k with the previous eval's, and of the attention's k with the MLP's,
+    each averaged over layers and sublayers. records: the folder holding ladder/ and ablations/."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ablations  # docs/ablations.py
+    import ladder
+    logs = ladder.load_logs(os.path.join(records, "ablations"))
+    ladder_logs = ladder.load_logs(os.path.join(records, "ladder"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
+    for setting in ("delta", "cc", "tc"):
+        log = ablations.log_of(logs, ladder_logs, setting, ladder.SWEEP_SEED)
+        if log is None:
+            continue
+        c = ablations.k_curves(log)
+        for ax, key in zip(axes, ("k_tilde_norm", "k_cos_before", "k_cos_attn_mlp")):
+            points = [(s, y) for s, y in zip(c["step"], c[key]) if y is not None]
+            ax.plot(*zip(*points), marker="o", ms=3, label=LABELS.get(setting, setting))
+    titles = ("mean |k~| (the sublayer's output)", "cos(k, k at the previous eval), same token",
+              "cos(attention's k, MLP's k), same block")
+    for ax, title in zip(axes, titles):
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
 def main():
     global plt
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +239,7 @@ def main():
     p.add_argument("--memorize", help="plot docs/memorize.py's JSON lines instead")
     p.add_argument("--sweep", help="plot a folder of <variant>_<lr>_<seed> runs of a learning-rate sweep")
     p.add_argument("--ladder", help="plot the size ladder from a folder of its logs (docs/ladder.py)")
+    p.add_argument("--ablations", help="plot k's stability from the folder holding ladder/ and ablations/")
     args = p.parse_args()
     try:
         import matplotlib
@@ -224,6 +254,8 @@ def main():
         return plot_sweep(args.sweep, os.path.join(args.out, "lr_sweep.png"))
     if args.ladder:
         return plot_ladder(args.ladder, os.path.join(args.out, "ladder.png"))
+    if args.ablations:
+        return plot_k_stability(args.ablations, os.path.join(args.out, "k_stability.png"))
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"no <variant>-<seed>/log.jsonl in {args.runs!r}")

@@ -1,0 +1,131 @@
+"""
+Which part of DDL does the work? Three ablations the paper leaves open, at the size ladder's d512 rung
+(docs/ladder.py: the same corpus, recipe, one pass and stand-in), every setting at the ladder's three seeds:
+
+- reflection: beta_bound = 1 (the shortcut's eigenvalue 1 - beta stays in [0, 1]) against the paper's 2,
+  for DDL d_v = 1 and DDL-CC + EC, beside the write-only control (no erase term);
+- the conv kernel: conv_kernel = 1 (no mixing across tokens), 2, 4 (the default) and 8, for DDL-CC + EC
+  and DDL-TC + EC;
+- the stability of k: every DDL run's gate audit logs, per layer and sublayer, the cosine of each token's
+  k with the previous eval's and of the attention's k with the MLP's (docs/plot.py --ablations draws them).
+
+Each setting runs at its family's lr: the ladder's best at d512 for DDL d_v = 1 or DDL-CC (DDL-TC, not in
+the ladder, at DDL-CC's). The references "delta" and "cc" are the ladder's own d512 runs at that lr. A
+setting differs from its reference only where the means differ by at least twice the larger seed spread.
+
+    python docs/ablations.py plan | run | table     # as docs/ladder.py; logs in docs/records/ablations/
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ladder  # noqa: E402  (docs/ladder.py: the recipe, the runner, the ladder's logs)
+
+SIZE = "d512"
+CC, TC = ladder.VARIANTS["cc"], dict(ladder.VARIANTS["cc"], compressor="tc")
+# name: (the family whose best lr it runs at, its GPTConfig flags, its reference: None for a reference)
+SETTINGS = {
+    "delta": ("delta", ladder.VARIANTS["delta"], None),
+    "delta-bound1": ("delta", dict(residual="delta", beta_bound=1.0), "delta"),
+    "write1": ("delta", dict(residual="write"), "delta"),
+    "cc": ("cc", CC, None),
+    "cc-bound1": ("cc", dict(CC, beta_bound=1.0), "cc"),
+    "write4": ("cc", ladder.VARIANTS["write"], "cc"),
+    **{f"cc-k{k}": ("cc", dict(CC, conv_kernel=k), "cc") for k in (1, 2, 8)},
+    "tc": ("cc", TC, None),
+    **{f"tc-k{k}": ("cc", dict(TC, conv_kernel=k), "tc") for k in (1, 2, 8)},
+}
+FROM_LADDER = ("delta", "cc")  # references that are the ladder's runs
+
+def run_name(setting, seed):
+    return f"{SIZE}-{setting}-s{seed}"
+
+def family_lr(ladder_logs, setting):
+    """The lr a setting runs at: its family's best in the ladder's d512 sweep (None until it is done)."""
+    return ladder.best_lr(ladder_logs, SIZE, SETTINGS[setting][0], 1)
+
+def log_of(logs, ladder_logs, setting, seed):
+    """A setting's log of one seed, from the ladder for its references; None where it is not run yet."""
+    lr = family_lr(ladder_logs, setting)
+    if setting in FROM_LADDER:
+        return None if lr is None else ladder_logs.get(ladder.name(SIZE, setting, 1, lr, seed))
+    return logs.get(run_name(setting, seed))
+
+def plan(logs, ladder_logs):
+    """(setting, seed, lr) of the runs not logged yet whose family's lr the ladder has settled."""
+    return [(s, seed, family_lr(ladder_logs, s)) for s in SETTINGS for seed in ladder.SEEDS if
+            s not in FROM_LADDER and family_lr(ladder_logs, s) is not None and run_name(s, seed) not in logs]
+
+def summary(log):
+    """Of one run: final val loss, the stand-in's last acc_norm, and the last gate audit's k cosines
+    averaged over layers and sublayers (None for the previous-eval cosine where there is none)."""
+    gates = [r for r in log if r["type"] == "gates"][-1]["gates"]
+    before = [g["k_cos_before"] for g in gates]
+    standin = [r for r in log if r["type"] == "hellaswag"][-1]["acc_norm"]
+    return dict(loss=ladder.final_loss(log), standin=standin,
+                k_cos_before=None if None in before else float(np.mean(before)),
+                k_cos_attn_mlp=float(np.mean([g["k_cos_attn_mlp"] for g in gates])))
+
+def k_curves(log):
+    """Of one run, at each gate audit: the step and, averaged over layers and sublayers, the mean |k~|,
+    the cosine of k with the previous audit's (from the second audit on) and the attention-MLP cosine."""
+    audits = [r for r in log if r["type"] == "gates"]
+    mean = lambda r, key: float(np.mean([g[key] for g in r["gates"]]))
+    return dict(step=[r["step"] for r in audits], k_tilde_norm=[mean(r, "k_tilde_norm_mean") for r in audits],
+                k_cos_before=[None if r["gates"][0]["k_cos_before"] is None else mean(r, "k_cos_before")
+                              for r in audits],
+                k_cos_attn_mlp=[mean(r, "k_cos_attn_mlp") for r in audits])
+
+def table(logs, ladder_logs):
+    """Per setting with runs: its lr, seeds, mean final val loss and spread (max - min), the stand-in's
+    acc_norm and the k cosines (means over seeds), its difference to its reference and whether that
+    counts (|difference| >= 2 x the larger spread). Rows of dicts, in SETTINGS' order."""
+    rows = {}
+    for setting, (_, _, ref) in SETTINGS.items():
+        runs = [log for seed in ladder.SEEDS if (log := log_of(logs, ladder_logs, setting, seed))]
+        if not runs:
+            continue
+        s = [summary(log) for log in runs]
+        losses = [x["loss"] for x in s]
+        mean = lambda key: None if None in [x[key] for x in s] else float(np.mean([x[key] for x in s]))
+        row = dict(setting=setting, lr=family_lr(ladder_logs, setting), seeds=len(runs),
+                   loss=float(np.mean(losses)), spread=float(np.ptp(losses)), standin=mean("standin"),
+                   k_cos_before=mean("k_cos_before"), k_cos_attn_mlp=mean("k_cos_attn_mlp"),
+                   reference=ref, difference=None, counts=None)
+        if ref in rows:
+            row["difference"] = row["loss"] - rows[ref]["loss"]
+            row["counts"] = abs(row["difference"]) >= 2 * max(row["spread"], rows[ref]["spread"])
+        rows[setting] = row
+    return list(rows.values())
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("plan", "run", "table"))
+    p.add_argument("--logs", default=os.path.join(ladder.ROOT, "docs", "records", "ablations"))
+    p.add_argument("--ladder_logs", default=os.path.join(ladder.ROOT, "docs", "records", "ladder"))
+    p.add_argument("--data_dir", default="data/ladder", help="prepare_data.py's output (docs/ladder.py)")
+    p.add_argument("--runs", default="runs/ablations", help="the runs' folders")
+    p.add_argument("--standin", default="data/standin/standin_val.jsonl", help="docs/standin.py's output")
+    args = p.parse_args(argv)
+    logs, ladder_logs = ladder.load_logs(args.logs), ladder.load_logs(args.ladder_logs)
+    jobs = [(run_name(s, seed), ladder.train_args(SIZE, SETTINGS[s][1], 1, lr, seed, run_name(s, seed),
+                                                  args)) for s, seed, lr in plan(logs, ladder_logs)]
+    if args.what == "plan":
+        for _, cmd in jobs:
+            print("python train.py " + " ".join(cmd))
+    elif args.what == "run":
+        ladder.run(jobs, args)
+    else:
+        fmt = lambda x, f: "—" if x is None else format(x, f)
+        print("| setting | lr | seeds | val loss | spread | vs reference | counts | stand-in acc_norm | "
+              "k cos, previous eval | k cos, attn-MLP |\n|---|" + "---:|" * 9)
+        for r in table(logs, ladder_logs):
+            print(f"| {r['setting']} | {r['lr']:g} | {r['seeds']} | {r['loss']:.4f} | {r['spread']:.4f} | "
+                  f"{fmt(r['difference'], '+.4f')} | {fmt(r['counts'], '')} | {fmt(r['standin'], '.4f')} | "
+                  f"{fmt(r['k_cos_before'], '.3f')} | {fmt(r['k_cos_attn_mlp'], '.3f')} |")
+
+if __name__ == "__main__":
+    main()
