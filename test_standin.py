@@ -115,3 +115,21 @@ def test_bad_arguments_are_one_line_errors_naming_the_option(corpus, tmp_path, a
     code = e.value.code
     assert code.startswith(f"standin.py: error: {message.format(tmp=tmp_path)}") and "\n" not in code
     assert not os.path.exists(tmp_path / "s.jsonl")
+
+
+def test_wrong_endings_are_the_drawn_sentences_sharing_the_most_words_with_the_context():
+    """Of 10 length-matched sentences of other documents, those of documents 1, 2 and 3 share 3, 2 and 1
+    words of 4+ letters with the context: they are the wrong endings, most shared first; the context's own
+    document and a copy of the true ending never are, however much they share."""
+    standin = load_standin()
+    context = "The zebra crossed the savanna. A giraffe watched it. Dust rose."
+    ending = "Then the herd moved on towards the river before the night came."
+    filler = "one two six ten red big old new hot dry"  # no word of 4+ letters
+    texts = {1: "zebra giraffe savanna " + filler, 2: "giraffe savanna " + filler + " and",
+             3: "zebra " + filler + " was too", 0: "zebra giraffe savanna " + filler, 5: ending}
+    pool = sorted((len(t.split()), d, t) for d, t in
+                  {**{d: f"{filler} {d}" for d in range(4, 12)}, **texts}.items())
+    assert standin.wrong_endings(random.Random(3), pool, 0, ending, context) == [texts[1], texts[2], texts[3]]
+    examples = [dict(ctx=context, endings=[texts[1], ending, filler, filler], label=0),
+                dict(ctx=context, endings=[texts[3], texts[1], filler, filler], label=0)]
+    assert standin.overlap_baseline(examples) == 0.5
