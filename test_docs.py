@@ -272,8 +272,8 @@ def test_ablations_wait_for_the_ladders_lr_then_run_each_setting_at_three_seeds_
     paths = types.SimpleNamespace(standin="s.jsonl", data_dir="data/ladder", runs="runs")
     cfg, mcfg = train.parse_args(ladder.train_args("d512", abl.SETTINGS["delta-bound1"][1], 1, 3e-3, 1338,
                                                    abl.run_name("delta-bound1", 1338), paths))
-    assert (mcfg.beta_bound, mcfg.residual, mcfg.d_v, mcfg.n_embd, cfg.lr, cfg.seed) == (1, "delta", 1, 512,
-                                                                                       3e-3, 1338)
+    assert (mcfg.beta_bound, mcfg.beta_init, mcfg.residual, mcfg.d_v, mcfg.n_embd, cfg.lr, cfg.seed) == (
+        1, 0.5, "delta", 1, 512, 3e-3, 1338)  # beta starts mid-range, as 1.0 of the paper's 2
     assert cfg.out_dir == os.path.join("runs", "d512-delta-bound1-s1338")
     assert {abl.SETTINGS[f"tc-k{k}"][1]["conv_kernel"] for k in (1, 2, 8)} == {1, 2, 8}
     assert all(abl.SETTINGS[s][1]["compressor"] == "tc" and abl.SETTINGS[s][0] == "cc"

@@ -3,14 +3,16 @@ Which part of DDL does the work? Three ablations the paper leaves open, at the s
 (docs/ladder.py: the same corpus, recipe, one pass and stand-in), every setting at the ladder's three seeds:
 
 - reflection: beta_bound = 1 (the shortcut's eigenvalue 1 - beta stays in [0, 1]) against the paper's 2,
-  for DDL d_v = 1 and DDL-CC + EC, beside the write-only control (no erase term);
+  for DDL d_v = 1 and DDL-CC + EC, beside the write-only control (no erase term). beta starts at the
+  sigmoid's midpoint in both: beta_init 0.5 of 1 as 1.0 of 2 (1.0 would start every gate saturated);
 - the conv kernel: conv_kernel = 1 (no mixing across tokens), 2, 4 (the default) and 8, for DDL-CC + EC
   and DDL-TC + EC;
 - the stability of k: every DDL run's gate audit logs, per layer and sublayer, the cosine of each token's
   k with the previous eval's and of the attention's k with the MLP's (docs/plot.py --ablations draws them).
 
 Each setting runs at its family's lr: the ladder's best at d512 for DDL d_v = 1 or DDL-CC (DDL-TC, not in
-the ladder, at DDL-CC's). The references "delta" and "cc" are the ladder's own d512 runs at that lr. A
+the ladder, at DDL-CC's). The references "delta" and "cc" are the ladder's own d512 runs at that lr;
+DDL-TC's ("tc", conv_kernel 4) is run here. A
 setting differs from its reference only where the means differ by at least twice the larger seed spread.
 
     python docs/ablations.py plan | run | table     # as docs/ladder.py; logs in docs/records/ablations/
@@ -29,10 +31,10 @@ CC, TC = ladder.VARIANTS["cc"], dict(ladder.VARIANTS["cc"], compressor="tc")
 # name: (the family whose best lr it runs at, its GPTConfig flags, its reference: None for a reference)
 SETTINGS = {
     "delta": ("delta", ladder.VARIANTS["delta"], None),
-    "delta-bound1": ("delta", dict(residual="delta", beta_bound=1.0), "delta"),
+    "delta-bound1": ("delta", dict(residual="delta", beta_bound=1.0, beta_init=0.5), "delta"),
     "write1": ("delta", dict(residual="write"), "delta"),
     "cc": ("cc", CC, None),
-    "cc-bound1": ("cc", dict(CC, beta_bound=1.0), "cc"),
+    "cc-bound1": ("cc", dict(CC, beta_bound=1.0, beta_init=0.5), "cc"),
     "write4": ("cc", ladder.VARIANTS["write"], "cc"),
     **{f"cc-k{k}": ("cc", dict(CC, conv_kernel=k), "cc") for k in (1, 2, 8)},
     "tc": ("cc", TC, None),
