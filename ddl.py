@@ -88,10 +88,6 @@ class GPTConfig:
         need(self.k_eps > 0, "k_eps", "must be > 0")
         need(self.v_scale >= 0, "v_scale", "must be >= 0 (0 = plain linear v)")
 
-def mean_cosine(a, b):
-    """The mean over tokens of the cosine of a's and b's vectors (last dim): the gate audit's k probes."""
-    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
-
 def rms_norm(x, gain):
     """The backbone's norm layers (§3): RMSNorm over the last dim, a learned gain, eps 1e-5."""
     return F.rms_norm(x, (x.shape[-1],), gain.to(x.dtype), eps=1e-5)
@@ -533,7 +529,7 @@ class GPT(nn.Module):
         in k_before, an earlier recorded_k() of the same sequence (k_cos_before; None without it)."""
         if self.config.residual == "additive":
             raise ValueError("gate_stats: the additive baseline has no gate (residual='additive')")
-        out = []
+        out, mean_cosine = [], lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()  # k in fp32
         for i, block in enumerate(self.blocks):
             for name in SUBLAYERS:
                 s = getattr(block, name).stats
