@@ -144,9 +144,10 @@ def test_memorize_unit_k_probe_reads_the_models_own_input_norm(monkeypatch):
 
 # ----------------------------------------------------------------------------- docs/ladder.py
 
-def ladder_log(points, acc_norm):
-    """A finished run's records: points is [(step, train clock s, val loss)], step 0 first."""
-    return ([dict(type="config")] + [dict(type="train", step=s, train_time_s=t) for s, t, _ in points[1:]]
+def ladder_log(points, acc_norm, card="H100"):
+    """A finished run's records on `card`: points is [(step, train clock s, val loss)], step 0 first."""
+    return ([dict(type="config", device=card)]
+            + [dict(type="train", step=s, train_time_s=t) for s, t, _ in points[1:]]
             + [dict(type="val", step=s, loss=v) for s, _, v in points]
             + [dict(type="hellaswag", step=points[-1][0], acc_norm=acc_norm)])
 
@@ -203,6 +204,15 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s))  # 4.6 + 0.75 - 5.0 = +0.35
     assert ddl["standin_acc_norm"] == pytest.approx(0.34) and base["gap"] is None
     assert ddl["tokens_per_param"] == pytest.approx(264 * 64 * 1024 / ddl["params"])
+    assert ddl["cards"] == "H100"
+    # a seed timed on another card keeps its loss but leaves the equal-time gap: clocks of two cards differ
+    moved = logs[name("delta", 6e-3, 1339)]
+    moved[0]["device"] = "H200"
+    next(r for r in moved if r["type"] == "val" and r["step"] == 132)["loss"] += 1  # its gap at 10 s too
+    write_logs(tmp_path / "logs", logs)
+    ddl = ladder.table(ladder.load_logs(str(tmp_path / "logs")))[1]
+    assert ddl["cards"] == "H100, H200" and ddl["loss"] == pytest.approx(4.6)
+    assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s[:2]))
 
 
 def test_ladder_run_logs_each_finished_run_and_deletes_its_checkpoint(tmp_path, monkeypatch):

@@ -84,6 +84,10 @@ def final_loss(log):
     """The last val loss of a finished run's records."""
     return [r["loss"] for r in log if r["type"] == "val"][-1]
 
+def card(log):
+    """The GPU that ran, and timed, the run (train.py's config record)."""
+    return next(r for r in log if r["type"] == "config")["device"]
+
 def load_logs(folder):
     """{run name: its records}, for every log in folder."""
     logs = {}
@@ -121,7 +125,8 @@ def val_at_time(log, seconds):
 def table(logs):
     """Per cell at its best lr: final val loss over seeds (mean, max - min), tokens per non-embedding
     parameter, and for DDL the gap to the additive baseline per token (equal steps) and at the baseline's
-    training time (each seed against the baseline's run of the same seed). Rows of dicts."""
+    training time (each seed against the baseline's run of the same seed on the same card: the clocks of
+    two cards do not compare). Rows of dicts."""
     rows = []
     for size, variant, passes in cells():
         lr = best_lr(logs, size, variant, passes)
@@ -135,16 +140,16 @@ def table(logs):
         row = dict(size=size, variant=variant, passes=passes, lr=lr, seeds=len(runs), params=n,
                    tokens_per_param=steps(passes) * BATCH * T / n, loss=float(np.mean(losses)),
                    spread=float(np.ptp(losses)), standin_acc_norm=float(np.mean(standin)), gap=None,
-                   gap_equal_time=None)
+                   gap_equal_time=None, cards=", ".join(sorted({card(log) for log in runs.values()})))
         base = next((r for r in rows if (r["size"], r["variant"], r["passes"]) == (size, "additive", passes)),
                     None)
         if variant != "additive" and base:
             row["gap"] = row["loss"] - base["loss"]
-            pairs = [(log, logs[name(size, "additive", passes, base["lr"], s)]) for s, log in runs.items()
-                     if name(size, "additive", passes, base["lr"], s) in logs]
+            bases = {s: logs.get(name(size, "additive", passes, base["lr"], s)) for s in runs}
+            pairs = [(log, bases[s]) for s, log in runs.items() if bases[s] and card(bases[s]) == card(log)]
             row["gap_equal_time"] = float(np.mean([
                 val_at_time(log, [r for r in b if r["type"] == "train"][-1]["train_time_s"]) - final_loss(b)
-                for log, b in pairs]))
+                for log, b in pairs])) if pairs else None
         rows.append(row)
     return rows
 
@@ -179,13 +184,14 @@ def main(argv=None):
         run([(name(*r), ladder_args(r, args)) for r in todo], args)
     else:
         print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
-              "stand-in acc_norm | gap per token | gap at equal time |\n|---|---|" + "---:|" * 10)
+              "stand-in acc_norm | gap per token | gap at equal time | card |\n|---|---|"
+              + "---:|" * 10 + "---|")
         fmt = lambda x, f: "—" if x is None else format(x, f)
         for r in table(logs):
             print(f"| {r['size']} | {r['variant']} | {r['passes']} | {r['lr']:g} | {r['seeds']} | "
                   f"{r['params'] / 1e6:.1f}M | {fmt(r['tokens_per_param'], '.1f')} | {r['loss']:.4f} | "
                   f"{r['spread']:.4f} | {r['standin_acc_norm']:.4f} | {fmt(r['gap'], '+.4f')} | "
-                  f"{fmt(r['gap_equal_time'], '+.4f')} |")
+                  f"{fmt(r['gap_equal_time'], '+.4f')} | {r['cards']} |")
 
 if __name__ == "__main__":
     main()
