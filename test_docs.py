@@ -180,6 +180,25 @@ def test_ladder_plan_sweeps_three_lrs_then_two_seeds_at_the_best_and_every_comma
     assert len(todo) == 3 * 20 + 2
 
 
+def test_ladder_sweep_adds_an_lr_past_the_end_that_holds_the_least_loss_until_it_is_inside():
+    """d256's sweep is 1.5e-3, 3e-3, 6e-3; a best at 6e-3 asks for 1.2e-2, a best at 1.5e-3 for 7.5e-4; at most
+    two lrs are added; a run that diverged has an infinite loss."""
+    ladder = load_script("ladder")
+    def logs_of(losses):  # {lr: final loss, or None: diverged}
+        return {ladder.name("d256", "cc", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, v or 0)], 0.3)
+                + ([dict(type="diverged", step=200)] if v is None else []) for lr, v in losses.items()}
+    assert ladder.sweep(logs_of({1.5e-3: 5.0, 3e-3: 4.9}), "d256", "cc", 1) == ([1.5e-3, 3e-3, 6e-3], None)
+    up = {1.5e-3: 5.0, 3e-3: 4.9, 6e-3: 4.8}
+    assert ladder.sweep(logs_of(up), "d256", "cc", 1) == ([1.5e-3, 3e-3, 6e-3, 1.2e-2], None)
+    assert ladder.sweep(logs_of({**up, 1.2e-2: None}), "d256", "cc", 1)[1] == 6e-3  # diverged: inf
+    assert ladder.sweep(logs_of({**up, 1.2e-2: 4.7, 2.4e-2: 4.6}), "d256", "cc", 1)[1] == 2.4e-2  # the cap
+    down = {1.5e-3: 4.8, 3e-3: 4.9, 6e-3: 5.0}
+    lrs, best = ladder.sweep(logs_of({**down, 7.5e-4: 4.85}), "d256", "cc", 1)
+    assert lrs == [7.5e-4, 1.5e-3, 3e-3, 6e-3] and best == 1.5e-3
+    todo = ladder.plan(logs_of({**down, 7.5e-4: 4.85}))
+    assert [r for r in todo if r[:3] == ("d256", "cc", 1)] == [("d256", "cc", 1, 1.5e-3, s) for s in (1338, 1339)]
+
+
 def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_token_and_time(tmp_path):
     """Additive's best lr 3e-3 (seeds: 5.0, 5.1, 4.9; 10 s of training), DDL's 6e-3 (4.6, 4.7, 4.5),
     evaluated at steps 0, 132, 264 at 0, 8 and 16 s: at additive's 10 s, DDL's val loss lies a quarter of
@@ -189,7 +208,8 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     logs = {name("additive", 1.5e-3, 1337): ladder_log([(0, 0, 11), (264, 10, 5.3)], 0.2),
             name("additive", 6e-3, 1337): ladder_log([(0, 0, 11), (264, 10, 5.2)], 0.2),
             name("delta", 1.5e-3, 1337): ladder_log([(0, 0, 11), (264, 16, 4.9)], 0.2),
-            name("delta", 3e-3, 1337): ladder_log([(0, 0, 11), (264, 16, 4.8)], 0.2)}
+            name("delta", 3e-3, 1337): ladder_log([(0, 0, 11), (264, 16, 4.8)], 0.2),
+            name("delta", 1.2e-2, 1337): ladder_log([(0, 0, 11), (264, 16, 4.7)], 0.2)}
     for seed, base, ddl in ((1337, 5.0, 4.6), (1338, 5.1, 4.7), (1339, 4.9, 4.5)):
         logs[name("additive", 3e-3, seed)] = ladder_log([(0, 0, 11), (132, 5, 6.0), (264, 10, base)], 0.30)
         logs[name("delta", 6e-3, seed)] = ladder_log([(0, 0, 11), (132, 8, ddl + 1), (264, 16, ddl)], 0.34)
@@ -226,18 +246,28 @@ def test_ladder_run_logs_each_finished_run_and_deletes_its_checkpoint(tmp_path, 
     paths.standin = str(tmp_path / "s.jsonl")
     open(paths.standin, "w").close()
 
-    def train_py(cmd, check):  # what train.py leaves in its out_dir
+    ends = iter([dict(type="val"), dict(type="diverged"), dict(type="val")])  # what each run's log ends with
+
+    def train_py(cmd):  # what train.py leaves in its out_dir, and its exit status
         out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--out_dir="))
         os.makedirs(out)
-        open(os.path.join(out, "ckpt.pt"), "w").close()
+        end = next(ends)
+        if end["type"] == "val":
+            open(os.path.join(out, "ckpt.pt"), "w").close()
         with open(os.path.join(out, "log.jsonl"), "w") as f:
-            f.write(json.dumps(dict(type="config", out=out)) + "\n")
+            f.write(json.dumps(dict(type="config", out=out)) + "\n" + json.dumps(end) + "\n")
+        return types.SimpleNamespace(returncode=0 if end["type"] == "val" else 1)
     monkeypatch.setattr(ladder.subprocess, "run", train_py)
-    ladder.run(jobs, paths)
-    for r in todo:
+    ladder.run(jobs, paths)  # the second diverged: train.py failed, and its log is a finished run's
+    for r, end in zip(todo, [dict(type="val"), dict(type="diverged")]):
         out = os.path.join(paths.runs, ladder.name(*r))
-        assert ladder.load_logs(paths.logs)[ladder.name(*r)] == [dict(type="config", out=out)]
+        assert ladder.load_logs(paths.logs)[ladder.name(*r)] == [dict(type="config", out=out), end]
         assert sorted(os.listdir(out)) == ["log.jsonl"]
+    ends = iter([dict(type="train")])  # a failure that is not a divergence stops the ladder, logging nothing
+    paths.runs = str(tmp_path / "r2")
+    with pytest.raises(RuntimeError, match="train.py failed .exit 1. without diverging"):
+        ladder.run([(jobs[0][0], ladder.ladder_args(todo[0], paths))], paths)
+    assert not os.path.exists(os.path.join(paths.logs, jobs[0][0] + ".jsonl.tmp"))
     assert ladder.plan(ladder.load_logs(paths.logs)) == ladder.plan({})[2:]
 
 
@@ -276,7 +306,7 @@ def test_ablations_wait_for_the_ladders_lr_then_run_each_setting_at_three_seeds_
     ladder, abl = load_script("ladder"), load_script("ablations")
     assert abl.plan({}, {}) == []  # no lr settled yet
     sweep = {ladder.name("d512", "delta", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, loss)], 0.3)
-             for lr, loss in ((7.5e-4, 5.0), (1.5e-3, 4.9), (3e-3, 4.8))}
+             for lr, loss in ((7.5e-4, 5.0), (1.5e-3, 4.9), (3e-3, 4.8), (6e-3, 4.85))}
     todo = abl.plan({}, sweep)
     assert todo == [(s, seed, 3e-3) for s in ("delta-bound1", "write1") for seed in (1337, 1338, 1339)]
     paths = types.SimpleNamespace(standin="s.jsonl", data_dir="data/ladder", runs="runs")

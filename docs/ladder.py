@@ -2,8 +2,9 @@
 The size ladder: does DDL's lead over the additive baseline hold as tokens per parameter grow? Four
 widths, d = 256 / 4 layers (3.1M non-embedding parameters) to the 124m preset's (85M), on the fixed prose
 corpus: part-0000 held out for validation, parts 1-3 (17.35M tokens) to train on, once; the two smallest
-also four times (passes repeat the data). Each variant first at three peak learning rates (one seed),
-then two more seeds at its best; the write-only control at the smallest and largest sizes only.
+also four times (passes repeat the data). Each variant first at three peak learning rates (one seed;
+more where the best is at an end of the range), then two more seeds at its best; the write-only control
+at the smallest and largest sizes only.
 
     python prepare_data.py --input <corpus>/part-000{0,1,2,3}.jsonl.gz --out data/ladder --val_tokens=5771815
     python docs/ladder.py plan                  # the runs still to do, as train.py commands
@@ -34,6 +35,7 @@ SIZES = {"d256": dict(n_embd=256, n_layer=4, n_head=2), "d384": dict(n_embd=384,
          "d512": dict(n_embd=512, n_layer=8, n_head=4), "d768": dict(n_embd=768, n_layer=12, n_head=6)}
 LR_CENTRE = {"d256": 3e-3, "d384": 2e-3, "d512": 1.5e-3, "d768": 1e-3}  # the sweep: x 0.5, 1, 2
 LR_FACTORS = (0.5, 1.0, 2.0)
+MAX_EXTRA = 2  # lrs a sweep may add, a factor 2 at a time, past the end that holds its least loss
 PASSES = {"d256": (1, 4), "d384": (1, 4), "d512": (1,), "d768": (1,)}
 VARIANTS = {"additive": dict(residual="additive"), "delta": dict(residual="delta"),
             "cc": dict(residual="delta", d_v=4, compressor="cc", embed_conv=True),
@@ -81,7 +83,9 @@ def cells():
             if v != "write" or s in CONTROL_SIZES]
 
 def final_loss(log):
-    """The last val loss of a finished run's records."""
+    """The last val loss of a finished run's records; inf for a run that diverged (train.py stopped it)."""
+    if any(r["type"] == "diverged" for r in log):
+        return float("inf")
     return [r["loss"] for r in log if r["type"] == "val"][-1]
 
 def card(log):
@@ -96,19 +100,30 @@ def load_logs(folder):
             logs[os.path.basename(path)[:-len(".jsonl")]] = [json.loads(line) for line in f]
     return logs
 
+def sweep(logs, size, variant, passes):
+    """(the sweep's lrs so far, its best lr or None). It starts at LR_CENTRE x LR_FACTORS; while the least
+    final val loss lies at an end of the swept range, it adds the lr a factor 2 past that end (at most
+    MAX_EXTRA), so that the best lr is a minimum, not a bound. None until every lr so far is logged."""
+    lrs = [LR_CENTRE[size] * f for f in LR_FACTORS]
+    while True:
+        runs = [logs.get(name(size, variant, passes, lr, SWEEP_SEED)) for lr in lrs]
+        if None in runs:
+            return lrs, None
+        best = min(range(len(lrs)), key=lambda i: final_loss(runs[i]))
+        if 0 < best < len(lrs) - 1 or len(lrs) == len(LR_FACTORS) + MAX_EXTRA:
+            return lrs, lrs[best]
+        lrs = [lrs[0] / 2, *lrs] if best == 0 else [*lrs, lrs[-1] * 2]
+
 def best_lr(logs, size, variant, passes):
-    """The sweep's lr of least final val loss, or None until all of its runs are logged."""
-    sweep = {lr: logs.get(name(size, variant, passes, lr, SWEEP_SEED))
-             for lr in (LR_CENTRE[size] * f for f in LR_FACTORS)}
-    return None if None in sweep.values() else min(sweep, key=lambda lr: final_loss(sweep[lr]))
+    """The finished sweep's lr of least final val loss, or None."""
+    return sweep(logs, size, variant, passes)[1]
 
 def plan(logs):
     """The runs not logged yet: the sweeps, and the seeds at each best lr where its sweep is done."""
     todo = []
     for size, variant, passes in cells():
-        lr = best_lr(logs, size, variant, passes)
-        runs = ([(LR_CENTRE[size] * f, SWEEP_SEED) for f in LR_FACTORS] if lr is None
-                else [(lr, seed) for seed in SEEDS])
+        lrs, lr = sweep(logs, size, variant, passes)
+        runs = [(lr, SWEEP_SEED) for lr in lrs] if lr is None else [(lr, seed) for seed in SEEDS]
         todo += [(size, variant, passes, lr, seed) for lr, seed in runs
                  if name(size, variant, passes, lr, seed) not in logs]
     return todo
@@ -155,16 +170,22 @@ def table(logs):
 
 def run(jobs, paths):
     """Run each (run name, train.py arguments) of jobs, in turn; copy its log into paths.logs when it ends
-    (a log there is a finished run's) and delete its checkpoint."""
+    (a log there is a finished run's: one that diverged counts, its loss is inf) and delete its checkpoint.
+    Any other failure stops here."""
     if not os.path.isfile(paths.standin):
         sys.exit(f"error: --standin={paths.standin}: no such file; make it with docs/standin.py")
     os.makedirs(paths.logs, exist_ok=True)
     for run_name, args in jobs:
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], check=True)
+        failed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args]).returncode
         out, dest = os.path.join(paths.runs, run_name), os.path.join(paths.logs, run_name + ".jsonl")
+        with open(os.path.join(out, "log.jsonl")) as f:
+            diverged = any(json.loads(line)["type"] == "diverged" for line in f)
+        if failed and not diverged:
+            raise RuntimeError(f"{run_name}: train.py failed (exit {failed}) without diverging")
         shutil.copyfile(os.path.join(out, "log.jsonl"), dest + ".tmp")
         os.replace(dest + ".tmp", dest)
-        os.remove(os.path.join(out, "ckpt.pt"))
+        if os.path.exists(os.path.join(out, "ckpt.pt")):
+            os.remove(os.path.join(out, "ckpt.pt"))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -2,9 +2,11 @@
 # One device call of the ladder, from the repository root on the lent machine (one GPU):
 #   bash docs/records/ladder/device.sh LIMIT_S PATTERN...
 # First compiles the first model of each pattern, in parallel processes of 4 steps (no logs kept): inductor's
-# on-disk cache then serves the timed runs, which run one at a time, as always. Then, for each PATTERN in
+# on-disk cache then serves the timed runs, which run one at a time, as always (WARM=0 skips this, for a
+# machine still warm from an earlier call, whose cache is full). Then, for each PATTERN in
 # turn, `docs/ladder.py run --only PATTERN` while time is left (a run cut at LIMIT_S leaves no log). The
-# committed logs are copied to $OUT/ladder first, so the plan sees what is done; new logs land beside them.
+# committed logs are copied to $OUT/ladder first, so the plan sees what is done; new logs land beside them,
+# and all of them come back as $OUT/ladder.tgz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR="$PWD/.devcarry/tiktoken_cache"
 end=$(( $(date +%s) + $1 )); shift
@@ -12,15 +14,16 @@ mkdir -p "$OUT/ladder" && cp docs/records/ladder/*.jsonl "$OUT/ladder/" 2>/dev/n
 { date -u +"start %F %T UTC"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee -a "$OUT/machine.txt"
-for pat in $(printf '%s\n' "$@" | sort -u); do
-  first=$(python3 docs/ladder.py plan --logs "$OUT/ladder" --only "$pat" | head -1)
+[ "${WARM:-1}" = 0 ] || for pat in $(printf '%s\n' "$@" | sort -u); do
+  first=$(python3 docs/ladder.py plan --logs "$OUT/ladder" --only "$pat" | sed -n 1p)
   [ -n "$first" ] && echo "${first/#python/python3} --max_steps=4 --warmup_steps=1 --eval_interval=2 \
     --val_tokens=65536 --out_dir=/tmp/warm/$pat"
-done | xargs -P 8 -I{} bash -c '{} > /dev/null 2>&1 || echo "warm failed: {}"'
+done | xargs -r -P 8 -I{} bash -c '{} > /dev/null 2>&1 || echo "warm failed: {}"'
 date -u +"warm done %T" | tee -a "$OUT/machine.txt"
 for pat in "$@"; do
   left=$(( end - $(date +%s) )); [ "$left" -gt 20 ] || break
   timeout "$left" python3 docs/ladder.py run --logs "$OUT/ladder" --only "$pat" 2>&1 \
-    | tee -a "$OUT/runs.txt" | grep -E "^(cuda|step +[0-9]+ \| val|.*(Error|error))" 
+    | tee -a "$OUT/runs.txt" | grep -E "( x[0-9]+ \| |^step +[0-9]+ \| val|Error|error)"
 done
 date -u +"end %T" | tee -a "$OUT/machine.txt"
+tar -C "$OUT" -czf "$OUT/ladder.tgz" ladder && rm -r "$OUT/ladder"  # a call returns at most 8 files
