@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -176,6 +177,7 @@ def run(jobs, paths):
         sys.exit(f"error: --standin={paths.standin}: no such file; make it with docs/standin.py")
     os.makedirs(paths.logs, exist_ok=True)
     for run_name, args in jobs:
+        start = time.perf_counter()
         failed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args]).returncode
         out, dest = os.path.join(paths.runs, run_name), os.path.join(paths.logs, run_name + ".jsonl")
         with open(os.path.join(out, "log.jsonl")) as f:
@@ -186,6 +188,7 @@ def run(jobs, paths):
         os.replace(dest + ".tmp", dest)
         if os.path.exists(os.path.join(out, "ckpt.pt")):
             os.remove(os.path.join(out, "ckpt.pt"))
+        print(f"ladder: {run_name} logged, {time.perf_counter() - start:.0f} s in all", flush=True)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

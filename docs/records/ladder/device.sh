@@ -23,7 +23,7 @@ date -u +"warm done %T" | tee -a "$OUT/machine.txt"
 for pat in "$@"; do
   left=$(( end - $(date +%s) )); [ "$left" -gt 20 ] || break
   timeout "$left" python3 docs/ladder.py run --logs "$OUT/ladder" --only "$pat" 2>&1 \
-    | tee -a "$OUT/runs.txt" | grep -E "( x[0-9]+ \| |^step +[0-9]+ \| val|Error|error)"
+    | tee -a "$OUT/runs.txt" | grep -E "( x[0-9]+ \| |^step +[0-9]+ \| val|^ladder: |Error|error)"
 done
 date -u +"end %T" | tee -a "$OUT/machine.txt"
 tar -C "$OUT" -czf "$OUT/ladder.tgz" ladder && rm -r "$OUT/ladder"  # a call returns at most 8 files
