@@ -166,7 +166,7 @@ def test_ladder_plan_sweeps_three_lrs_then_two_seeds_at_the_best_and_every_comma
     for r in todo:
         cfg, mcfg = train.parse_args(ladder.ladder_args(r, paths))
         assert cfg.total_batch == 64 and cfg.max_steps == 264 * r[2]  # 264 whole batches a pass
-        assert cfg.hellaswag == "s.jsonl" and cfg.min_lr == pytest.approx(cfg.lr / 10)
+        assert cfg.hellaswag == "" and cfg.min_lr == pytest.approx(cfg.lr / 10)  # scored at the end instead
     # the smallest size at 4 passes: >= 20 tokens per non-embedding parameter, counted by hand
     d, L, hd = 256, 4, 128
     n = L * (4 * d * d + 3 * d * (8 * d // 3) + 2 * d + 2 * hd) + d
@@ -181,8 +181,8 @@ def test_ladder_plan_sweeps_three_lrs_then_two_seeds_at_the_best_and_every_comma
 
 
 def test_ladder_sweep_adds_an_lr_past_the_end_that_holds_the_least_loss_until_it_is_inside():
-    """d256's sweep is 1.5e-3, 3e-3, 6e-3; a best at 6e-3 asks for 1.2e-2, a best at 1.5e-3 for 7.5e-4; at most
-    two lrs are added; a run that diverged has an infinite loss."""
+    """d256's sweep is 1.5e-3, 3e-3, 6e-3; a best at 6e-3 asks for 1.2e-2, a best at 1.5e-3 for 7.5e-4; at
+    most two lrs are added; a run that diverged has an infinite loss."""
     ladder = load_script("ladder")
     def logs_of(losses):  # {lr: final loss, or None: diverged}
         return {ladder.name("d256", "cc", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, v or 0)], 0.3)
@@ -196,7 +196,8 @@ def test_ladder_sweep_adds_an_lr_past_the_end_that_holds_the_least_loss_until_it
     lrs, best = ladder.sweep(logs_of({**down, 7.5e-4: 4.85}), "d256", "cc", 1)
     assert lrs == [7.5e-4, 1.5e-3, 3e-3, 6e-3] and best == 1.5e-3
     todo = ladder.plan(logs_of({**down, 7.5e-4: 4.85}))
-    assert [r for r in todo if r[:3] == ("d256", "cc", 1)] == [("d256", "cc", 1, 1.5e-3, s) for s in (1338, 1339)]
+    cc = [r for r in todo if r[:3] == ("d256", "cc", 1)]
+    assert cc == [("d256", "cc", 1, 1.5e-3, s) for s in (1338, 1339)]
 
 
 def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_token_and_time(tmp_path):
@@ -229,9 +230,11 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     moved = logs[name("delta", 6e-3, 1339)]
     moved[0]["device"] = "H200"
     next(r for r in moved if r["type"] == "val" and r["step"] == 132)["loss"] += 1  # its gap at 10 s too
+    moved.remove(next(r for r in moved if r["type"] == "hellaswag"))  # unscored: the others' mean stands
     write_logs(tmp_path / "logs", logs)
     ddl = ladder.table(ladder.load_logs(str(tmp_path / "logs")))[1]
     assert ddl["cards"] == "H100, H200" and ddl["loss"] == pytest.approx(4.6)
+    assert ddl["standin_acc_norm"] == pytest.approx(0.34)
     assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s[:2]))
 
 
@@ -246,24 +249,39 @@ def test_ladder_run_logs_each_finished_run_and_deletes_its_checkpoint(tmp_path, 
     paths.standin = str(tmp_path / "s.jsonl")
     open(paths.standin, "w").close()
 
-    ends = iter([dict(type="val"), dict(type="diverged"), dict(type="val")])  # what each run's log ends with
+    val = dict(type="val", step=264, loss=5.0)
+    ends = iter([[val], [val, dict(type="diverged", step=270)]])  # what each run's log ends with
+    scored = []
 
     def train_py(cmd):  # what train.py leaves in its out_dir, and its exit status
         out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--out_dir="))
         os.makedirs(out)
         end = next(ends)
-        if end["type"] == "val":
+        if end[-1]["type"] == "val":
             open(os.path.join(out, "ckpt.pt"), "w").close()
         with open(os.path.join(out, "log.jsonl"), "w") as f:
-            f.write(json.dumps(dict(type="config", out=out)) + "\n" + json.dumps(end) + "\n")
-        return types.SimpleNamespace(returncode=0 if end["type"] == "val" else 1)
+            f.writelines(json.dumps(r) + "\n" for r in [dict(type="config", out=out), *end])
+        return types.SimpleNamespace(returncode=0 if end[-1]["type"] == "val" else 1)
+
+    def hellaswag_py(argv):  # the stand-in's score of the checkpoint in --out_dir
+        out = argv[0].split("=", 1)[1]
+        assert argv == [f"--out_dir={out}", f"--file={paths.standin}"] and os.listdir(out) == ["ckpt.pt",
+                                                                                                "log.jsonl"]
+        scored.append(out)
+        return dict(acc=0.25, acc_norm=0.3, n=2000)
     monkeypatch.setattr(ladder.subprocess, "run", train_py)
-    ladder.run(jobs, paths)  # the second diverged: train.py failed, and its log is a finished run's
-    for r, end in zip(todo, [dict(type="val"), dict(type="diverged")]):
-        out = os.path.join(paths.runs, ladder.name(*r))
-        assert ladder.load_logs(paths.logs)[ladder.name(*r)] == [dict(type="config", out=out), end]
-        assert sorted(os.listdir(out)) == ["log.jsonl"]
-    ends = iter([dict(type="train")])  # a failure that is not a divergence stops the ladder, logging nothing
+    monkeypatch.setattr(ladder.hellaswag, "main", hellaswag_py)
+    ladder.run(jobs, paths)  # the second diverged: train.py failed, and its log is a finished run's, unscored
+    outs = [os.path.join(paths.runs, ladder.name(*r)) for r in todo]
+    logs = ladder.load_logs(paths.logs)
+    assert scored == outs[:1]
+    assert logs[ladder.name(*todo[0])] == [dict(type="config", out=outs[0]), val, dict(
+        type="hellaswag", step=264, by="hellaswag.py", acc=0.25, acc_norm=0.3, n=2000)]
+    diverged = [dict(type="config", out=outs[1]), val, dict(type="diverged", step=270)]
+    assert logs[ladder.name(*todo[1])] == diverged
+    assert ladder.standin_acc_norm(logs[ladder.name(*todo[1])]) is None
+    assert [sorted(os.listdir(out)) for out in outs] == [["log.jsonl"]] * 2
+    ends = iter([[dict(type="train")]])  # a failure, not a divergence: the ladder stops, logging nothing
     paths.runs = str(tmp_path / "r2")
     with pytest.raises(RuntimeError, match="train.py failed .exit 1. without diverging"):
         ladder.run([(jobs[0][0], ladder.ladder_args(todo[0], paths))], paths)

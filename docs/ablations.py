@@ -66,8 +66,7 @@ def summary(log):
     averaged over layers and sublayers (None for the previous-eval cosine where there is none)."""
     gates = [r for r in log if r["type"] == "gates"][-1]["gates"]
     before = [g["k_cos_before"] for g in gates]
-    standin = [r for r in log if r["type"] == "hellaswag"][-1]["acc_norm"]
-    return dict(loss=ladder.final_loss(log), standin=standin,
+    return dict(loss=ladder.final_loss(log), standin=ladder.standin_acc_norm(log),
                 k_cos_before=None if None in before else float(np.mean(before)),
                 k_cos_attn_mlp=float(np.mean([g["k_cos_attn_mlp"] for g in gates])))
 

@@ -11,16 +11,15 @@ at the smallest and largest sizes only.
     python docs/ladder.py run --only d256-      # run them in turn (those whose name holds the text)
     python docs/ladder.py table                 # the tables, recomputed from the committed logs alone
 
-Every evaluation also scores the HellaSwag-format stand-in (docs/standin.py; not HellaSwag) through
-train.py's --hellaswag. A run's log.jsonl is copied to --logs (docs/records/ladder/<run>.jsonl) when it
-ends, and its checkpoint deleted (up to 1.5 GB a run; what the ladder reports is in the log). The data's
+When a run ends, hellaswag.py scores its checkpoint on the HellaSwag-format stand-in (docs/standin.py; not
+HellaSwag), its log.jsonl with that score added is written to --logs (docs/records/ladder/<run>.jsonl),
+and its checkpoint deleted (up to 1.5 GB a run; what the ladder reports is in the log). The data's
 --val_tokens is part-0000's size, so validation never sees training text.
 """
 import argparse
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +29,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from ddl import GPT, GPTConfig  # noqa: E402  (the repository's root, for the parameter counts)
+import hellaswag  # noqa: E402  (the repository's root: the stand-in's scoring, and the parameter counts)
+from ddl import GPT, GPTConfig  # noqa: E402
 
 SIZES = {"d256": dict(n_embd=256, n_layer=4, n_head=2), "d384": dict(n_embd=384, n_layer=6, n_head=3),
          "d512": dict(n_embd=512, n_layer=8, n_head=4), "d768": dict(n_embd=768, n_layer=12, n_head=6)}
@@ -63,11 +63,11 @@ def steps(passes):
 def train_args(size, model, passes, lr, seed, run, paths):
     """train.py's arguments for the run named `run` of a model of `size` (GPTConfig flags `model`): passes x
     the training text at BATCH x T tokens a step, warm-up a tenth of the steps, cosine to lr / 10, 8
-    evaluations (each scoring the stand-in), one checkpoint."""
+    evaluations, one checkpoint."""
     n = steps(passes)
     flags = {**SIZES[size], "head_dim": 128, **model, "block_size": T, "batch_size": BATCH,
              "total_batch": BATCH, "max_steps": n, "warmup_steps": n // 10, "lr": lr, "min_lr": lr / 10,
-             "eval_interval": n // 8, "val_tokens": VAL_TOKENS, "hellaswag": paths.standin, "seed": seed,
+             "eval_interval": n // 8, "val_tokens": VAL_TOKENS, "seed": seed,
              "log_interval": 10, "ckpt_interval": n, "sample_tokens": 0, "data_dir": paths.data_dir,
              "out_dir": os.path.join(paths.runs, run), "overwrite": True}
     text = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else v
@@ -88,6 +88,12 @@ def final_loss(log):
     if any(r["type"] == "diverged" for r in log):
         return float("inf")
     return [r["loss"] for r in log if r["type"] == "val"][-1]
+
+def standin_acc_norm(log):
+    """The stand-in's acc_norm of the run's last scoring (the end's: the first d256 runs also scored it at
+    each eval, through train.py's --hellaswag); None for a run that never reached one."""
+    scores = [r["acc_norm"] for r in log if r["type"] == "hellaswag"]
+    return scores[-1] if scores else None
 
 def card(log):
     """The GPU that ran, and timed, the run (train.py's config record)."""
@@ -151,12 +157,13 @@ def table(logs):
         if not runs:
             continue
         losses = [final_loss(log) for log in runs.values()]
-        standin = [[r for r in log if r["type"] == "hellaswag"][-1]["acc_norm"] for log in runs.values()]
+        standin = [a for a in map(standin_acc_norm, runs.values()) if a is not None]
         n = non_embedding_params(size, variant)
         row = dict(size=size, variant=variant, passes=passes, lr=lr, seeds=len(runs), params=n,
                    tokens_per_param=steps(passes) * BATCH * T / n, loss=float(np.mean(losses)),
-                   spread=float(np.ptp(losses)), standin_acc_norm=float(np.mean(standin)), gap=None,
-                   gap_equal_time=None, cards=", ".join(sorted({card(log) for log in runs.values()})))
+                   spread=float(np.ptp(losses)), gap=None, gap_equal_time=None,
+                   standin_acc_norm=float(np.mean(standin)) if standin else None,
+                   cards=", ".join(sorted({card(log) for log in runs.values()})))
         base = next((r for r in rows if (r["size"], r["variant"], r["passes"]) == (size, "additive", passes)),
                     None)
         if variant != "additive" and base:
@@ -170,9 +177,10 @@ def table(logs):
     return rows
 
 def run(jobs, paths):
-    """Run each (run name, train.py arguments) of jobs, in turn; copy its log into paths.logs when it ends
-    (a log there is a finished run's: one that diverged counts, its loss is inf) and delete its checkpoint.
-    Any other failure stops here."""
+    """Run each (run name, train.py arguments) of jobs, in turn. When it ends, score its checkpoint on the
+    stand-in (hellaswag.py, in this process: one CUDA start for all runs), write its log with that score
+    into paths.logs (a log there is a finished run's: one that diverged counts, its loss is inf, unscored)
+    and delete its checkpoint. Any other failure stops here."""
     if not os.path.isfile(paths.standin):
         sys.exit(f"error: --standin={paths.standin}: no such file; make it with docs/standin.py")
     os.makedirs(paths.logs, exist_ok=True)
@@ -181,13 +189,19 @@ def run(jobs, paths):
         failed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args]).returncode
         out, dest = os.path.join(paths.runs, run_name), os.path.join(paths.logs, run_name + ".jsonl")
         with open(os.path.join(out, "log.jsonl")) as f:
-            diverged = any(json.loads(line)["type"] == "diverged" for line in f)
-        if failed and not diverged:
+            log = [json.loads(line) for line in f]
+        if failed and not any(r["type"] == "diverged" for r in log):
             raise RuntimeError(f"{run_name}: train.py failed (exit {failed}) without diverging")
-        shutil.copyfile(os.path.join(out, "log.jsonl"), dest + ".tmp")
-        os.replace(dest + ".tmp", dest)
-        if os.path.exists(os.path.join(out, "ckpt.pt")):
+        if not failed:
+            score = hellaswag.main([f"--out_dir={out}", f"--file={paths.standin}"])
+            end = [r["step"] for r in log if r["type"] == "val"][-1]
+            log.append(dict(type="hellaswag", step=end, by="hellaswag.py", **score))
             os.remove(os.path.join(out, "ckpt.pt"))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the scoring's memory, back for the next run
+        with open(dest + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log)
+        os.replace(dest + ".tmp", dest)
         print(f"ladder: {run_name} logged, {time.perf_counter() - start:.0f} s in all", flush=True)
 
 def main(argv=None):
@@ -214,7 +228,7 @@ def main(argv=None):
         for r in table(logs):
             print(f"| {r['size']} | {r['variant']} | {r['passes']} | {r['lr']:g} | {r['seeds']} | "
                   f"{r['params'] / 1e6:.1f}M | {fmt(r['tokens_per_param'], '.1f')} | {r['loss']:.4f} | "
-                  f"{r['spread']:.4f} | {r['standin_acc_norm']:.4f} | {fmt(r['gap'], '+.4f')} | "
+                  f"{r['spread']:.4f} | {fmt(r['standin_acc_norm'], '.4f')} | {fmt(r['gap'], '+.4f')} | "
                   f"{fmt(r['gap_equal_time'], '+.4f')} | {r['cards']} |")
 
 if __name__ == "__main__":
