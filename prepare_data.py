@@ -70,13 +70,13 @@ def local_files(paths):
         raise DataError(f"--input: no {', '.join(EXTENSIONS)} files found in {paths}")
     return files
 
-def row_text(row, field, where):
-    """The text of one JSON object / dataset row, with errors naming where it came from."""
+def row_document(row, field, where, source):
+    """(text, where, source) of one JSON object / dataset row; errors name where it came from."""
     if not isinstance(row, dict) or field not in row:
         raise DataError(f"{where}: no '{field}' field (see --text_field)")
     if not isinstance(row[field], str):
         raise DataError(f"{where}: the text field is {type(row[field]).__name__}, not a string")
-    return row[field]
+    return row[field], where, source
 
 def file_documents(path, text_field):
     """Yield (text, where, path) from one local file; errors name the file and line (or row)."""
@@ -87,7 +87,7 @@ def file_documents(path, text_field):
             raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
         batches = pq.ParquetFile(path).iter_batches(columns=[text_field])  # streamed, row group by group
         for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
-            yield row_text(row, text_field, f"{path} row {i}"), f"{path} row {i}", path
+            yield row_document(row, text_field, f"{path} row {i}", path)
         return
     try:
         yield from text_lines(path, text_field)
@@ -110,7 +110,7 @@ def text_lines(path, text_field):
                     row = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
-                yield row_text(row, text_field, where), where, path
+                yield row_document(row, text_field, where, path)
 
 def documents(args, files):
     """Yield (text, where, source) in input order; source: the input file, or the hub dataset (streamed)."""
@@ -124,7 +124,7 @@ def documents(args, files):
         source = f"{HUB_DATASET}:{args.name}"
         rows = datasets.load_dataset(HUB_DATASET, name=args.name, split="train", streaming=True)
         for i, row in enumerate(rows):
-            yield row_text(row, args.text_field, f"{source} row {i}"), f"{source} row {i}", source
+            yield row_document(row, args.text_field, f"{source} row {i}", source)
 
 def tokenize(item):
     """(source, tokens) of one document (text, where, source): EOT, then the text's ordinary encoding."""
@@ -137,14 +137,13 @@ def tokenize(item):
 
 class ShardWriter:
     """Cuts the token stream into the val shard, then train shards; val_sources: tokens from each source.
-    After each shard, run.json records how far the input went into shards (documents: those wholly in them;
-    carry: the tokens of the next one already in them), so that a rerun after an interruption resumes
-    there, making the same bytes."""
+    After each shard run.json records how far the input went (documents: those wholly in shards; carry: the
+    tokens of the next one already in them), so that a rerun resumes there and makes the same bytes."""
     def __init__(self, args, run_args, progress):
         self.args, self.run_args, self.fill = args, run_args, 0
         p = progress or dict(shards=[], val_sources={}, documents=0, carry=0)
-        self.shards, self.val_sources, self.doc, self.taken = (p[k] for k in ("shards", "val_sources",
-                                                                             "documents", "carry"))
+        self.shards, self.val_sources = p["shards"], p["val_sources"]
+        self.doc, self.taken = p["documents"], p["carry"]
         self.split = "train" if self.shards else "val"  # the val shard is the first one written
         self.buf = np.empty(args.shard_tokens if self.shards else args.val_tokens, dtype=np.uint16)
         self.meter = Meter(args, self.doc, sum(s["tokens"] for s in self.shards))
@@ -176,14 +175,12 @@ class ShardWriter:
             self.split, self.fill, self.buf = "train", 0, np.empty(self.args.shard_tokens, dtype=np.uint16)
 
 def hms(seconds):
-    """A duration as h:mm:ss."""
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 class Meter:
-    """Progress: documents, tokens, tokens/s and, where the total is known (--max_tokens, or the hub
-    config's nominal size), the time left. On a terminal one line rewritten in place about once a second;
-    elsewhere a line with each finished shard."""
+    """Documents, tokens, tok/s and, where the total is known (--max_tokens, the hub config's nominal size),
+    the time left: on a terminal a line rewritten about once a second, elsewhere one per finished shard."""
     def __init__(self, args, documents, tokens):
         self.target = args.max_tokens or (None if args.input else HUB_TOKENS.get(args.name))
         self.documents, self.tokens, self.start = documents, tokens, tokens  # start: the resumed tokens
@@ -207,10 +204,9 @@ def read_json(path):  # None if there is no such file
     return json.loads(open(path).read()) if os.path.exists(path) else None
 
 def claim_output(out, run_args, force):
-    """(manifest, progress): the manifest if the same run is complete in `out` (unless force); else the
-    progress that run.json records where the same run was interrupted (its shards are kept, anything else
-    written after them removed); else None, with `out` cleared (another run's output only with force) and
-    marked with run.json until manifest.json is written."""
+    """(manifest, progress): the manifest where the same run is complete in `out` (unless force); else
+    run.json's progress where it was interrupted (its shards kept, its other files removed); else None,
+    `out` cleared (another run's output only with force) and marked by run.json until manifest.json."""
     os.makedirs(out, exist_ok=True)
     manifest = read_json(os.path.join(out, "manifest.json"))
     if manifest and manifest["args"] == run_args and not force:
@@ -229,7 +225,6 @@ def claim_output(out, run_args, force):
     return None, None
 
 def clear_output(out, keep=()):
-    """Remove a run's files from out (shards, temporary files, manifest, run.json), but those in keep."""
     for f in os.listdir(out):
         if (f.endswith((".bin", ".tmp")) or f in ("manifest.json", "run.json")) and f not in keep:
             os.remove(os.path.join(out, f))
