@@ -192,6 +192,8 @@ def test_ladder_sweep_adds_an_lr_past_the_end_that_holds_the_least_loss_until_it
     assert ladder.sweep(logs_of(up), "d256", "cc", 1) == ([1.5e-3, 3e-3, 6e-3, 1.2e-2], None)
     assert ladder.sweep(logs_of({**up, 1.2e-2: None}), "d256", "cc", 1)[1] == 6e-3  # diverged: inf
     assert ladder.sweep(logs_of({**up, 1.2e-2: 4.7, 2.4e-2: 4.6}), "d256", "cc", 1)[1] == 2.4e-2  # the cap
+    every = {lr: None for lr in (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3)}  # all diverged, down to the cap
+    assert ladder.sweep(logs_of(every), "d256", "cc", 1) == (sorted(every), None)
     down = {1.5e-3: 4.8, 3e-3: 4.9, 6e-3: 5.0}
     lrs, best = ladder.sweep(logs_of({**down, 7.5e-4: 4.85}), "d256", "cc", 1)
     assert lrs == [7.5e-4, 1.5e-3, 3e-3, 6e-3] and best == 1.5e-3
@@ -236,6 +238,29 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     assert ddl["cards"] == "H100, H200" and ddl["loss"] == pytest.approx(4.6)
     assert ddl["standin_acc_norm"] == pytest.approx(0.34)
     assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s[:2]))
+    broke = logs[name("delta", 6e-3, 1338)]
+    next(r for r in broke if r["type"] == "val" and r["step"] == 132)["loss"] += 2
+    broke.append(dict(type="diverged", step=200))  # no clock to compare either
+    write_logs(tmp_path / "logs", logs)
+    ddl = ladder.table(ladder.load_logs(str(tmp_path / "logs")))[1]
+    assert ddl["loss"] == float("inf") and ddl["gap_equal_time"] == pytest.approx(at_10s[0])
+
+
+def test_ladder_run_plans_again_after_each_run_so_that_seeds_follow_their_sweep_in_one_call(tmp_path,
+                                                                                             monkeypatch):
+    ladder = load_script("ladder")
+    losses = {1.5e-3: 5.0, 3e-3: 4.8, 6e-3: 4.9}
+    ran = []
+
+    def run(jobs, paths):  # logs each job at once, as a finished run of its lr's loss
+        (job, _), = jobs
+        ran.append(job)
+        lr = float(job.split("-lr")[1].split("-s")[0])
+        write_logs(tmp_path / "logs", {job: ladder_log([(0, 0, 11), (264, 9, losses[lr])], 0.3)})
+    monkeypatch.setattr(ladder, "run", run)
+    ladder.main(["run", f"--logs={tmp_path / 'logs'}", "--only=d256-additive-p1"])
+    assert ran == [ladder.name("d256", "additive", 1, lr, s) for lr, s in
+                   ((1.5e-3, 1337), (3e-3, 1337), (6e-3, 1337), (3e-3, 1338), (3e-3, 1339))]
 
 
 def test_ladder_run_logs_each_finished_run_and_deletes_its_checkpoint(tmp_path, monkeypatch):
@@ -250,41 +275,50 @@ def test_ladder_run_logs_each_finished_run_and_deletes_its_checkpoint(tmp_path, 
     open(paths.standin, "w").close()
 
     val = dict(type="val", step=264, loss=5.0)
-    ends = iter([[val], [val, dict(type="diverged", step=270)]])  # what each run's log ends with
-    scored = []
+    # what each run's log ends with; as train.py, a run that fails before its first checkpoint (the
+    # ladder's only one is at the end) leaves its log as log.failed.jsonl
+    ends = iter([[val], [val, dict(type="diverged", step=270)]])
+    scored, checked = [], []
 
     def train_py(cmd):  # what train.py leaves in its out_dir, and its exit status
         out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--out_dir="))
-        os.makedirs(out)
+        os.makedirs(out, exist_ok=True)
+        assert not {"log.jsonl", "log.failed.jsonl"} & set(os.listdir(out))  # an earlier try's are gone
         end = next(ends)
-        if end[-1]["type"] == "val":
+        done = end[-1]["type"] == "val"
+        if done:
             open(os.path.join(out, "ckpt.pt"), "w").close()
-        with open(os.path.join(out, "log.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in [dict(type="config", out=out), *end])
-        return types.SimpleNamespace(returncode=0 if end[-1]["type"] == "val" else 1)
+        if end[-1]["type"] != "none":
+            with open(os.path.join(out, "log.jsonl" if done else "log.failed.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in [dict(type="config", out=out), *end])
+        return types.SimpleNamespace(returncode=0 if done else 1)
 
     def hellaswag_py(argv):  # the stand-in's score of the checkpoint in --out_dir
         out = argv[0].split("=", 1)[1]
-        assert argv == [f"--out_dir={out}", f"--file={paths.standin}"] and os.listdir(out) == ["ckpt.pt",
-                                                                                                "log.jsonl"]
+        assert argv == [f"--out_dir={out}", f"--file={paths.standin}"]
+        assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
         scored.append(out)
         return dict(acc=0.25, acc_norm=0.3, n=2000)
     monkeypatch.setattr(ladder.subprocess, "run", train_py)
     monkeypatch.setattr(ladder.hellaswag, "main", hellaswag_py)
-    ladder.run(jobs, paths)  # the second diverged: train.py failed, and its log is a finished run's, unscored
+    monkeypatch.setattr(ladder.hellaswag, "load", checked.append)
     outs = [os.path.join(paths.runs, ladder.name(*r)) for r in todo]
+    os.makedirs(outs[1])
+    open(os.path.join(outs[1], "log.failed.jsonl"), "w").close()  # a cut try's: not this run's
+    ladder.run(jobs, paths)  # the second diverged: train.py failed, and its log is a finished run's, unscored
     logs = ladder.load_logs(paths.logs)
-    assert scored == outs[:1]
+    assert scored == outs[:1] and checked == [paths.standin]  # the stand-in read before the first run
     assert logs[ladder.name(*todo[0])] == [dict(type="config", out=outs[0]), val, dict(
         type="hellaswag", step=264, by="hellaswag.py", acc=0.25, acc_norm=0.3, n=2000)]
     diverged = [dict(type="config", out=outs[1]), val, dict(type="diverged", step=270)]
     assert logs[ladder.name(*todo[1])] == diverged
     assert ladder.standin_acc_norm(logs[ladder.name(*todo[1])]) is None
-    assert [sorted(os.listdir(out)) for out in outs] == [["log.jsonl"]] * 2
-    ends = iter([[dict(type="train")]])  # a failure, not a divergence: the ladder stops, logging nothing
+    assert [sorted(os.listdir(out)) for out in outs] == [["log.jsonl"], ["log.failed.jsonl"]]
     paths.runs = str(tmp_path / "r2")
-    with pytest.raises(RuntimeError, match="train.py failed .exit 1. without diverging"):
-        ladder.run([(jobs[0][0], ladder.ladder_args(todo[0], paths))], paths)
+    for end in ("train", "none"):  # a failure, not a divergence, with a log and without: the ladder stops
+        ends = iter([[dict(type=end)]])
+        with pytest.raises(RuntimeError, match="train.py failed .exit 1. without diverging"):
+            ladder.run([(jobs[0][0], ladder.ladder_args(todo[0], paths))], paths)
     assert not os.path.exists(os.path.join(paths.logs, jobs[0][0] + ".jsonl.tmp"))
     assert ladder.plan(ladder.load_logs(paths.logs)) == ladder.plan({})[2:]
 
@@ -309,6 +343,11 @@ def test_ladder_figure_draws_each_gap_against_tokens_per_parameter_with_the_larg
         assert np.allclose(xs, [x]) and np.allclose(ys, [gap]) and np.allclose(kw["yerr"], [0.5])
         assert kw["label"] == "DDL d_v=1, 1 pass"
     fig.savefig.assert_called_once_with(str(tmp_path / "ladder.png"), dpi=120)
+    for seed in (1337, 1338, 1339):  # DDL's seeds on another card: no gap at equal time, drawn as none
+        logs[name("delta", 3e-3, seed)][0]["device"] = "H200"
+    write_logs(tmp_path / "logs", logs)
+    plot.plot_ladder(str(tmp_path / "logs"), str(tmp_path / "ladder.png"))
+    assert np.isnan(axes[1].errorbar.call_args[0][1]).all()
 
 
 # ----------------------------------------------------------------------------- docs/ablations.py
@@ -329,10 +368,12 @@ def test_ablations_wait_for_the_ladders_lr_then_run_each_setting_at_three_seeds_
     assert todo == [(s, seed, 3e-3) for s in ("delta-bound1", "write1") for seed in (1337, 1338, 1339)]
     paths = types.SimpleNamespace(standin="s.jsonl", data_dir="data/ladder", runs="runs")
     cfg, mcfg = train.parse_args(ladder.train_args("d512", abl.SETTINGS["delta-bound1"][1], 1, 3e-3, 1338,
-                                                   abl.run_name("delta-bound1", 1338), paths))
+                                                   abl.run_name("delta-bound1", 3e-3, 1338), paths))
     assert (mcfg.beta_bound, mcfg.beta_init, mcfg.residual, mcfg.d_v, mcfg.n_embd, cfg.lr, cfg.seed) == (
         1, 0.5, "delta", 1, 512, 3e-3, 1338)  # beta starts mid-range, as 1.0 of the paper's 2
-    assert cfg.out_dir == os.path.join("runs", "d512-delta-bound1-s1338")
+    assert cfg.out_dir == os.path.join("runs", "d512-delta-bound1-lr0.003-s1338")
+    done = {abl.run_name("write1", 3e-3, s): [] for s in (1337, 1338)}
+    assert abl.plan(done, sweep)[-1] == ("write1", 1339, 3e-3)
     assert {abl.SETTINGS[f"tc-k{k}"][1]["conv_kernel"] for k in (1, 2, 8)} == {1, 2, 8}
     assert all(abl.SETTINGS[s][1]["compressor"] == "tc" and abl.SETTINGS[s][0] == "cc"
                for s in ("tc", "tc-k1", "tc-k8"))
@@ -347,8 +388,9 @@ def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_l
     logs = {}
     for seed, ref, bound1, write in ((1337, 4.0, 4.45, 4.2), (1338, 4.1, 4.55, 4.25), (1339, 3.9, 4.5, 4.15)):
         ladder_logs[ladder.name("d512", "delta", 1, 1.5e-3, seed)] = audited_log(ref, (0.9, 0.7), (0.2, 0.4))
-        logs[abl.run_name("delta-bound1", seed)] = audited_log(bound1, (0.8, 0.6), (0.1, 0.3))
-        logs[abl.run_name("write1", seed)] = audited_log(write, (None, None), (0.0, 0.0))
+        logs[abl.run_name("delta-bound1", 1.5e-3, seed)] = audited_log(bound1, (0.8, 0.6), (0.1, 0.3))
+        logs[abl.run_name("write1", 1.5e-3, seed)] = audited_log(write, (None, None), (0.0, 0.0))
+    logs[abl.run_name("write1", 3e-3, 1337)] = audited_log(1.0, (0.8, 0.6), (0.1, 0.3))  # not at the best lr
     rows = abl.table(logs, ladder_logs)
     assert [(r["setting"], r["lr"], r["seeds"]) for r in rows] == [
         ("delta", 1.5e-3, 3), ("delta-bound1", 1.5e-3, 3), ("write1", 1.5e-3, 3)]

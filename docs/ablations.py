@@ -42,8 +42,9 @@ SETTINGS = {
 }
 FROM_LADDER = ("delta", "cc")  # references that are the ladder's runs
 
-def run_name(setting, seed):
-    return f"{SIZE}-{setting}-s{seed}"
+def run_name(setting, lr, seed):
+    """The lr is in the name: should the ladder's best lr change, older runs no longer count as done."""
+    return f"{SIZE}-{setting}-lr{lr:g}-s{seed}"
 
 def family_lr(ladder_logs, setting):
     """The lr a setting runs at: its family's best in the ladder's d512 sweep (None until it is done)."""
@@ -54,12 +55,13 @@ def log_of(logs, ladder_logs, setting, seed):
     lr = family_lr(ladder_logs, setting)
     if setting in FROM_LADDER:
         return None if lr is None else ladder_logs.get(ladder.name(SIZE, setting, 1, lr, seed))
-    return logs.get(run_name(setting, seed))
+    return None if lr is None else logs.get(run_name(setting, lr, seed))
 
 def plan(logs, ladder_logs):
     """(setting, seed, lr) of the runs not logged yet whose family's lr the ladder has settled."""
-    return [(s, seed, family_lr(ladder_logs, s)) for s in SETTINGS for seed in ladder.SEEDS if
-            s not in FROM_LADDER and family_lr(ladder_logs, s) is not None and run_name(s, seed) not in logs]
+    lrs = {s: family_lr(ladder_logs, s) for s in SETTINGS if s not in FROM_LADDER}
+    return [(s, seed, lr) for s, lr in lrs.items() for seed in ladder.SEEDS
+            if lr is not None and run_name(s, lr, seed) not in logs]
 
 def summary(log):
     """Of one run: final val loss, the stand-in's last acc_norm, and the last gate audit's k cosines
@@ -112,8 +114,9 @@ def main(argv=None):
     p.add_argument("--standin", default="data/standin/standin_val.jsonl", help="docs/standin.py's output")
     args = p.parse_args(argv)
     logs, ladder_logs = ladder.load_logs(args.logs), ladder.load_logs(args.ladder_logs)
-    jobs = [(run_name(s, seed), ladder.train_args(SIZE, SETTINGS[s][1], 1, lr, seed, run_name(s, seed),
-                                                  args)) for s, seed, lr in plan(logs, ladder_logs)]
+    todo = [(s, seed, lr, run_name(s, lr, seed)) for s, seed, lr in plan(logs, ladder_logs)]
+    jobs = [(run, ladder.train_args(SIZE, SETTINGS[s][1], 1, lr, seed, run, args))
+            for s, seed, lr, run in todo]
     if args.what == "plan":
         for _, cmd in jobs:
             print("python train.py " + " ".join(cmd))

@@ -34,7 +34,7 @@ from ddl import GPT, GPTConfig  # noqa: E402
 
 SIZES = {"d256": dict(n_embd=256, n_layer=4, n_head=2), "d384": dict(n_embd=384, n_layer=6, n_head=3),
          "d512": dict(n_embd=512, n_layer=8, n_head=4), "d768": dict(n_embd=768, n_layer=12, n_head=6)}
-LR_CENTRE = {"d256": 3e-3, "d384": 2e-3, "d512": 1.5e-3, "d768": 1e-3}  # the sweep: x 0.5, 1, 2
+LR_CENTRE = {"d256": 3e-3, "d384": 2e-3, "d512": 1.5e-3, "d768": 1e-3}  # the sweep: x 0.5, 1, 2 (see sweep)
 LR_FACTORS = (0.5, 1.0, 2.0)
 MAX_EXTRA = 2  # lrs a sweep may add, a factor 2 at a time, past the end that holds its least loss
 PASSES = {"d256": (1, 4), "d384": (1, 4), "d512": (1,), "d768": (1,)}
@@ -62,8 +62,8 @@ def steps(passes):
 
 def train_args(size, model, passes, lr, seed, run, paths):
     """train.py's arguments for the run named `run` of a model of `size` (GPTConfig flags `model`): passes x
-    the training text at BATCH x T tokens a step, warm-up a tenth of the steps, cosine to lr / 10, 8
-    evaluations, one checkpoint."""
+    the training text at BATCH x T tokens a step, warm-up a tenth of the steps, cosine to lr / 10, an
+    evaluation at step 0 and 8 more, one checkpoint."""
     n = steps(passes)
     flags = {**SIZES[size], "head_dim": 128, **model, "block_size": T, "batch_size": BATCH,
              "total_batch": BATCH, "max_steps": n, "warmup_steps": n // 10, "lr": lr, "min_lr": lr / 10,
@@ -118,7 +118,7 @@ def sweep(logs, size, variant, passes):
             return lrs, None
         best = min(range(len(lrs)), key=lambda i: final_loss(runs[i]))
         if 0 < best < len(lrs) - 1 or len(lrs) == len(LR_FACTORS) + MAX_EXTRA:
-            return lrs, lrs[best]
+            return lrs, lrs[best] if final_loss(runs[best]) < float("inf") else None  # all diverged: none
         lrs = [lrs[0] / 2, *lrs] if best == 0 else [*lrs, lrs[-1] * 2]
 
 def best_lr(logs, size, variant, passes):
@@ -169,7 +169,8 @@ def table(logs):
         if variant != "additive" and base:
             row["gap"] = row["loss"] - base["loss"]
             bases = {s: logs.get(name(size, "additive", passes, base["lr"], s)) for s in runs}
-            pairs = [(log, bases[s]) for s, log in runs.items() if bases[s] and card(bases[s]) == card(log)]
+            pairs = [(log, bases[s]) for s, log in runs.items() if bases[s] and card(bases[s]) == card(log)
+                     and max(final_loss(log), final_loss(bases[s])) < float("inf")]  # diverged: no clock
             row["gap_equal_time"] = float(np.mean([
                 val_at_time(log, [r for r in b if r["type"] == "train"][-1]["train_time_s"]) - final_loss(b)
                 for log, b in pairs])) if pairs else None
@@ -183,12 +184,18 @@ def run(jobs, paths):
     and delete its checkpoint. Any other failure stops here."""
     if not os.path.isfile(paths.standin):
         sys.exit(f"error: --standin={paths.standin}: no such file; make it with docs/standin.py")
+    hellaswag.load(paths.standin)  # a bad file, or no tokenizer, stops here, not after a run
     os.makedirs(paths.logs, exist_ok=True)
     for run_name, args in jobs:
         start = time.perf_counter()
-        failed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args]).returncode
         out, dest = os.path.join(paths.runs, run_name), os.path.join(paths.logs, run_name + ".jsonl")
-        with open(os.path.join(out, "log.jsonl")) as f:
+        logs = [os.path.join(out, f) for f in ("log.jsonl", "log.failed.jsonl")]  # train.py's: done, failed
+        for f in logs:
+            if os.path.exists(f):  # an earlier try's, cut short: not this run's
+                os.remove(f)
+        failed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args]).returncode
+        kept = next((f for f in logs if os.path.exists(f)), None)
+        with open(kept or os.devnull) as f:
             log = [json.loads(line) for line in f]
         if failed and not any(r["type"] == "diverged" for r in log):
             raise RuntimeError(f"{run_name}: train.py failed (exit {failed}) without diverging")
@@ -218,8 +225,10 @@ def main(argv=None):
     if args.what == "plan":
         for r in todo:
             print("python train.py " + " ".join(ladder_args(r, args)))
-    elif args.what == "run":
-        run([(name(*r), ladder_args(r, args)) for r in todo], args)
+    elif args.what == "run":  # planned again after each run: a sweep's extension or seeds come due as it goes
+        while todo:
+            run([(name(*todo[0]), ladder_args(todo[0], args))], args)
+            todo = [r for r in plan(load_logs(args.logs)) if args.only in name(*r)]
     else:
         print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
               "stand-in acc_norm | gap per token | gap at equal time | card |\n|---|---|"

@@ -194,7 +194,8 @@ def plot_ladder(folder, path):
         bars = [max(r["spread"], base[r["size"], r["passes"]]["spread"]) for r in mine]
         label = f"{LABELS.get(key[0], key[0])}, {key[1]} pass{'es' if key[1] > 1 else ''}"
         for ax, gap in zip(axes, ("gap", "gap_equal_time")):
-            ax.errorbar(x, [r[gap] for r in mine], yerr=bars, marker="o", ms=4, capsize=3, label=label)
+            y = [float("nan") if r[gap] is None else r[gap] for r in mine]  # None: no pair on one card
+            ax.errorbar(x, y, yerr=bars, marker="o", ms=4, capsize=3, label=label)
     for ax, title in zip(axes, ("per token (equal steps)", "at the baseline's training time")):
         ax.axhline(0, color="gray", lw=0.8)
         ax.set(xscale="log", xlabel="training tokens per non-embedding parameter", title=title)
