@@ -218,7 +218,7 @@ def main(argv):
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         block_size = model.config.block_size
         cut = sum(is_cut(ex, block_size) for ex in examples)
-        print(f"step {ckpt['step']} | hellaswag {r['n']} examples | acc {r['acc']:.4f} | "
+        print(f"step {ckpt['step']} | {os.path.basename(cfg.file)}: {r['n']} examples | acc {r['acc']:.4f} | "
               f"acc_norm {r['acc_norm']:.4f} | {r['n'] / seconds:.1f} examples/s on {name} x{world}"
               + (f" | {cut} cut to block_size={block_size}, context from the left" if cut else ""))
     if world > 1:

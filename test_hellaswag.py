@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import urllib.error
 import urllib.request
 from contextlib import nullcontext
@@ -274,18 +275,21 @@ def test_fetch_offline_or_interrupted_is_a_clear_error_and_leaves_nothing(tmp_pa
 
 def test_training_logs_hellaswag_beside_val_and_the_command_line_agrees(shards, hs_file, tmp_path, capsys):
     out = tmp_path / "o"
-    log = run_train(shards, out, "--max_steps=2", f"--hellaswag={hs_file}")
+    standin = shutil.copy(hs_file, tmp_path / "standin_val.jsonl")  # named as what it is, not HellaSwag
+    log = run_train(shards, out, "--max_steps=2", f"--hellaswag={standin}")
     records = [r for r in log if r["type"] == "hellaswag"]
     assert [r["step"] for r in records] == [r["step"] for r in log if r["type"] == "val"] == [0, 2]
     assert all(set(r) == {"type", "step", "acc", "acc_norm", "n"} and r["n"] == 5 for r in records)
-    assert "hellaswag acc_norm" in capsys.readouterr().out
+    assert "| standin_val.jsonl acc_norm" in capsys.readouterr().out  # the file's name: a stand-in says so
     # the final eval scores the final checkpoint: the command line gets the same numbers (CPU: exact)
     result = hellaswag.main([f"--out_dir={out}", f"--file={hs_file}", "--device=cpu", "--batch_examples=3"])
     assert result == {k: records[-1][k] for k in ("acc", "acc_norm", "n")}
     printed = capsys.readouterr().out
-    assert "step 2 | hellaswag 5 examples" in printed and "examples/s on cpu x1" in printed
+    assert "step 2 | hellaswag_val.jsonl: 5 examples" in printed and "examples/s on cpu x1" in printed
     assert "cut to block_size=16" in printed  # the fixture's contexts do not fit a 16-token model
     assert hellaswag.main([f"--out_dir={out}", f"--file={hs_file}", "--device=cpu", "--limit=2"])["n"] == 2
+    hellaswag.main([f"--out_dir={out}", f"--file={standin}", "--device=cpu", "--limit=1"])
+    assert "step 2 | standin_val.jsonl: 1 examples" in capsys.readouterr().out
 
 
 def test_training_refuses_a_missing_file_before_it_starts(shards, tmp_path):

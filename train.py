@@ -300,6 +300,8 @@ def train(cfg, mcfg, kept):
         raise DataError(f"the val shard holds {len(val)} token{'s' * (len(val) != 1)}, fewer than "
                         f"block_size + 1 = {T + 1}")
     hs = hellaswag.from_setting(cfg.hellaswag)  # read once: a missing file stops the run before it starts
+    # the eval line names the file scored: a stand-in (docs/standin.py) must not pass for HellaSwag
+    scored = os.path.basename(hellaswag.DEFAULT_FILE if cfg.hellaswag == "fetch" else cfg.hellaswag)
     step = ckpt["step"] if ckpt else 0
     raw, model, opt = build(cfg, mcfg, dev, world)  # before the claim: a bad setting writes nothing
     stream = TokenStream(train_shards, T, B, cfg.seed, rank, world)
@@ -367,7 +369,7 @@ def train(cfg, mcfg, kept):
         acc = hellaswag.evaluate(raw, hs, dev, ctx, rank, world) if hs else None  # raw: not compiled, not DDP
         log(dict(type="val", step=step, loss=vloss, ppl=math.exp(vloss)),
             f"step {step:6d} | val loss {vloss:.4f} | ppl {math.exp(vloss):.2f}"
-            + (f" | hellaswag acc_norm {acc['acc_norm']:.4f} acc {acc['acc']:.4f}" if acc else ""))
+            + (f" | {scored} acc_norm {acc['acc_norm']:.4f} acc {acc['acc']:.4f}" if acc else ""))
         if acc:
             log(dict(type="hellaswag", step=step, **acc))
         if gates:
