@@ -181,25 +181,28 @@ def test_ladder_plan_sweeps_three_lrs_then_two_seeds_at_the_best_and_every_comma
 
 
 def test_ladder_sweep_adds_an_lr_past_the_end_that_holds_the_least_loss_until_it_is_inside():
-    """d256's sweep is 1.5e-3, 3e-3, 6e-3; a best at 6e-3 asks for 1.2e-2, a best at 1.5e-3 for 7.5e-4; at
-    most two lrs are added; a run that diverged has an infinite loss."""
+    """d256's additive sweep is 1.5e-3, 3e-3, 6e-3 (the size's centre x 0.5, 1, 2); a best at 6e-3 asks for
+    1.2e-2, a best at 1.5e-3 for 7.5e-4; at most two lrs are added; a diverged run's loss is infinite."""
     ladder = load_script("ladder")
+    # a variant's centre is the size's times its factor: DDL d_v = 1 x 2, CC and write-only x 4
+    assert [ladder.sweep({}, "d768", v, 1)[0] for v in ("additive", "delta", "cc")] == [
+        [7.5e-4, 1.5e-3, 3e-3], [1.5e-3, 3e-3, 6e-3], [3e-3, 6e-3, 1.2e-2]]
     def logs_of(losses):  # {lr: final loss, or None: diverged}
-        return {ladder.name("d256", "cc", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, v or 0)], 0.3)
+        return {ladder.name("d256", "additive", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, v or 0)], 0.3)
                 + ([dict(type="diverged", step=200)] if v is None else []) for lr, v in losses.items()}
-    assert ladder.sweep(logs_of({1.5e-3: 5.0, 3e-3: 4.9}), "d256", "cc", 1) == ([1.5e-3, 3e-3, 6e-3], None)
+    sweep = lambda losses: ladder.sweep(logs_of(losses), "d256", "additive", 1)
+    assert sweep({1.5e-3: 5.0, 3e-3: 4.9}) == ([1.5e-3, 3e-3, 6e-3], None)
     up = {1.5e-3: 5.0, 3e-3: 4.9, 6e-3: 4.8}
-    assert ladder.sweep(logs_of(up), "d256", "cc", 1) == ([1.5e-3, 3e-3, 6e-3, 1.2e-2], None)
-    assert ladder.sweep(logs_of({**up, 1.2e-2: None}), "d256", "cc", 1)[1] == 6e-3  # diverged: inf
-    assert ladder.sweep(logs_of({**up, 1.2e-2: 4.7, 2.4e-2: 4.6}), "d256", "cc", 1)[1] == 2.4e-2  # the cap
+    assert sweep(up) == ([1.5e-3, 3e-3, 6e-3, 1.2e-2], None)
+    assert sweep({**up, 1.2e-2: None})[1] == 6e-3  # diverged: inf
+    assert sweep({**up, 1.2e-2: 4.7, 2.4e-2: 4.6})[1] == 2.4e-2  # the cap
     every = {lr: None for lr in (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3)}  # all diverged, down to the cap
-    assert ladder.sweep(logs_of(every), "d256", "cc", 1) == (sorted(every), None)
+    assert sweep(every) == (sorted(every), None)
     down = {1.5e-3: 4.8, 3e-3: 4.9, 6e-3: 5.0}
-    lrs, best = ladder.sweep(logs_of({**down, 7.5e-4: 4.85}), "d256", "cc", 1)
-    assert lrs == [7.5e-4, 1.5e-3, 3e-3, 6e-3] and best == 1.5e-3
+    assert sweep({**down, 7.5e-4: 4.85}) == ([7.5e-4, 1.5e-3, 3e-3, 6e-3], 1.5e-3)
     todo = ladder.plan(logs_of({**down, 7.5e-4: 4.85}))
-    cc = [r for r in todo if r[:3] == ("d256", "cc", 1)]
-    assert cc == [("d256", "cc", 1, 1.5e-3, s) for s in (1338, 1339)]
+    base = [r for r in todo if r[:3] == ("d256", "additive", 1)]
+    assert base == [("d256", "additive", 1, 1.5e-3, s) for s in (1338, 1339)]
 
 
 def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_token_and_time(tmp_path):
@@ -327,7 +330,7 @@ def test_ladder_figure_draws_each_gap_against_tokens_per_parameter_with_the_larg
     ladder, plot = load_script("ladder"), load_script("plot")
     name = lambda v, lr, s: ladder.name("d256", v, 1, lr, s)
     logs = {name(v, lr, 1337): ladder_log([(0, 0, 11), (264, 10, 9.0)], 0.2)
-            for v in ("additive", "delta") for lr in (1.5e-3, 6e-3)}
+            for v in ("additive", "delta") for lr in (1.5e-3, 6e-3, 1.2e-2)}
     seeds = ((1337, 5.0, 4.6), (1338, 5.3, 4.8), (1339, 4.8, 4.4))  # spreads: additive 0.5, DDL 0.4
     for seed, base, ddl in seeds:
         logs[name("additive", 3e-3, seed)] = ladder_log([(0, 0, 11), (264, 10, base)], 0.3)
@@ -384,7 +387,7 @@ def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_l
     4.55, 4.5 (spread 0.1): +0.5 >= 2 x 0.2 counts; write-only: 4.2, 4.25, 4.15 (0.1): +0.2 does not."""
     ladder, abl = load_script("ladder"), load_script("ablations")
     ladder_logs = {ladder.name("d512", "delta", 1, lr, 1337): audited_log(9.0, (0.5, 0.5), (0.1, 0.1))
-                   for lr in (7.5e-4, 3e-3)}
+                   for lr in (7.5e-4, 3e-3, 6e-3)}
     logs = {}
     for seed, ref, bound1, write in ((1337, 4.0, 4.45, 4.2), (1338, 4.1, 4.55, 4.25), (1339, 3.9, 4.5, 4.15)):
         ladder_logs[ladder.name("d512", "delta", 1, 1.5e-3, seed)] = audited_log(ref, (0.9, 0.7), (0.2, 0.4))
@@ -411,7 +414,7 @@ def test_k_stability_figure_draws_each_reference_runs_layer_means_against_step(t
     audits = [dict(type="gates", step=0, gates=gates((2, 4), (None, None), (0.1, 0.3))),
               dict(type="gates", step=132, gates=gates((3, 5), (0.9, 0.7), (0.0, 0.4)))]
     logs = {ladder.name("d512", "delta", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, loss)], 0.3) + audits
-            for lr, loss in ((7.5e-4, 5.0), (1.5e-3, 4.8), (3e-3, 4.9))}
+            for lr, loss in ((7.5e-4, 5.0), (1.5e-3, 4.8), (3e-3, 4.9), (6e-3, 5.0))}
     write_logs(tmp_path / "ladder", logs)
     (tmp_path / "ablations").mkdir()
     plot.plt = mock.MagicMock()

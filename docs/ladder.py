@@ -34,7 +34,12 @@ from ddl import GPT, GPTConfig  # noqa: E402
 
 SIZES = {"d256": dict(n_embd=256, n_layer=4, n_head=2), "d384": dict(n_embd=384, n_layer=6, n_head=3),
          "d512": dict(n_embd=512, n_layer=8, n_head=4), "d768": dict(n_embd=768, n_layer=12, n_head=6)}
-LR_CENTRE = {"d256": 3e-3, "d384": 2e-3, "d512": 1.5e-3, "d768": 1e-3}  # the sweep: x 0.5, 1, 2 (see sweep)
+# A sweep's centre is LR_CENTRE[size] x VARIANT_LR[variant]; it runs x 0.5, 1, 2 of that (see sweep).
+# VARIANT_LR and d768's centre follow the tuned 124M sweep of docs/results.md (best lrs: additive 2e-3,
+# d_v = 1 4e-3, CC and write-only 8e-3) and the first d256 sweeps, where every DDL variant's best lay at
+# the top of a range centred on the baseline's.
+LR_CENTRE = {"d256": 3e-3, "d384": 2e-3, "d512": 1.5e-3, "d768": 1.5e-3}
+VARIANT_LR = {"additive": 1, "delta": 2, "cc": 4, "write": 4}
 LR_FACTORS = (0.5, 1.0, 2.0)
 MAX_EXTRA = 2  # lrs a sweep may add, a factor 2 at a time, past the end that holds its least loss
 PASSES = {"d256": (1, 4), "d384": (1, 4), "d512": (1,), "d768": (1,)}
@@ -108,10 +113,10 @@ def load_logs(folder):
     return logs
 
 def sweep(logs, size, variant, passes):
-    """(the sweep's lrs so far, its best lr or None). It starts at LR_CENTRE x LR_FACTORS; while the least
+    """(the sweep's lrs so far, its best lr or None). It starts at its centre x LR_FACTORS; while the least
     final val loss lies at an end of the swept range, it adds the lr a factor 2 past that end (at most
     MAX_EXTRA), so that the best lr is a minimum, not a bound. None until every lr so far is logged."""
-    lrs = [LR_CENTRE[size] * f for f in LR_FACTORS]
+    lrs = [LR_CENTRE[size] * VARIANT_LR[variant] * f for f in LR_FACTORS]
     while True:
         runs = [logs.get(name(size, variant, passes, lr, SWEEP_SEED)) for lr in lrs]
         if None in runs:
