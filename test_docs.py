@@ -255,11 +255,11 @@ def test_ladder_run_plans_again_after_each_run_so_that_seeds_follow_their_sweep_
     losses = {1.5e-3: 5.0, 3e-3: 4.8, 6e-3: 4.9}
     ran = []
 
-    def run(jobs, paths):  # logs each job at once, as a finished run of its lr's loss
-        (job, _), = jobs
-        ran.append(job)
-        lr = float(job.split("-lr")[1].split("-s")[0])
-        write_logs(tmp_path / "logs", {job: ladder_log([(0, 0, 11), (264, 9, losses[lr])], 0.3)})
+    def run(jobs, paths):  # logs each job as it comes, as a finished run of its lr's loss
+        for job, _ in jobs:
+            ran.append(job)
+            lr = float(job.split("-lr")[1].split("-s")[0])
+            write_logs(tmp_path / "logs", {job: ladder_log([(0, 0, 11), (264, 9, losses[lr])], 0.3)})
     monkeypatch.setattr(ladder, "run", run)
     ladder.main(["run", f"--logs={tmp_path / 'logs'}", "--only=d256-additive-p1"])
     assert ran == [ladder.name("d256", "additive", 1, lr, s) for lr, s in

@@ -88,9 +88,13 @@ def cells():
     return [(s, v, p) for s in SIZES for v in VARIANTS for p in PASSES[s]
             if v != "write" or s in CONTROL_SIZES]
 
+def diverged(log):
+    """Whether train.py stopped the run on a non-finite loss or gradient."""
+    return any(r["type"] == "diverged" for r in log)
+
 def final_loss(log):
-    """The last val loss of a finished run's records; inf for a run that diverged (train.py stopped it)."""
-    if any(r["type"] == "diverged" for r in log):
+    """The last val loss of a finished run's records; inf for a run that diverged."""
+    if diverged(log):
         return float("inf")
     return [r["loss"] for r in log if r["type"] == "val"][-1]
 
@@ -175,7 +179,7 @@ def table(logs):
             row["gap"] = row["loss"] - base["loss"]
             bases = {s: logs.get(name(size, "additive", passes, base["lr"], s)) for s in runs}
             pairs = [(log, bases[s]) for s, log in runs.items() if bases[s] and card(bases[s]) == card(log)
-                     and max(final_loss(log), final_loss(bases[s])) < float("inf")]  # diverged: no clock
+                     and not diverged(log) and not diverged(bases[s])]  # a diverged run: no clock
             row["gap_equal_time"] = float(np.mean([
                 val_at_time(log, [r for r in b if r["type"] == "train"][-1]["train_time_s"]) - final_loss(b)
                 for log, b in pairs])) if pairs else None
@@ -202,7 +206,7 @@ def run(jobs, paths):
         kept = next((f for f in logs if os.path.exists(f)), None)
         with open(kept or os.devnull) as f:
             log = [json.loads(line) for line in f]
-        if failed and not any(r["type"] == "diverged" for r in log):
+        if failed and not diverged(log):
             raise RuntimeError(f"{run_name}: train.py failed (exit {failed}) without diverging")
         if not failed:
             score = hellaswag.main([f"--out_dir={out}", f"--file={paths.standin}"])
@@ -230,10 +234,11 @@ def main(argv=None):
     if args.what == "plan":
         for r in todo:
             print("python train.py " + " ".join(ladder_args(r, args)))
-    elif args.what == "run":  # planned again after each run: a sweep's extension or seeds come due as it goes
-        while todo:
-            run([(name(*todo[0]), ladder_args(todo[0], args))], args)
-            todo = [r for r in plan(load_logs(args.logs)) if args.only in name(*r)]
+    elif args.what == "run":
+        def due():  # planned again after each run: a sweep's extension or seeds come due as it goes
+            while todo := [r for r in plan(load_logs(args.logs)) if args.only in name(*r)]:
+                yield name(*todo[0]), ladder_args(todo[0], args)
+        run(due(), args)
     else:
         print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
               "stand-in acc_norm | gap per token | gap at equal time | card |\n|---|---|"
