@@ -47,6 +47,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.library import wrap_triton
 
 from ddl import ConfigError
 
@@ -81,17 +82,26 @@ def _new_state(x, k, e, beta, X):
     return _rounded(x - beta * k * e, X)
 
 @triton.jit
-def _replay(x, CHAIN, N_CHAIN: tl.constexpr, t, i, j, mi, mj, live, k_scale, X,
-            d: tl.constexpr, d_v: tl.constexpr):
-    """X_l from its segment's stored state X_c (x): Eq. 2.2 again for boundaries c..l-1, from each one's
-    saved (k~, 1/rms(k~), e, beta) in CHAIN, rounded as the forward rounded: X_l as the forward made it
-    (bit for bit in the interpreter; on the GPU where the compiler contracts x - beta k e alike)."""
-    for s in tl.static_range(N_CHAIN):
-        K, RK, E, BETA = CHAIN[4 * s], CHAIN[4 * s + 1], CHAIN[4 * s + 2], CHAIN[4 * s + 3]
-        kt = tl.load(K + t * d + i, mask=mi, other=0.0).to(tl.float32)
-        k = _direction(kt, tl.load(RK + t, mask=live, other=0.0), k_scale, K)
-        e = tl.load(E + t * d_v + j, mask=mj, other=0.0)
-        x = _new_state(x, k, e, tl.load(BETA + t, mask=live, other=0.0).to(tl.float32), X)
+def _replay_one(x, K, RK, E, BETA, t, i, j, mi, mj, live, k_scale, X, d: tl.constexpr, d_v: tl.constexpr):
+    """X_{c+1} from X_c (x) through Eq. 2.2 again, from boundary c's saved k~, 1/rms(k~), e and beta."""
+    kt = tl.load(K + t * d + i, mask=mi, other=0.0).to(tl.float32)
+    k = _direction(kt, tl.load(RK + t, mask=live, other=0.0), k_scale, K)
+    e = tl.load(E + t * d_v + j, mask=mj, other=0.0)
+    return _new_state(x, k, e, tl.load(BETA + t, mask=live, other=0.0).to(tl.float32), X)
+
+@triton.jit
+def _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN: tl.constexpr, t, i, j, mi, mj,
+            live, k_scale, X, d: tl.constexpr, d_v: tl.constexpr):
+    """X_l from its segment's stored state X_c (x): Eq. 2.2 again for the N_CHAIN boundaries c..l-1, from
+    each one's saved (k~, 1/rms(k~), e, beta), rounded as the forward rounded: X_l as the forward made it
+    (bit for bit in the interpreter; on the GPU where the compiler contracts x - beta k e alike). The
+    boundaries come as separate arguments, not a tuple, which torch.compile's kernel capture does not take."""
+    if N_CHAIN >= 1:
+        x = _replay_one(x, K1, RK1, E1, B1, t, i, j, mi, mj, live, k_scale, X, d, d_v)
+    if N_CHAIN >= 2:
+        x = _replay_one(x, K2, RK2, E2, B2, t, i, j, mi, mj, live, k_scale, X, d, d_v)
+    if N_CHAIN >= 3:
+        x = _replay_one(x, K3, RK3, E3, B3, t, i, j, mi, mj, live, k_scale, X, d, d_v)
     return x
 
 @_tuned(tokens=(1, 4), warps=(4, 8, 16))
@@ -132,7 +142,8 @@ def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_sca
 
 @_tuned(tokens=(1, 4), warps=(4, 8, 16), key=("d", "d_v", "NORM", "N_CHAIN"))
 @triton.jit
-def _step_bwd(GXN, GC, X, CHAIN, KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, k_scale,
+def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
+              KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, k_scale,
               d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr,
               N_CHAIN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]
@@ -143,7 +154,8 @@ def _step_bwd(GXN, GC, X, CHAIN, KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V
         mi, mj = (i < d) & live, (j < d_v) & live
         m = mi & mj
         x = tl.load(X + (t * d + i) * d_v + j, mask=m, other=0.0).to(tl.float32)  # the segment's stored state
-        x = _replay(x, CHAIN, N_CHAIN, t, i, j, mi, mj, live, k_scale, X, d, d_v)  # X_l
+        x = _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, t, i, j, mi, mj, live,
+                    k_scale, X, d, d_v)  # X_l
         kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
         rk = tl.load(RK + t, mask=live, other=0.0)
         k = _direction(kt, rk, k_scale, KT)
@@ -179,7 +191,8 @@ WEIGHT_TILES = [triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w)
 @triton.autotune(WEIGHT_TILES[:1] if INTERPRET else WEIGHT_TILES,
                  key=["d", "d_v", "NORM", "CHUNK", "N_CHAIN"])
 @triton.jit
-def _weight_bwd(GC, X, CHAIN, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale,
+def _weight_bwd(GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
+                KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale,
                 CHUNK: tl.constexpr, d: tl.constexpr, d_v: tl.constexpr, NORM: tl.constexpr,
                 N_CHAIN: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -197,7 +210,8 @@ def _weight_bwd(GC, X, CHAIN, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, 
         live = (t < n_tok) & (b + tt < CHUNK)
         mi = live & (i < d)
         x = tl.load(X + (t * d + i) * d_v + j, mask=mi & (j < d_v), other=0.0).to(tl.float32)
-        x = _replay(x, CHAIN, N_CHAIN, t, i, j, mi, live & (j < d_v), live, k_scale, X, d, d_v)  # X_l
+        x = _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, t, i, j, mi,
+                    live & (j < d_v), live, k_scale, X, d, d_v)  # X_l
         kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
         e = tl.load(E + t * d_v + j, mask=live & (j < d_v), other=0.0)
         beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
@@ -219,10 +233,16 @@ def _weight_bwd(GC, X, CHAIN, KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, 
 def _blocks(d, d_v):
     return dict(BLOCK_D=triton.next_power_of_2(d), BLOCK_V=triton.next_power_of_2(d_v))
 
+# On CUDA the ops are triton_ops: torch.compile sees their kernels and launches them from its own graph, with
+# no Python dispatch per call (a custom op's dispatch and Triton's launcher took about 136 us a call, 48
+# calls a step at the 124m size). Triton's CPU interpreter runs kernels eagerly only, so under it (the
+# tests) they are custom ops, opaque to torch.compile; both use the fake implementations below.
+_op = torch.library.custom_op if INTERPRET else torch.library.triton_op
+
 def _fp32_per_token(beta, *trailing):
     return beta.new_empty(*beta.shape, *trailing, dtype=torch.float32)
 
-@torch.library.custom_op("ddl_fused::step", mutates_args=())
+@_op("ddl_fused::step", mutates_args=())
 def step_op(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: Optional[Tensor],
             k_eps: float, erase: bool, origin: Optional[Tensor],
             chain: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -237,7 +257,7 @@ def step_op(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamm
     n_tok = beta.numel()
     Xn, c = torch.empty_like(X), X.new_empty(X.shape[:-1])
     e, rk, rstd = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
-    _step_fwd[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
+    wrap_triton(_step_fwd)[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
         X, k_tilde, v, beta, W, W if gamma is None else gamma.contiguous(), Xn, c, e, rk, rstd, n_tok,
         k_eps * k_eps / d, 1 / math.sqrt(d), d, d_v, ERASE=erase, NORM=gamma is not None, **_blocks(d, d_v))
     return Xn, c, e, rk, rstd
@@ -248,7 +268,7 @@ def _(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
     per_token = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
     return (X.new_empty(X.shape), X.new_empty(X.shape[:-1]), *per_token)
 
-@torch.library.custom_op("ddl_fused::step_backward", mutates_args=())
+@_op("ddl_fused::step_backward", mutates_args=())
 def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_tilde: Tensor, e: Tensor,
                   beta: Tensor, W: Tensor, gamma: Optional[Tensor], rk: Tensor, rstd: Tensor,
                   erase: bool) -> list[Tensor]:
@@ -256,19 +276,23 @@ def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_t
     (gamma = None: W's dtype, unused); X_l is replayed from X, its segment's stored state, through chain
     (as step's), and X_{l+1} and x_in are recomputed from X_l."""
     g_Xn, g_c, X, k_tilde, e, beta, W = (t.contiguous() for t in (g_Xn, g_c, X, k_tilde, e, beta, W))
-    chain = tuple(t.contiguous() for t in chain)
+    if len(chain) > 4 * MAX_REPLAY:
+        raise ValueError(f"fused: a chain of {len(chain) // 4} boundaries; the kernels replay at most "
+                         f"{MAX_REPLAY} (SEGMENT <= {MAX_REPLAY + 1})")
+    n_chain = len(chain) // 4  # the kernels' fixed chain arguments: those past n_chain are never read
+    chain = [t.contiguous() for t in chain] + [X] * (4 * MAX_REPLAY - len(chain))
     d, d_v = W.shape
     n_tok, k_scale = beta.numel(), 1 / math.sqrt(d)
     norm, gamma = gamma is not None, W if gamma is None else gamma.contiguous()  # W: a pointer never read
     g_X, g_k, g_v, g_beta, s = (torch.empty_like(t) for t in (X, k_tilde, e, beta, rk))
-    _step_bwd[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
-        g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, g_X, g_k, g_v, g_beta, s, n_tok, k_scale,
-        d, d_v, ERASE=erase, NORM=norm, N_CHAIN=len(chain) // 4, **_blocks(d, d_v))
+    wrap_triton(_step_bwd)[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
+        g_Xn, g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, g_X, g_k, g_v, g_beta, s, n_tok, k_scale,
+        d, d_v, ERASE=erase, NORM=norm, N_CHAIN=n_chain, **_blocks(d, d_v))
     splits = triton.cdiv(n_tok, CHUNK)
     g_W, g_gamma = torch.empty(splits, d, d_v, device=X.device), torch.empty(splits, d, device=X.device)
-    _weight_bwd[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), splits)](
-        g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, k_scale, CHUNK, d, d_v,
-        norm, len(chain) // 4, BLOCK_V=triton.next_power_of_2(d_v))
+    wrap_triton(_weight_bwd)[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), splits)](
+        g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, k_scale, CHUNK, d, d_v,
+        norm, n_chain, BLOCK_V=triton.next_power_of_2(d_v))
     return [g_X, g_k, g_v, g_beta, g_W.sum(0).to(W.dtype), g_gamma.sum(0).to(gamma.dtype)]
 
 @step_backward.register_fake
@@ -340,6 +364,7 @@ def fused_body(model, X, cache=None):
 # Measured in docs/performance.md: at the 124m size, micro-batch 16, one H200, 4 took DDL-CC's peak from
 # 13.90 to 12.21 GiB and added 1.9 ms of kernel time per step.
 SEGMENT = 4
+MAX_REPLAY = 3  # boundaries a backward kernel replays at most (its chain arguments): SEGMENT <= 4
 
 # GPTConfig's fields with the values the fused path runs (None: any; WHY says why where it can). A field
 # missing here runs only at its default, so that a new option of ddl.py, once used, is never trained through
