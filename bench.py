@@ -99,15 +99,15 @@ def reference_step(X, k_tilde, v, beta, W, gamma, k_eps):
     return Xn, F.rms_norm(x_in, (x_in.shape[-1],), gamma, eps=1e-5)
 
 def check_fast_path(dev, use_compile, fused):
-    """The step as the model runs it (compiled on CUDA, or fused.step with --fused; state in bf16 or
+    """The step as the model runs it (compiled on CUDA, through fused.step with --fused; state in bf16 or
     fp32, v and beta in fp32) against reference_step in float64 on random inputs: both outputs and the
     gradients of X, k~, v, beta, W and gamma. Prints the largest relative error; fails beyond 1e-2 (bf16) /
     1e-5 (fp32). TF32 is off meanwhile: fp32 means fp32 here."""
     k_eps = GPTConfig().k_eps
+    step, fused_step = reference_step, fused and __import__("fused").step
     if fused:
-        step = lambda *inputs: __import__("fused").step(*inputs, True)[:2]  # inputs end with k_eps; erase
-    else:
-        step = torch.compile(reference_step) if use_compile else reference_step
+        step = lambda *inputs: fused_step(*inputs, True)[:2]  # inputs end with k_eps; erase
+    step = torch.compile(step) if use_compile else step  # compiled, fused.py's kernels launch from the graph
     gen = torch.Generator().manual_seed(0)
     shapes = ((8, 256, 768, 4), (8, 256, 768), (8, 256, 768, 4))
     X, kt, GX = (torch.randn(*s, generator=gen).to(dev) for s in shapes)
