@@ -196,9 +196,12 @@ def plot_ladder(folder, path):
         for ax, gap in zip(axes, ("gap", "gap_equal_time")):
             y = [float("nan") if r[gap] is None else r[gap] for r in mine]  # None: no pair on one card
             ax.errorbar(x, y, yerr=bars, marker="o", ms=4, capsize=3, label=label)
+            for r, xi, yi in zip(mine, x, y):  # the size at each point: the gap against model size too
+                ax.annotate(r["size"], (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=7)
     for ax, title in zip(axes, ("per token (equal steps)", "at the baseline's training time")):
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xscale="log", xlabel="training tokens per non-embedding parameter", title=title)
+        ax.set(xscale="log", xlabel="training tokens per non-embedding parameter", title=title,
+               xlim=(0.1, 50))  # the ladder's span: d768 once (0.2) to d256 four times (22)
         ax.grid(alpha=0.3, which="both")
     axes[0].set(ylabel="val loss: DDL - additive (best lr each)")
     axes[0].legend(fontsize=8)
