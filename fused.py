@@ -235,8 +235,10 @@ def _blocks(d, d_v):
 
 # On CUDA the ops are triton_ops: torch.compile sees their kernels and launches them from its own graph, with
 # no Python dispatch per call (a custom op's dispatch and Triton's launcher took about 136 us a call, 48
-# calls a step at the 124m size). Triton's CPU interpreter runs kernels eagerly only, so under it (the
-# tests) they are custom ops, opaque to torch.compile; both use the fake implementations below.
+# calls a step at the 124m size; launched from the graph, the GPU idles for 6% of fused DDL-CC's step, as
+# for 5% of the baseline's: docs/performance.md). wrap_triton cannot capture a kernel that Triton's CPU
+# interpreter runs, so under it (the tests) they are custom ops, opaque to torch.compile; both use the
+# fake implementations below.
 _op = torch.library.custom_op if INTERPRET else torch.library.triton_op
 
 def _fp32_per_token(beta, *trailing):

@@ -1,0 +1,38 @@
+# Device check: the fused path compiled (triton_op kernels launched by inductor, with the replay of SEGMENT)
+# against ddl.py compiled, on one batch: loss and every parameter's gradient. fp32 (TF32 off): must agree
+# to ~1e-5; bf16 autocast: each against the fp32 ddl.py, to compare their rounding.
+# Run from the repository root: PYTHONPATH=. python3 docs/records/2026-12-06-h100-triton-op/compiled_eq.py
+import copy, torch, fused
+from ddl import GPT, GPTConfig
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+bad = False
+for residual in ("delta",):
+    cfg = GPTConfig(n_embd=256, n_layer=4, n_head=2, head_dim=128, residual=residual, d_v=4, compressor="cc",
+                    embed_conv=True, block_size=256)
+    torch.manual_seed(0)
+    base = GPT(cfg).cuda()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, cfg.vocab_size, (8, 257), device="cuda")
+    res = {}
+    for path in ("ddl", "fused"):
+        for amp in (False, True):
+            m = copy.deepcopy(base)
+            if path == "fused":
+                fused.install(m)
+            c = torch.compile(m, fullgraph=True)
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                loss = c(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            res[path, amp] = [loss.detach()] + [p.grad for p in m.parameters()]
+    def err(a, b):
+        return max(((x - y).norm() / (y.norm() + 1e-30)).item() for x, y in zip(res[a], res[b]))
+    e32 = err(('fused', False), ('ddl', False))
+    print(residual, "fp32 fused vs ddl: max rel err (loss, every grad)", f"{e32:.2e}")
+    bad = bad or not e32 < 1e-4
+    print(residual, "bf16 ddl vs fp32 ddl", f"{err(('ddl', True), ('ddl', False)):.2e}",
+          "| bf16 fused vs fp32 ddl", f"{err(('fused', True), ('ddl', False)):.2e}",
+          "| losses", [round(res[k][0].item(), 5) for k in res])
+raise SystemExit(1 if bad else 0)
