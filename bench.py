@@ -104,8 +104,9 @@ def check_fast_path(dev, use_compile, fused):
     gradients of X, k~, v, beta, W and gamma. Prints the largest relative error; fails beyond 1e-2 (bf16) /
     1e-5 (fp32). TF32 is off meanwhile: fp32 means fp32 here."""
     k_eps = GPTConfig().k_eps
-    step, fused_step = reference_step, fused and __import__("fused").step
+    step = reference_step
     if fused:
+        fused_step = __import__("fused").step  # looked up here: torch.compile traces the call, not the import
         step = lambda *inputs: fused_step(*inputs, True)[:2]  # inputs end with k_eps; erase
     step = torch.compile(step) if use_compile else step  # compiled, fused.py's kernels launch from the graph
     gen = torch.Generator().manual_seed(0)

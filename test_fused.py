@@ -354,6 +354,18 @@ def test_bench_reference_step_is_the_written_out_rule():
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_bench_fast_path_check_compiles_the_fused_step_as_the_model_runs_it(fused, monkeypatch):
+    """With compile on, bench.py checks fused.step through torch.compile (on CUDA its kernels then launch
+    from the graph), not eagerly; fused.step stands in as the rule itself, the interpreter being too slow
+    for the check's 2048 tokens."""
+    compiled, calls = [], []
+    monkeypatch.setattr(torch, "compile", lambda f: compiled.append(f) or f)
+    monkeypatch.setattr(fused, "step", lambda X, kt, v, beta, W, gamma, k_eps, erase: calls.append(erase)
+                        or bench.reference_step(X, kt, v, beta, W, gamma, k_eps))
+    bench.check_fast_path(torch.device("cpu"), True, True)
+    assert len(compiled) == 1 and calls == [True, True]  # bf16 and fp32, both through the compiled step
+
+
 def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
     monkeypatch.setattr(bench, "check_fast_path", lambda dev, use_compile, fused: None)
     monkeypatch.setattr(bench, "WARM_UP", 1)
