@@ -336,15 +336,15 @@ def test_ladder_figure_draws_each_gap_against_tokens_per_parameter_with_the_larg
         logs[name("additive", 3e-3, seed)] = ladder_log([(0, 0, 11), (264, 10, base)], 0.3)
         logs[name("delta", 3e-3, seed)] = ladder_log([(0, 0, 11), (264, 20, ddl)], 0.3)
     write_logs(tmp_path / "logs", logs)
-    plot.plt = fake_matplotlib()[0].pyplot
-    fig, axes = plot.plt.subplots.return_value
+    plot.plt, fig, axes = fake_matplotlib()[0].pyplot, mock.MagicMock(), [mock.MagicMock() for _ in range(3)]
+    plot.plt.subplots.return_value = fig, axes
     plot.plot_ladder(str(tmp_path / "logs"), str(tmp_path / "ladder.png"))
-    x = 264 * 64 * 1024 / ladder.non_embedding_params("d256", "delta")
-    at_10s = np.mean([11 + (d - 11) / 2 - b for _, b, d in seeds])  # halfway along DDL's 20 s
-    for ax, gap in zip(axes, (4.6 - np.mean([5.0, 5.3, 4.8]), at_10s)):
-        (xs, ys), kw = ax.errorbar.call_args
+    n = ladder.non_embedding_params("d256", "delta")
+    per_token, at_10s = 4.6 - np.mean([5.0, 5.3, 4.8]), np.mean([11 + (d - 11) / 2 - b for _, b, d in seeds])
+    for ax, x, gap in zip(axes, (264 * 64 * 1024 / n, 264 * 64 * 1024 / n, n), (per_token, at_10s, per_token)):
+        (xs, ys), kw = ax.errorbar.call_args  # at_10s: halfway along DDL's 20 s
         assert np.allclose(xs, [x]) and np.allclose(ys, [gap]) and np.allclose(kw["yerr"], [0.5])
-        assert kw["label"] == "DDL d_v=1, 1 pass"
+        assert kw["label"] == "DDL d_v=1, 1 pass" and ax.annotate.call_args[0][0] == "d256"
     fig.savefig.assert_called_once_with(str(tmp_path / "ladder.png"), dpi=120)
     for seed in (1337, 1338, 1339):  # DDL's seeds on another card: no gap at equal time, drawn as none
         logs[name("delta", 3e-3, seed)][0]["device"] = "H200"

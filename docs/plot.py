@@ -179,29 +179,36 @@ def plot_sweep(folder, path):
 
 
 def plot_ladder(folder, path):
-    """Two panels, x = tokens per non-embedding parameter (log): each DDL variant's gap to the baseline's
-    val loss (best lr each, mean of seeds; bars: the larger of the two seed spreads) per token, and at the
-    baseline's training time. A line per variant and number of passes; sizes are the points."""
+    """Three panels: each DDL variant's gap to the baseline's val loss (best lr each, mean of seeds; bars:
+    the larger of the two seed spreads) per token and at the baseline's training time against tokens per
+    non-embedding parameter (log), and per token against the model's non-embedding parameters (log). A
+    line per variant and number of passes; each point is labelled with its size."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import ladder  # docs/ladder.py: the table this figure draws
     rows = ladder.table(ladder.load_logs(folder))
     base = {(r["size"], r["passes"]): r for r in rows if r["variant"] == "additive"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained", sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained", sharey=True)
+    panels = ((axes[0], "tokens_per_param", "gap"), (axes[1], "tokens_per_param", "gap_equal_time"),
+              (axes[2], "params", "gap"))
     for key in sorted({(r["variant"], r["passes"]) for r in rows if r["gap"] is not None}):
         mine = sorted((r for r in rows if (r["variant"], r["passes"]) == key and r["gap"] is not None),
-                      key=lambda r: r["tokens_per_param"])
-        x = [r["tokens_per_param"] for r in mine]
+                      key=lambda r: r["params"])
         bars = [max(r["spread"], base[r["size"], r["passes"]]["spread"]) for r in mine]
         label = f"{LABELS.get(key[0], key[0])}, {key[1]} pass{'es' if key[1] > 1 else ''}"
-        for ax, gap in zip(axes, ("gap", "gap_equal_time")):
+        for ax, along, gap in panels:
+            x = [r[along] for r in mine]
             y = [float("nan") if r[gap] is None else r[gap] for r in mine]  # None: no pair on one card
             ax.errorbar(x, y, yerr=bars, marker="o", ms=4, capsize=3, label=label)
-            for r, xi, yi in zip(mine, x, y):  # the size at each point: the gap against model size too
+            for r, xi, yi in zip(mine, x, y):
                 ax.annotate(r["size"], (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=7)
-    for ax, title in zip(axes, ("per token (equal steps)", "at the baseline's training time")):
+    titles = ("per token (equal steps)", "at the baseline's training time", "per token, by model size")
+    for (ax, along, _), title in zip(panels, titles):
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xscale="log", xlabel="training tokens per non-embedding parameter", title=title,
-               xlim=(0.1, 50))  # the ladder's span: d768 once (0.2) to d256 four times (22)
+        if along == "params":  # d256's 3.1M to the 124m shape's 85M
+            ax.set(xscale="log", xlabel="non-embedding parameters", title=title, xlim=(1e6, 2e8))
+        else:  # the ladder's span: d768 once (0.2) to d256 four times (22)
+            ax.set(xscale="log", xlabel="training tokens per non-embedding parameter", title=title,
+                   xlim=(0.1, 50))
         ax.grid(alpha=0.3, which="both")
     axes[0].set(ylabel="val loss: DDL - additive (best lr each)")
     axes[0].legend(fontsize=8)
