@@ -144,9 +144,10 @@ def test_memorize_unit_k_probe_reads_the_models_own_input_norm(monkeypatch):
 
 # ----------------------------------------------------------------------------- docs/ladder.py
 
-def ladder_log(points, acc_norm, card="H100"):
-    """A finished run's records on `card`: points is [(step, train clock s, val loss)], step 0 first."""
-    return ([dict(type="config", device=card)]
+def ladder_log(points, acc_norm, card="H100", sha="0123abcd" * 8):
+    """A finished run's records on `card`, from sources of sha256 `sha`: points is [(step, train clock s,
+    val loss)], step 0 first."""
+    return ([dict(type="config", device=card, source_sha256=sha)]
             + [dict(type="train", step=s, train_time_s=t) for s, t, _ in points[1:]]
             + [dict(type="val", step=s, loss=v) for s, _, v in points]
             + [dict(type="hellaswag", step=points[-1][0], acc_norm=acc_norm)])
@@ -230,15 +231,16 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s))  # 4.6 + 0.75 - 5.0 = +0.35
     assert ddl["standin_acc_norm"] == pytest.approx(0.34) and base["gap"] is None
     assert ddl["tokens_per_param"] == pytest.approx(264 * 64 * 1024 / ddl["params"])
-    assert ddl["cards"] == "H100"
+    assert ddl["cards"] == "H100" and ddl["code"] == "0123abcd"
     # a seed timed on another card keeps its loss but leaves the equal-time gap: clocks of two cards differ
     moved = logs[name("delta", 6e-3, 1339)]
-    moved[0]["device"] = "H200"
+    moved[0]["device"], moved[0]["source_sha256"] = "H200", "fedc" * 16
     next(r for r in moved if r["type"] == "val" and r["step"] == 132)["loss"] += 1  # its gap at 10 s too
     moved.remove(next(r for r in moved if r["type"] == "hellaswag"))  # unscored: the others' mean stands
     write_logs(tmp_path / "logs", logs)
     ddl = ladder.table(ladder.load_logs(str(tmp_path / "logs")))[1]
-    assert ddl["cards"] == "H100, H200" and ddl["loss"] == pytest.approx(4.6)
+    assert ddl["cards"] == "H100, H200" and ddl["code"] == "0123abcd, fedcfedc"
+    assert ddl["loss"] == pytest.approx(4.6)
     assert ddl["standin_acc_norm"] == pytest.approx(0.34)
     assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s[:2]))
     broke = logs[name("delta", 6e-3, 1338)]
@@ -341,7 +343,8 @@ def test_ladder_figure_draws_each_gap_against_tokens_per_parameter_with_the_larg
     plot.plot_ladder(str(tmp_path / "logs"), str(tmp_path / "ladder.png"))
     n = ladder.non_embedding_params("d256", "delta")
     per_token, at_10s = 4.6 - np.mean([5.0, 5.3, 4.8]), np.mean([11 + (d - 11) / 2 - b for _, b, d in seeds])
-    for ax, x, gap in zip(axes, (264 * 64 * 1024 / n, 264 * 64 * 1024 / n, n), (per_token, at_10s, per_token)):
+    tokens = 264 * 64 * 1024
+    for ax, x, gap in zip(axes, (tokens / n, tokens / n, n), (per_token, at_10s, per_token)):
         (xs, ys), kw = ax.errorbar.call_args  # at_10s: halfway along DDL's 20 s
         assert np.allclose(xs, [x]) and np.allclose(ys, [gap]) and np.allclose(kw["yerr"], [0.5])
         assert kw["label"] == "DDL d_v=1, 1 pass" and ax.annotate.call_args[0][0] == "d256"

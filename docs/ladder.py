@@ -108,6 +108,11 @@ def card(log):
     """The GPU that ran, and timed, the run (train.py's config record)."""
     return next(r for r in log if r["type"] == "config")["device"]
 
+def code(log):
+    """The sources that ran, and timed, the run: their sha256's first 8 digits (train.py's config record;
+    rundir.provenance says how to recompute it)."""
+    return next(r for r in log if r["type"] == "config")["source_sha256"][:8]
+
 def load_logs(folder):
     """{run name: its records}, for every log in folder."""
     logs = {}
@@ -157,7 +162,8 @@ def table(logs):
     """Per cell at its best lr: final val loss over seeds (mean, max - min), tokens per non-embedding
     parameter, and for DDL the gap to the additive baseline per token (equal steps) and at the baseline's
     training time (each seed against the baseline's run of the same seed on the same card: the clocks of
-    two cards do not compare). Rows of dicts."""
+    two cards do not compare); the cards and the code (sources' sha256) that timed the runs. Rows of
+    dicts."""
     rows = []
     for size, variant, passes in cells():
         lr = best_lr(logs, size, variant, passes)
@@ -172,7 +178,8 @@ def table(logs):
                    tokens_per_param=steps(passes) * BATCH * T / n, loss=float(np.mean(losses)),
                    spread=float(np.ptp(losses)), gap=None, gap_equal_time=None,
                    standin_acc_norm=float(np.mean(standin)) if standin else None,
-                   cards=", ".join(sorted({card(log) for log in runs.values()})))
+                   cards=", ".join(sorted({card(log) for log in runs.values()})),
+                   code=", ".join(sorted({code(log) for log in runs.values()})))
         base = next((r for r in rows if (r["size"], r["variant"], r["passes"]) == (size, "additive", passes)),
                     None)
         if variant != "additive" and base:
@@ -241,14 +248,14 @@ def main(argv=None):
         run(due(), args)
     else:
         print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
-              "stand-in acc_norm | gap per token | gap at equal time | card |\n|---|---|"
-              + "---:|" * 10 + "---|")
+              "stand-in acc_norm | gap per token | gap at equal time | card | code |\n|---|---|"
+              + "---:|" * 10 + "---|---|")
         fmt = lambda x, f: "—" if x is None else format(x, f)
         for r in table(logs):
             print(f"| {r['size']} | {r['variant']} | {r['passes']} | {r['lr']:g} | {r['seeds']} | "
                   f"{r['params'] / 1e6:.1f}M | {fmt(r['tokens_per_param'], '.1f')} | {r['loss']:.4f} | "
                   f"{r['spread']:.4f} | {fmt(r['standin_acc_norm'], '.4f')} | {fmt(r['gap'], '+.4f')} | "
-                  f"{fmt(r['gap_equal_time'], '+.4f')} | {r['cards']} |")
+                  f"{fmt(r['gap_equal_time'], '+.4f')} | {r['cards']} | {r['code']} |")
 
 if __name__ == "__main__":
     main()
