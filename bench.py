@@ -99,35 +99,47 @@ def reference_step(X, k_tilde, v, beta, W, gamma, k_eps):
     return Xn, F.rms_norm(x_in, (x_in.shape[-1],), gamma, eps=1e-5)
 
 def check_fast_path(dev, use_compile, fused):
-    """The step as the model runs it (compiled on CUDA, through fused.step with --fused; state in bf16 or
-    fp32, v and beta in fp32) against reference_step in float64 on random inputs: both outputs and the
-    gradients of X, k~, v, beta, W and gamma. Prints the largest relative error; fails beyond 1e-2 (bf16) /
-    1e-5 (fp32). TF32 is off meanwhile: fp32 means fp32 here."""
+    """The step as the model runs it (compiled on CUDA as one graph, through fused.step with --fused; state
+    in bf16 or fp32, v and beta in fp32) against reference_step in float64 on random inputs: both outputs
+    and the gradients of X, k~, v, beta, W and gamma. With --fused the state X is made from an earlier one
+    by three fused steps, which the backward replays (fused.py's SEGMENT 4 at most), so the replay is
+    checked too. Prints the largest relative error; fails beyond 1e-2 (bf16) / 1e-5 (fp32). TF32 is off
+    meanwhile: fp32 means fp32 here."""
     k_eps = GPTConfig().k_eps
-    step = reference_step
-    if fused:
-        fused_step = __import__("fused").step  # looked up here: torch.compile traces the call, not the import
-        step = lambda *inputs: fused_step(*inputs, True)[:2]  # inputs end with k_eps; erase
-    step = torch.compile(step) if use_compile else step  # compiled, fused.py's kernels launch from the graph
     gen = torch.Generator().manual_seed(0)
     shapes = ((8, 256, 768, 4), (8, 256, 768), (8, 256, 768, 4))
     X, kt, GX = (torch.randn(*s, generator=gen).to(dev) for s in shapes)
     W, gamma = torch.randn(768, 4, generator=gen).to(dev) / 2, 1 + torch.randn(768, generator=gen).to(dev) / 2
     v, beta = 4 * torch.rand(8, 256, 4, generator=gen).to(dev), 2 * torch.rand(8, 256, generator=gen).to(dev)
     GC = torch.randn(8, 256, 768, generator=gen).to(dev)
+    earlier_kt = [torch.randn(8, 256, 768, generator=gen).to(dev) for _ in range(3)]
+    chain, origin = [], None
+    step = lambda *inputs: reference_step(*inputs, k_eps)
+    if fused:
+        fused_step = __import__("fused").step  # looked up here: torch.compile traces the call, not the import
+        step = lambda *inputs: fused_step(*inputs, k_eps, True, origin, chain)[:2]  # erase, and the replay
+    step = torch.compile(step, fullgraph=True) if use_compile else step  # a graph break raises
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     try:
         for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            state, params = X.to(dtype), (W.to(dtype), gamma.to(dtype))
+            if fused:  # the state three boundaries on from origin, and what the backward replays it from
+                origin, chain = state, []
+                with torch.no_grad():
+                    for k_earlier in (k.to(dtype) for k in earlier_kt):
+                        state, _, e, rk, _ = fused_step(state, k_earlier, v, beta, *params, k_eps, True)
+                        chain += [k_earlier, rk, e, beta]
             results = []
-            for f, ins in ((reference_step, [t.double() for t in (X, kt, v, beta, W, gamma)]),
-                           (step, [X.to(dtype), kt.to(dtype), v, beta, W.to(dtype), gamma.to(dtype)])):
+            for f, ins in ((reference_step, [t.double() for t in (state, kt, v, beta, *params)]),
+                           (step, [state, kt.to(dtype), v, beta, *params])):
                 ins = [t.detach().requires_grad_() for t in ins]
-                Xn, c = f(*ins, k_eps)
+                Xn, c = f(*ins, k_eps) if f is reference_step else f(*ins)
                 torch.autograd.backward((Xn, c), (GX.to(Xn.dtype), GC.to(c.dtype)))
                 results.append([Xn, c] + [t.grad for t in ins])
             err = max(((b.double() - a).norm() / a.norm()).item() for a, b in zip(*results))
-            print(f"k, Eq. 2.2, next read and norm as run{' (fused)' if fused else ''} vs float64 reference "
-                  f"(2 outputs, 6 gradients), {dtype}: max relative error {err:.2e} (limit {tol:.0e})")
+            print(f"k, Eq. 2.2, next read and norm as run{' (fused, replayed)' if fused else ''} vs float64 "
+                  f"reference (2 outputs, 6 gradients), {dtype}: max relative error {err:.2e} "
+                  f"(limit {tol:.0e})")
             if not err <= tol:
                 raise RuntimeError(f"the {dtype} rewrite disagrees with the reference: {err:.2e} > {tol:.0e}")
     finally:

@@ -278,9 +278,6 @@ def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_t
     (gamma = None: W's dtype, unused); X_l is replayed from X, its segment's stored state, through chain
     (as step's), and X_{l+1} and x_in are recomputed from X_l."""
     g_Xn, g_c, X, k_tilde, e, beta, W = (t.contiguous() for t in (g_Xn, g_c, X, k_tilde, e, beta, W))
-    if len(chain) > 4 * MAX_REPLAY:
-        raise ValueError(f"fused: a chain of {len(chain) // 4} boundaries; the kernels replay at most "
-                         f"{MAX_REPLAY} (SEGMENT <= {MAX_REPLAY + 1})")
     n_chain = len(chain) // 4  # the kernels' fixed chain arguments: those past n_chain are never read
     chain = [t.contiguous() for t in chain] + [X] * (4 * MAX_REPLAY - len(chain))
     d, d_v = W.shape
@@ -381,7 +378,10 @@ WHY = dict(d_v="> 1 (the fused path is for the expanded state)", residual="delta
 
 def check_config(gpt):
     """Refuse a config value that the kernels have not been declared to run: one outside SUPPORTED, or a
-    field missing there at another value than its default."""
+    field missing there at another value than its default; and a SEGMENT longer than they replay."""
+    if not 1 <= SEGMENT <= MAX_REPLAY + 1:
+        raise ConfigError(f"fused: SEGMENT={SEGMENT!r} is not supported: must be 1 to {MAX_REPLAY + 1} (the "
+                          f"backward kernels take the values of {MAX_REPLAY} boundaries at most to replay)")
     for f in dataclasses.fields(gpt.config):
         value = getattr(gpt.config, f.name)
         if f.name not in SUPPORTED and value != f.default:

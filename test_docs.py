@@ -352,8 +352,10 @@ def test_ladder_figure_draws_each_gap_against_tokens_per_parameter_with_the_larg
     for seed in (1337, 1338, 1339):  # DDL's seeds on another card: no gap at equal time, drawn as none
         logs[name("delta", 3e-3, seed)][0]["device"] = "H200"
     write_logs(tmp_path / "logs", logs)
+    axes[1].annotate.reset_mock()
     plot.plot_ladder(str(tmp_path / "logs"), str(tmp_path / "ladder.png"))
-    assert np.isnan(axes[1].errorbar.call_args[0][1]).all()
+    assert np.isnan(axes[1].errorbar.call_args[0][1]).all() and not axes[1].annotate.called  # nor a label
+    assert axes[2].set.call_args[1]["xlabel"] == "non-embedding parameters"
 
 
 # ----------------------------------------------------------------------------- docs/ablations.py

@@ -257,6 +257,10 @@ def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             fused.install(tiny_model(**kw))
+    monkeypatch.setattr(fused, "SEGMENT", 5)  # 4 boundaries to replay: the kernels take 3
+    with pytest.raises(ConfigError, match=re.escape("fused: SEGMENT=5 is not supported: must be 1 to 4")):
+        fused.install(tiny_model(d_v=4))
+    monkeypatch.setattr(fused, "SEGMENT", 4)
     monkeypatch.setattr(fused, "INTERPRET", False)  # a CPU model without the interpreter
     with pytest.raises(ConfigError, match=re.escape("fused: device='cpu' is not supported: must be cuda")):
         fused.install(tiny_model(d_v=4))
@@ -354,16 +358,31 @@ def test_bench_reference_step_is_the_written_out_rule():
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_bench_fast_path_check_compiles_the_fused_step_as_the_model_runs_it(fused, monkeypatch):
-    """With compile on, bench.py checks fused.step through torch.compile (on CUDA its kernels then launch
-    from the graph), not eagerly; fused.step stands in as the rule itself, the interpreter being too slow
-    for the check's 2048 tokens."""
-    compiled, calls = [], []
-    monkeypatch.setattr(torch, "compile", lambda f: compiled.append(f) or f)
-    monkeypatch.setattr(fused, "step", lambda X, kt, v, beta, W, gamma, k_eps, erase: calls.append(erase)
-                        or bench.reference_step(X, kt, v, beta, W, gamma, k_eps))
+def test_bench_fast_path_check_compiles_the_fused_step_and_its_replay(fused, monkeypatch):
+    """With compile on, bench.py checks fused.step inside torch.compile (on CUDA its kernels then launch
+    from the graph) on a state made by three earlier fused steps, which the compiled step's backward
+    replays; fused.step stands in as the rule itself (the interpreter is too slow for 2048 tokens)."""
+    compiling, calls = [False], []
+
+    def fake_compile(f, fullgraph):
+        def compiled(*a):
+            compiling[0] = True
+            try:
+                return f(*a)
+            finally:
+                compiling[0] = False
+        return compiled if fullgraph else pytest.fail("a graph break would pass unseen")
+
+    def fake_step(X, kt, v, beta, W, gamma, k_eps, erase, origin=None, chain=()):
+        calls.append((compiling[0], origin is not None, len(chain)))
+        Xn, c = bench.reference_step(X, kt, v, beta, W, gamma, k_eps)
+        return Xn, c, torch.zeros(*beta.shape, W.shape[1]), torch.ones_like(beta), None
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(fused, "step", fake_step)
     bench.check_fast_path(torch.device("cpu"), True, True)
-    assert len(compiled) == 1 and calls == [True, True]  # bf16 and fp32, both through the compiled step
+    earlier = [(False, False, 0)] * 3  # the three steps that make the state, not compiled
+    assert calls == (earlier + [(True, True, 12)]) * 2  # bf16, fp32: the checked step compiled, replayed
 
 
 def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):

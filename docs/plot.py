@@ -200,7 +200,8 @@ def plot_ladder(folder, path):
             y = [float("nan") if r[gap] is None else r[gap] for r in mine]  # None: no pair on one card
             ax.errorbar(x, y, yerr=bars, marker="o", ms=4, capsize=3, label=label)
             for r, xi, yi in zip(mine, x, y):
-                ax.annotate(r["size"], (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=7)
+                if not np.isnan(yi):  # no point drawn, no label
+                    ax.annotate(r["size"], (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=7)
     titles = ("per token (equal steps)", "at the baseline's training time", "per token, by model size")
     for (ax, along, _), title in zip(panels, titles):
         ax.axhline(0, color="gray", lw=0.8)
