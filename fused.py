@@ -184,7 +184,9 @@ def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
         tl.store(G_V + t * d_v + j, (beta * u).to(G_V.dtype.element_ty), mask=mj)
         tl.store(G_BETA + t, (-tl.sum(u * e)).to(G_BETA.dtype.element_ty), mask=live)
 
-CHUNK = 64  # tokens per program of the weight's gradient: partial sums (n_tok / CHUNK, d, d_v), summed after
+# Tokens per program of the weight's gradient: partial sums (n_tok / CHUNK, d, d_v), summed after. The
+# interpreter computes every token of a chunk, those past the end too: 8 there, one tile of the first config.
+CHUNK = 8 if INTERPRET else 64
 WEIGHT_TILES = [triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w)
                 for bi in (16, 32, 64) for bt in (8, 16) for w in (2, 4)]
 
