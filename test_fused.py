@@ -185,7 +185,7 @@ def test_fused_op_passes_torch_library_opcheck(fused):
     """What torch.compile relies on: the fake implementation's shapes, dtypes and strides (a non-contiguous
     X), every output defined (no norm included), and the autograd registration, with and without gamma,
     and with a state replayed in the backward (origin and chain)."""
-    inputs, _ = step_inputs(torch.float32, d=20, d_v=3)
+    inputs, _ = step_inputs(torch.float32, B=2, T=2, d=20, d_v=3)  # few tokens: opcheck runs the op often
     X, k_tilde, v, beta, W, gamma = (t.requires_grad_() for t in inputs)
     X = X.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
     with torch.no_grad():  # a boundary before: its output X_1 is replayed from X_0 through one step
@@ -329,10 +329,10 @@ def test_train_with_fused_logs_the_losses_of_the_reference(fused, tmp_path, monk
                 "--preset=smoke",
                 "--n_embd=16",
                 "--head_dim=8",
-                "--block_size=16",
+                "--block_size=8",
                 "--max_steps=1",
                 "--eval_interval=1",
-                "--val_tokens=32",
+                "--val_tokens=16",
                 "--log_interval=1",
                 "--batch_size=2",
                 "--total_batch=2",
