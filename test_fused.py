@@ -395,7 +395,7 @@ def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
                 "--n_head=2",
                 "--head_dim=8",
                 "--n_embd=16",
-                "--block_size=16",
+                "--block_size=8",
                 "--vocab_size=64",
                 "--bench_batch=2",
                 "--bench_steps=1",
