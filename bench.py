@@ -114,7 +114,7 @@ def check_fast_path(dev, use_compile, fused):
     GC = torch.randn(8, 256, 768, generator=gen).to(dev)
     earlier_kt = [torch.randn(8, 256, 768, generator=gen).to(dev) for _ in range(3)]
     chain, origin = [], None
-    step = lambda *inputs: reference_step(*inputs, k_eps)
+    step = reference = lambda *inputs: reference_step(*inputs, k_eps)
     if fused:
         fused_step = __import__("fused").step  # looked up here: torch.compile traces the call, not the import
         step = lambda *inputs: fused_step(*inputs, k_eps, True, origin, chain)[:2]  # erase, and the replay
@@ -130,10 +130,10 @@ def check_fast_path(dev, use_compile, fused):
                         state, _, e, rk, _ = fused_step(state, k_earlier, v, beta, *params, k_eps, True)
                         chain += [k_earlier, rk, e, beta]
             results = []
-            for f, ins in ((reference_step, [t.double() for t in (state, kt, v, beta, *params)]),
+            for f, ins in ((reference, [t.double() for t in (state, kt, v, beta, *params)]),
                            (step, [state, kt.to(dtype), v, beta, *params])):
                 ins = [t.detach().requires_grad_() for t in ins]
-                Xn, c = f(*ins, k_eps) if f is reference_step else f(*ins)
+                Xn, c = f(*ins)
                 torch.autograd.backward((Xn, c), (GX.to(Xn.dtype), GC.to(c.dtype)))
                 results.append([Xn, c] + [t.grad for t in ins])
             err = max(((b.double() - a).norm() / a.norm()).item() for a, b in zip(*results))
