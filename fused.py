@@ -185,13 +185,12 @@ def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
         tl.store(G_BETA + t, (-tl.sum(u * e)).to(G_BETA.dtype.element_ty), mask=live)
 
 # Tokens per program of the weight's gradient: partial sums (n_tok / CHUNK, d, d_v), summed after. The
-# interpreter computes every token of a chunk, those past the end too: 8 there, one BLOCK_T; and it pays for
-# every operation of a program, whatever the tile's size: 64 features a program there.
+# interpreter computes every token of a chunk, those past the end too: 8 there, one tile of the first config.
 CHUNK = 8 if INTERPRET else 64
 WEIGHT_TILES = [triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w)
                 for bi in (16, 32, 64) for bt in (8, 16) for w in (2, 4)]
 
-@triton.autotune([triton.Config(dict(BLOCK_I=64, BLOCK_T=8), num_warps=2)] if INTERPRET else WEIGHT_TILES,
+@triton.autotune(WEIGHT_TILES[:1] if INTERPRET else WEIGHT_TILES,
                  key=["d", "d_v", "NORM", "CHUNK", "N_CHAIN"])
 @triton.jit
 def _weight_bwd(GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
