@@ -38,14 +38,15 @@ VARIANTS = {
     "tc": dict(residual="delta", d_v=4, compressor="tc", embed_conv=True),
     "write": dict(residual="write", d_v=4, compressor="cc", embed_conv=True),
 }
-FUSED = ("cc+fused", "write+fused")  # the same variants through fused.py, beside ddl.py's in one table
+FUSED = ("cc+fused", "tc+fused", "write+fused")  # the same variants through fused.py, beside ddl.py's
 
 @dataclass
 class BenchConfig:
     bench_batch: int = setting(16, "micro-batch of the timed steps")
     bench_steps: int = setting(20, "timed steps per variant")
     bench_variants: str = setting(",".join(VARIANTS), "comma-separated, from " + ", ".join(VARIANTS)
-                                  + "; cc+fused, write+fused: through fused.py (--fused=true: every CC one)")
+                                  + "; cc+fused, tc+fused, write+fused: through fused.py (--fused=true: "
+                                    "every d_v > 1 one)")
     bench_profile: bool = setting(False, "CUDA: also profile 3 training steps per variant (torch.profiler): "
                                          "GPU busy time, kernel launches, kernel time by group")
 

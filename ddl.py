@@ -258,10 +258,17 @@ class TokenCompressor(nn.Module):
     def forward(self, X, cache=None):
         # x_in[t, i] = sum_s sum_j channel_mix_j taps_ijs X[t - s, i, j]. Reducing over d_v before
         # shifting is the same sum, but shifts (B, T, d) tensors instead of (B, T, d, d_v) states.
-        w = (self.taps * self.channel_mix[:, None]).to(X.dtype)              # (d, d_v, K)
-        per_tap = torch.sum(X.unsqueeze(-1) * w, dim=-2)                     # (B, T, d, K)
-        per_tap, n_past = with_past(cache, self, per_tap, w.shape[-1] - 1)  # generation: earlier tokens
-        return sum(shift_tokens(per_tap[..., s], s) for s in range(w.shape[-1]))[:, n_past:]
+        return self.sum_taps(torch.sum(X.unsqueeze(-1) * self.tap_weights(X.dtype), dim=-2), cache)
+
+    def tap_weights(self, dtype):
+        """w[i, j, s] = channel_mix_j taps_ijs, (d, d_v, K): the read's weight on X[t - s, i, j]."""
+        return (self.taps * self.channel_mix[:, None]).to(dtype)
+
+    def sum_taps(self, per_tap, cache=None):
+        """x_in[t] = sum_s per_tap[t - s, :, s], from per_tap (B, T, d, K), each token's sums over d_v."""
+        K = per_tap.shape[-1]
+        per_tap, n_past = with_past(cache, self, per_tap, K - 1)  # generation: earlier tokens
+        return sum(shift_tokens(per_tap[..., s], s) for s in range(K))[:, n_past:]
 
 class EmbedConv(nn.Module):
     """EC (App. A.2): expands the embedding (B, T, d) into the state (B, T, d, d_v) with a causal

@@ -1,6 +1,6 @@
 """
-The fused path for ddl.py's expanded residual state (d_v > 1) with the channel compressor (DDL-CC, and
-the write-only control): Triton kernels, forward and backward, for what the (B, T, d, d_v) state goes
+The fused path for ddl.py's expanded residual state (d_v > 1: DDL-CC, DDL-TC and the write-only
+control): Triton kernels, forward and backward, for what the (B, T, d, d_v) state goes
 through between two sublayers. Optional: ddl.py never imports this file, and nothing changes unless
 you ask for it:
 
@@ -29,8 +29,14 @@ reduces over tokens for W's and the norm gain's gradients, g_W[i, j] = sum_t g[t
 X_{l+1}, x_in and g are recomputed from X_l, so the op keeps k~, beta, e and two norms per token for its
 backward, and the state X_l only at every SEGMENT-th boundary: the others replay X_l from that one
 through Eq. 2.2 (the forward's own arithmetic and rounding, on the saved values); taking k~ and giving
-c, it spares torch.compile keeping k and x_in around it. TC's read spans neighbouring tokens and is not
-fused. Measured on H100/H200, with what still costs: docs/performance.md.
+c, it spares torch.compile keeping k and x_in around it.
+
+TC's read spans the last K = conv_kernel tokens, x_in[t, i] = sum_s sum_j w[i, j, s] X_{l+1}[t - s, i, j],
+so a token's kernel cannot finish it alone: it writes each tap's sum over d_v, c[s, t, i] = sum_j
+w[i, j, s] X_{l+1}[t, i, j] (W and c tap-major, K of CC's one), and TokenCompressor.sum_taps adds them
+across tokens before the norm, in ddl.py's code, compiled around the op. Its backward takes dL/dc[s, t, i]
+from that code in place of CC's dL/dc. CC is the case K = 1 (the kernels compile as they did before TC).
+Measured on H100/H200, with what still costs: docs/performance.md.
 
 Everything is computed in fp32 and rounded to the state's dtype where ddl.py's functions return a
 value in it: k (twice, as unit_direction), X_{l+1}, x_in and c. ddl.py's eager products (beta e,
@@ -49,7 +55,7 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ddl import ConfigError
+from ddl import ConfigError, TokenCompressor
 
 try:
     import triton
@@ -107,7 +113,7 @@ def _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN: tl.co
 @_tuned(tokens=(1, 4), warps=(4, 8, 16))
 @triton.jit
 def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_scale,
-              d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr,
+              d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr, TAPS: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]  # feature index, (BLOCK_D, 1)
     j = tl.arange(0, BLOCK_V)[None, :]  # value channel, (1, BLOCK_V)
@@ -130,21 +136,22 @@ def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_sca
         tl.store(XN + (t * d + i) * d_v + j, xn.to(XN.dtype.element_ty), mask=m)
         tl.store(E + t * d_v + j, e, mask=mj)
         tl.store(RK + t, rk, mask=live)
-        w = tl.load(W + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
-        c = _rounded(tl.sum(w * xn, axis=1, keep_dims=True), X)  # x_in, the next CC read
-        if NORM:  # c = RMSNorm(x_in) with gain gamma (eps 1e-5, as ddl.py's read)
-            r = tl.rsqrt(tl.sum(c * c) / d + 1e-5)
-            c = c * r * tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
-        else:
-            r = 1.0
-        tl.store(RSTD + t, r, mask=live)
-        tl.store(C + t * d + i, c.to(C.dtype.element_ty), mask=mi)
+        for s in tl.static_range(TAPS):  # CC: one tap; TC: each tap's sum, summed over tokens by torch
+            w = tl.load(W + s * d * d_v + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
+            c = _rounded(tl.sum(w * xn, axis=1, keep_dims=True), X)  # x_in, the next read (TC: one tap's)
+            if NORM:  # c = RMSNorm(x_in) with gain gamma (eps 1e-5, as ddl.py's read; CC only)
+                r = tl.rsqrt(tl.sum(c * c) / d + 1e-5)
+                c = c * r * tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
+            else:
+                r = 1.0
+            tl.store(RSTD + t, r, mask=live)
+            tl.store(C + s * n_tok * d + t * d + i, c.to(C.dtype.element_ty), mask=mi)
 
-@_tuned(tokens=(1, 4), warps=(4, 8, 16), key=("d", "d_v", "NORM", "N_CHAIN"))
+@_tuned(tokens=(1, 4), warps=(4, 8, 16), key=("d", "d_v", "NORM", "TAPS", "N_CHAIN"))
 @triton.jit
 def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
               KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, k_scale,
-              d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr,
+              d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr, TAPS: tl.constexpr,
               N_CHAIN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]
     j = tl.arange(0, BLOCK_V)[None, :]
@@ -161,16 +168,20 @@ def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
         k = _direction(kt, rk, k_scale, KT)
         e = tl.load(E + t * d_v + j, mask=mj, other=0.0)
         beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
-        w = tl.load(W + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
-        g = tl.load(GC + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc, (BLOCK_D, 1)
-        if NORM:  # RMSNorm's backward: g = r gamma dc - x_in r^3 (sum gamma dc x_in) / d
-            xin = _rounded(tl.sum(w * _new_state(x, k, e, beta, X), axis=1, keep_dims=True), X)
-            r = tl.load(RSTD + t, mask=live, other=0.0)
-            gg = g * tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
-            s = tl.sum(gg * xin) * r * r * r / d
-            g = r * gg - xin * s
-            tl.store(S + t, s, mask=live)  # for the weight kernel's recompute of g
-        G = tl.load(GXN + (t * d + i) * d_v + j, mask=m, other=0.0).to(tl.float32) + w * g
+        for tap in tl.static_range(TAPS):  # CC: one tap; TC: one per tap, each read's part of dL/dX_{l+1}
+            w = tl.load(W + tap * d * d_v + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
+            g = tl.load(GC + tap * n_tok * d + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc
+            if NORM:  # RMSNorm's backward: g = r gamma dc - x_in r^3 (sum gamma dc x_in) / d
+                xin = _rounded(tl.sum(w * _new_state(x, k, e, beta, X), axis=1, keep_dims=True), X)
+                r = tl.load(RSTD + t, mask=live, other=0.0)
+                gg = g * tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
+                s = tl.sum(gg * xin) * r * r * r / d
+                g = r * gg - xin * s
+                tl.store(S + t, s, mask=live)  # for the weight kernel's recompute of g
+            if tap == 0:  # G = dL/dX_{l+1}: the state's own gradient, then each tap's read
+                G = tl.load(GXN + (t * d + i) * d_v + j, mask=m, other=0.0).to(tl.float32) + w * g
+            else:
+                G += w * g
         u = tl.sum(k * G, axis=0, keep_dims=True)  # k^T G, (1, BLOCK_V)
         if ERASE:
             g_x = G - beta * k * u
@@ -191,46 +202,59 @@ WEIGHT_TILES = [triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w)
                 for bi in (16, 32, 64) for bt in (8, 16) for w in (2, 4)]
 
 @triton.autotune(WEIGHT_TILES[:1] if INTERPRET else WEIGHT_TILES,
-                 key=["d", "d_v", "NORM", "CHUNK", "N_CHAIN"])
+                 key=["d", "d_v", "NORM", "TAPS", "CHUNK", "N_CHAIN"])
 @triton.jit
 def _weight_bwd(GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
                 KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale,
                 CHUNK: tl.constexpr, d: tl.constexpr, d_v: tl.constexpr, NORM: tl.constexpr,
-                N_CHAIN: tl.constexpr,
+                TAPS: tl.constexpr, N_CHAIN: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
-    # dW[i, j] = sum over tokens of g[t, i] X_{l+1}[t, i, j] and g_gamma[i] = sum of dc[t, i] x_in[t, i] r[t],
-    # with X_{l+1}, x_in and g recomputed; this program: features [i0, i0 + BLOCK_I), tokens [t0, t0 + CHUNK)
+    # dW[s, i, j] = sum over tokens of g[s, t, i] X_{l+1}[t, i, j] (CC: one tap) and g_gamma[i] = sum of
+    # dc[t, i] x_in[t, i] r[t], with X_{l+1}, x_in and g recomputed; this program: features
+    # [i0, i0 + BLOCK_I), tokens [t0, t0 + CHUNK)
     i0, t0 = tl.program_id(0) * BLOCK_I, tl.program_id(1) * CHUNK
     tt = tl.arange(0, BLOCK_T)[:, None, None]             # token, (BLOCK_T, 1, 1)
     i = i0 + tl.arange(0, BLOCK_I)[None, :, None]         # feature, (1, BLOCK_I, 1)
     j = tl.arange(0, BLOCK_V)[None, None, :]              # value channel, (1, 1, BLOCK_V)
-    w = tl.load(W + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
-    g_w = tl.zeros((BLOCK_T, BLOCK_I, BLOCK_V), dtype=tl.float32)  # summed over its BLOCK_T rows at the end
-    g_gamma = tl.zeros((BLOCK_T, BLOCK_I, 1), dtype=tl.float32)
-    for b in tl.range(0, CHUNK, BLOCK_T):
-        t = t0 + b + tt
-        live = (t < n_tok) & (b + tt < CHUNK)
-        mi = live & (i < d)
-        x = tl.load(X + (t * d + i) * d_v + j, mask=mi & (j < d_v), other=0.0).to(tl.float32)
-        x = _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, t, i, j, mi,
-                    live & (j < d_v), live, k_scale, X, d, d_v)  # X_l
-        kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
-        e = tl.load(E + t * d_v + j, mask=live & (j < d_v), other=0.0)
-        beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
-        rk = tl.load(RK + t, mask=live, other=0.0)
-        xn = _new_state(x, _direction(kt, rk, k_scale, KT), e, beta, X)  # (BLOCK_T, BLOCK_I, BLOCK_V)
-        g = tl.load(GC + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc, (BLOCK_T, BLOCK_I, 1)
-        if NORM:
-            xin = _rounded(tl.sum(w * xn, axis=2, keep_dims=True), X)
-            r = tl.load(RSTD + t, mask=live, other=0.0)
-            g_gamma += g * xin * r
-            gamma = tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
-            g = r * g * gamma - xin * tl.load(S + t, mask=live, other=0.0)
-        g_w += xn * g
-    ii = i0 + tl.arange(0, BLOCK_I)[:, None]
-    jj = tl.arange(0, BLOCK_V)[None, :]
-    tl.store(G_W + (tl.program_id(1) * d + ii) * d_v + jj, tl.sum(g_w, axis=0), mask=(ii < d) & (jj < d_v))
-    tl.store(G_GAMMA + tl.program_id(1) * d + ii, tl.sum(g_gamma, axis=0), mask=ii < d)
+    # TC: one tap after the other, each recomputing X_{l+1} from its chunk's inputs (the later taps' reads
+    # mostly from the cache), so that CC (one tap) compiles as before
+    for tap in tl.static_range(TAPS):
+        w = tl.load(W + tap * d * d_v + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
+        g_w = tl.zeros((BLOCK_T, BLOCK_I, BLOCK_V), dtype=tl.float32)  # summed over BLOCK_T rows at the end
+        g_gamma = tl.zeros((BLOCK_T, BLOCK_I, 1), dtype=tl.float32)
+        for b in tl.range(0, CHUNK, BLOCK_T):
+            t = t0 + b + tt
+            live = (t < n_tok) & (b + tt < CHUNK)
+            mi = live & (i < d)
+            x = tl.load(X + (t * d + i) * d_v + j, mask=mi & (j < d_v), other=0.0).to(tl.float32)
+            x = _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, t, i, j, mi,
+                        live & (j < d_v), live, k_scale, X, d, d_v)  # X_l
+            kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
+            e = tl.load(E + t * d_v + j, mask=live & (j < d_v), other=0.0)
+            beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
+            rk = tl.load(RK + t, mask=live, other=0.0)
+            xn = _new_state(x, _direction(kt, rk, k_scale, KT), e, beta, X)  # (BLOCK_T, BLOCK_I, BLOCK_V)
+            g = tl.load(GC + tap * n_tok * d + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc
+            if NORM:
+                xin = _rounded(tl.sum(w * xn, axis=2, keep_dims=True), X)
+                r = tl.load(RSTD + t, mask=live, other=0.0)
+                g_gamma += g * xin * r
+                gamma = tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
+                g = r * g * gamma - xin * tl.load(S + t, mask=live, other=0.0)
+            g_w += xn * g
+        ii = i0 + tl.arange(0, BLOCK_I)[:, None]
+        jj = tl.arange(0, BLOCK_V)[None, :]
+        tl.store(G_W + tap * tl.num_programs(1) * d * d_v + (tl.program_id(1) * d + ii) * d_v + jj,
+                 tl.sum(g_w, axis=0), mask=(ii < d) & (jj < d_v))
+        tl.store(G_GAMMA + tl.program_id(1) * d + ii, tl.sum(g_gamma, axis=0), mask=ii < d)
+
+def _read_shape(W):
+    """d, d_v and the taps of the next read's weights: CC's mix (d, d_v) is one tap; TC's (K, d, d_v)."""
+    return (*W.shape, 1) if W.dim() == 2 else (*W.shape[1:], W.shape[0])
+
+def _c_shape(X, W):
+    """c's shape: (..., d) for CC, (K, ..., d) for TC's K tap sums (tap-major, as W)."""
+    return (*W.shape[:-2], *X.shape[:-1])
 
 def _blocks(d, d_v):
     return dict(BLOCK_D=triton.next_power_of_2(d), BLOCK_V=triton.next_power_of_2(d_v))
@@ -252,25 +276,27 @@ def step_op(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamm
             chain: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """X (..., d, d_v), k~ (..., d), v (..., d_v), beta (...), W (d, d_v) the next CC mix, gamma (d) the next
     norm's gain (None: no norm, c = x_in) -> X_{l+1}, c (..., d) in X's dtype, and in fp32 for the
-    backward: e (..., d_v), 1 / rms(k~) and 1 / rms(x_in) (...).
+    backward: e (..., d_v), 1 / rms(k~) and 1 / rms(x_in) (...). For TC's read, W (K, d, d_v) holds the
+    K taps' weights (TokenCompressor.tap_weights, tap first), gamma is None and c (K, ..., d) each tap's sum.
     origin and chain are for the backward alone (fused_body): the backward keeps origin, the stored state
     of X's segment, instead of X, and replays X from it through chain, the (k~, 1/rms(k~), e, beta) of each
     boundary in between (origin None: it keeps X)."""
     X, k_tilde, v, beta, W = (t.contiguous() for t in (X, k_tilde, v, beta, W))
-    d, d_v = W.shape
+    d, d_v, taps = _read_shape(W)
     n_tok = beta.numel()
-    Xn, c = torch.empty_like(X), X.new_empty(X.shape[:-1])
+    Xn, c = torch.empty_like(X), X.new_empty(_c_shape(X, W))
     e, rk, rstd = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
     wrap_triton(_step_fwd)[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
         X, k_tilde, v, beta, W, W if gamma is None else gamma.contiguous(), Xn, c, e, rk, rstd, n_tok,
-        k_eps * k_eps / d, 1 / math.sqrt(d), d, d_v, ERASE=erase, NORM=gamma is not None, **_blocks(d, d_v))
+        k_eps * k_eps / d, 1 / math.sqrt(d), d, d_v, ERASE=erase, NORM=gamma is not None, TAPS=taps,
+        **_blocks(d, d_v))
     return Xn, c, e, rk, rstd
 
 @step_op.register_fake
 def _(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
-    d_v = W.shape[1]  # contiguous outputs, as the op's (it makes its inputs contiguous first)
+    d_v = W.shape[-1]  # contiguous outputs, as the op's (it makes its inputs contiguous first)
     per_token = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
-    return (X.new_empty(X.shape), X.new_empty(X.shape[:-1]), *per_token)
+    return (X.new_empty(X.shape), X.new_empty(_c_shape(X, W)), *per_token)
 
 @_op("ddl_fused::step_backward", mutates_args=())
 def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_tilde: Tensor, e: Tensor,
@@ -282,19 +308,20 @@ def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_t
     g_Xn, g_c, X, k_tilde, e, beta, W = (t.contiguous() for t in (g_Xn, g_c, X, k_tilde, e, beta, W))
     n_chain = len(chain) // 4  # the kernels' fixed chain arguments: those past n_chain are never read
     chain = [t.contiguous() for t in chain] + [X] * (4 * MAX_REPLAY - len(chain))
-    d, d_v = W.shape
+    d, d_v, taps = _read_shape(W)
     n_tok, k_scale = beta.numel(), 1 / math.sqrt(d)
     norm, gamma = gamma is not None, W if gamma is None else gamma.contiguous()  # W: a pointer never read
     g_X, g_k, g_v, g_beta, s = (torch.empty_like(t) for t in (X, k_tilde, e, beta, rk))
     wrap_triton(_step_bwd)[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
         g_Xn, g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, g_X, g_k, g_v, g_beta, s, n_tok, k_scale,
-        d, d_v, ERASE=erase, NORM=norm, N_CHAIN=n_chain, **_blocks(d, d_v))
+        d, d_v, ERASE=erase, NORM=norm, TAPS=taps, N_CHAIN=n_chain, **_blocks(d, d_v))
     splits = triton.cdiv(n_tok, CHUNK)
-    g_W, g_gamma = torch.empty(splits, d, d_v, device=X.device), torch.empty(splits, d, device=X.device)
+    g_W = torch.empty(*W.shape[:-2], splits, d, d_v, device=X.device)  # TC: (K, splits, d, d_v)
+    g_gamma = torch.empty(splits, d, device=X.device)
     wrap_triton(_weight_bwd)[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), splits)](
         g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, k_scale, CHUNK, d, d_v,
-        norm, n_chain, BLOCK_V=triton.next_power_of_2(d_v))
-    return [g_X, g_k, g_v, g_beta, g_W.sum(0).to(W.dtype), g_gamma.sum(0).to(gamma.dtype)]
+        norm, taps, n_chain, BLOCK_V=triton.next_power_of_2(d_v))
+    return [g_X, g_k, g_v, g_beta, g_W.sum(-3).to(W.dtype), g_gamma.sum(0).to(gamma.dtype)]
 
 @step_backward.register_fake
 def _(g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, erase):
@@ -324,7 +351,7 @@ def step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin=None, chain=()):
 def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
     """step() after checking that its inputs have the shapes its kernels assume: one beta per token, a
     state (..., d, d_v) with W's (d, d_v). A change in ddl.py that breaks these is refused here, by name."""
-    d, d_v = W.shape
+    d, d_v = W.shape[-2:]
     tokens = tuple(X.shape[:-2])
     for name, t, shape in (("X", X, (*tokens, d, d_v)), ("k_tilde", k_tilde, (*tokens, d)),
                            ("v", v, (*tokens, d_v)), ("beta", beta, tokens)):
@@ -339,18 +366,23 @@ def fused_body(model, X, cache=None):
     branches = [b for block in model.blocks for b in (block.attn, block.mlp)]
     if any(b.record for b in branches):  # gate audits record in ddl.py's own forward
         return type(model).body(model, X, cache)
-    c = branches[0].input_norm(branches[0].compressor(X))
+    c = branches[0].input_norm(branches[0].compressor(X, cache))
     k_tilde = branches[0].sublayer(c, cache)
     for n, branch in enumerate(branches):
         nxt = branches[n + 1] if n + 1 < len(branches) else None
         # the next sublayer's compressor and norm; after the last sublayer, the final compressor, no norm
         compressor, gamma = (nxt.compressor, nxt.norm_gain) if nxt else (model.final_compressor, None)
-        gamma = None if gamma is None else gamma.to(X.dtype)
+        tc = isinstance(compressor, TokenCompressor)  # TC: the kernels give each tap's sum, and no norm
+        W = compressor.tap_weights(X.dtype).permute(2, 0, 1) if tc else compressor.mix.to(X.dtype)
+        gamma = None if gamma is None or tc else gamma.to(X.dtype)
         if n % SEGMENT == 0 or not torch.is_grad_enabled():  # keep this state; the next ones replay theirs
             origin, chain = None, []
         beta = branch.gate(c).squeeze(-1)
-        Xn, c, e, rk, _ = checked_step(X, k_tilde, branch.value(c), beta, compressor.mix.to(X.dtype), gamma,
-                                       model.config.k_eps, model.config.residual == "delta", origin, chain)
+        Xn, c, e, rk, _ = checked_step(X, k_tilde, branch.value(c), beta, W, gamma, model.config.k_eps,
+                                       model.config.residual == "delta", origin, chain)
+        if tc:  # TC's read across tokens, x_in[t] = sum_s c[t - s, :, s], and the norm, in ddl.py's code
+            c = compressor.sum_taps(c.movedim(0, -1), cache)
+            c = nxt.input_norm(c) if nxt else c
         origin = X.detach() if origin is None else origin
         chain = chain + [k_tilde.detach(), rk, e, beta.detach()]
         X = Xn
@@ -371,11 +403,10 @@ MAX_REPLAY = 3  # boundaries a backward kernel replays at most (its chain argume
 # missing here runs only at its default, so that a new option of ddl.py, once used, is never trained through
 # kernels that do not know it, while at its default it costs nothing (install's numerical check still runs).
 SUPPORTED = dict(vocab_size=None, n_layer=None, n_head=None, head_dim=None, n_embd=None, block_size=None,
-                 residual=("delta", "write"), d_v=range(2, 1 << 16), compressor=("cc",), embed_conv=None,
+                 residual=("delta", "write"), d_v=range(2, 1 << 16), compressor=("cc", "tc"), embed_conv=None,
                  conv_kernel=None, beta_bound=None, beta_init=None, k_eps=None, v_scale=None,
                  check_spectrum=(False,))  # beta_bound: the kernels take beta as made by ddl.py's gate()
 WHY = dict(d_v="> 1 (the fused path is for the expanded state)", residual="delta or write",
-           compressor="cc (TC's read spans tokens; it runs in ddl.py)",
            check_spectrum="False (it checks ddl.py's own forward)")
 
 def check_config(gpt):

@@ -41,18 +41,21 @@ EPS_K = 0.3  # large enough that eps_k shows in k = k~ / sqrt(|k~|^2 + eps_k^2)
 def o_step(X, k_tilde, v, beta, W, gamma, erase):
     """The fused step written out: k = k~ / sqrt(|k~|^2 + eps_k^2) (§3.1), e = k^T X - v (Eq. 2.4; -v without
     the erase term), X' = X - beta k e^T (Eq. 2.2), x_in[i] = sum_j W[i, j] X'[i, j] (the next CC read) and
-    c = RMSNorm(x_in) with gain gamma (x_in itself when gamma is None)."""
+    c = RMSNorm(x_in) with gain gamma (x_in itself when gamma is None). TC's taps, W (K, d, d_v): one
+    x_in[s, ..., i] = sum_j W[s, i, j] X'[i, j] per tap s, tap-major, no norm."""
     k = k_tilde / torch.sqrt((k_tilde * k_tilde).sum(-1, keepdim=True) + EPS_K ** 2)
     e = (k[..., :, None] * X).sum(-2) - v if erase else -v
     Xn = X - beta[..., None, None] * k[..., :, None] * e[..., None, :]
+    if W.dim() == 3:
+        return Xn, torch.stack([(Xn * W[s]).sum(-1) for s in range(W.shape[0])])
     x_in = (Xn * W).sum(-1)
     return Xn, x_in if gamma is None else o_rms(x_in, gamma)
 
 
-def step_inputs(dtype, B=2, T=5, d=24, d_v=3, seed=5):
+def step_inputs(dtype, B=2, T=5, d=24, d_v=3, seed=5, taps=None):
     """X, k~ (not unit: the kernel normalises it), v in (0, 4), beta in (0, 2), the mix W and the gain
     gamma away from their inits, with d and d_v off a power of 2 (the kernels' padded lanes); and the
-    gradients of X' and c."""
+    gradients of X' and c. With taps, W (taps, d, d_v) and c (taps, B, T, d): TC's read."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(B, T, d, d_v, generator=gen, dtype=F64)
     k_tilde = torch.randn(B, T, d, generator=gen, dtype=F64) * torch.rand(B, T, 1, generator=gen, dtype=F64)
@@ -60,13 +63,14 @@ def step_inputs(dtype, B=2, T=5, d=24, d_v=3, seed=5):
         4 * torch.rand(B, T, d_v, generator=gen, dtype=F64),
         2 * torch.rand(B, T, generator=gen, dtype=F64),
     )
+    lead = () if taps is None else (taps,)
     W, gamma = (
-        torch.randn(d, d_v, generator=gen, dtype=F64) / 2,
+        torch.randn(*lead, d, d_v, generator=gen, dtype=F64) / 2,
         1 + torch.randn(d, generator=gen, dtype=F64) / 2,
     )
     grads = (
         torch.randn(B, T, d, d_v, generator=gen, dtype=F64),
-        torch.randn(B, T, d, generator=gen, dtype=F64),
+        torch.randn(*lead, B, T, d, generator=gen, dtype=F64),
     )
     return [X.to(dtype), k_tilde.to(dtype), v.float(), beta.float(), W.to(dtype), gamma.to(dtype)], grads
 
@@ -104,12 +108,13 @@ def check_step(got, want, tol):
             assert rel_err(g, w) < tol, name
 
 
-@pytest.mark.parametrize("norm", [True, False], ids=["norm", "last"])
+@pytest.mark.parametrize("norm,taps", [(True, None), (False, None), (False, 3)], ids=["norm", "last", "tc"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write"])
-def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase, norm):
+def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase, norm, taps):
     """Outputs and the gradients of X, k~, v, beta, W and gamma: the kernels (fp32) against the float64
-    oracle, with the next sublayer's norm and without it (the last boundary, before the final compressor)."""
-    inputs, grads = step_inputs(torch.float32)
+    oracle, with the next sublayer's norm and without it (the last boundary, before the final compressor),
+    and with TC's read, 3 taps, W (3, d, d_v)."""
+    inputs, grads = step_inputs(torch.float32, taps=taps)
     got = outputs_and_grads(fused_step(fused, erase, norm), inputs, grads)
     want = outputs_and_grads(oracle_step(erase, norm), [t.double() for t in inputs], grads)
     assert [got[i].dtype for i in range(2, 7 + norm)] == [t.dtype for t in inputs][:5 + norm]
@@ -163,28 +168,31 @@ def test_fused_step_rounds_where_ddl_rounds_in_bf16(fused):
         assert rel_err(gamma.grad, (dc * x_in * r).sum((0, 1))) < 1e-5
 
 
-def test_fused_kernels_read_nothing_past_their_inputs(fused):
+@pytest.mark.parametrize("taps", [None, 3], ids=["cc", "tc"])
+def test_fused_kernels_read_nothing_past_their_inputs(fused, taps):
     """Every input a view of a longer buffer whose tail is NaN: a load that escapes its mask (the padded
-    lanes of d and d_v, a token past the last) turns an output or a gradient into NaN."""
-    inputs, grads = step_inputs(torch.float32)
+    lanes of d and d_v, a token past the last, TC: a tap past the last) turns an output or a gradient into
+    NaN."""
+    inputs, grads = step_inputs(torch.float32, taps=taps)
+    norm = taps is None
 
     def nan_tailed(t):
         return torch.cat([t.flatten(), torch.full((256,), float("nan"), dtype=t.dtype)])[: t.numel()].view(
             t.shape
         )
 
-    got = outputs_and_grads(fused_step(fused, True), inputs, grads)  # clean copies
+    got = outputs_and_grads(fused_step(fused, True, norm), inputs, grads)  # clean copies
     ins = [nan_tailed(t).requires_grad_() for t in inputs]
-    outs = fused.step(*ins, EPS_K, True)[:2]
+    outs = fused_step(fused, True, norm)(*ins)[:2]
     torch.autograd.backward(outs, [nan_tailed(g.float()) for g in grads])
-    for name, a, b in zip(STEP_NAMES, [o.detach() for o in outs] + [t.grad for t in ins], got):
+    for name, a, b in zip(STEP_NAMES[:7 + norm], [o.detach() for o in outs] + [t.grad for t in ins], got):
         assert torch.equal(a, b), name
 
 
 def test_fused_op_passes_torch_library_opcheck(fused):
     """What torch.compile relies on: the fake implementation's shapes, dtypes and strides (a non-contiguous
     X), every output defined (no norm included), and the autograd registration, with and without gamma,
-    and with a state replayed in the backward (origin and chain)."""
+    with a state replayed in the backward (origin and chain), and with TC's taps (c is (K, ..., d))."""
     inputs, _ = step_inputs(torch.float32, B=2, T=2, d=20, d_v=3)  # few tokens: opcheck runs the op often
     X, k_tilde, v, beta, W, gamma = (t.requires_grad_() for t in inputs)
     X = X.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
@@ -195,6 +203,8 @@ def test_fused_op_passes_torch_library_opcheck(fused):
     X_1.requires_grad_()
     for g, x, origin, chain in ((gamma, X, None, []), (None, X_1, X_0, [k_0, rk, e, beta.detach()])):
         torch.library.opcheck(fused.step_op, (x, k_tilde, v, beta, W, g, EPS_K, True, origin, chain))
+    taps = torch.randn(2, *W.shape, generator=torch.Generator().manual_seed(6)).requires_grad_()  # TC's read
+    torch.library.opcheck(fused.step_op, (X, k_tilde, v, beta, taps, None, EPS_K, True, None, []))
 
 
 def fused_pair(fused, monkeypatch, **kw):
@@ -221,10 +231,11 @@ def check_fused_model(ref, fast, B, T):
         assert (q.grad - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
 
 
-@pytest.mark.parametrize("name", ["cc_ec", "write4", "cc_ec_no_reflection"])  # CC w/o EC: FUSED_SHAPES["dv2"]
+@pytest.mark.parametrize("name", ["cc_ec", "write4", "cc_ec_no_reflection", "tc_ec"])  # w/o EC: FUSED_SHAPES
 def test_fused_model_equals_ddl_forward_and_gradients(fused, name, monkeypatch):
     """The whole model through the fused body (one step per sublayer boundary, the next compressor read
-    and norm in the kernel): loss and every parameter's gradient equal to ddl.py's forward, in fp32."""
+    and norm in the kernel; TC: its taps' sums, then their sum over tokens and the norm in ddl.py's code):
+    loss and every parameter's gradient equal to ddl.py's forward, in fp32."""
     ref, fast = fused_pair(fused, monkeypatch, **VARIANTS[name])
     check_fused_model(ref, fast, 2, 7)
     g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
@@ -253,7 +264,6 @@ def test_fused_install_refuses_what_it_does_not_run(fused, monkeypatch):
     for kw, message in (
         (dict(d_v=1), "fused: d_v=1 is not supported: must be > 1"),
         (dict(d_v=4, check_spectrum=True), "fused: check_spectrum=True is not supported"),
-        (dict(d_v=4, compressor="tc"), "fused: compressor='tc' is not supported: must be cc"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             fused.install(tiny_model(**kw))
@@ -406,7 +416,7 @@ def test_bench_with_fused_labels_the_fused_rows(fused, monkeypatch):
             BENCH_KINDS,
         )
     )
-    assert [r["variant"] for r in rows] == ["additive", "cc+fused", "tc"]  # TC runs ddl.py's read
+    assert [r["variant"] for r in rows] == ["additive", "cc+fused", "tc+fused"]
     # by name, beside ddl.py's path in one table
     args = ["--n_layer=1", "--n_head=2", "--head_dim=8", "--n_embd=16", "--block_size=16", "--vocab_size=64",
             "--bench_batch=2", "--bench_steps=1", "--bench_variants=cc,cc+fused", "--device=cpu"]
@@ -425,6 +435,8 @@ FUSED_SHAPES = {  # d_v off a power of 2, one layer, d = 24, a large k_eps
     "k_eps": dict(
         residual="delta", d_v=3, compressor="cc", embed_conv=False, n_layer=1, k_eps=0.5
     ),  # config.k_eps reaches the op
+    "write_tc3": dict(residual="write", d_v=3, compressor="tc", embed_conv=False, conv_kernel=3),
+    "tc1": dict(residual="delta", d_v=2, compressor="tc", embed_conv=False, conv_kernel=1, n_layer=1),
 }
 
 
@@ -433,8 +445,9 @@ def test_fused_model_equals_ddl_across_shapes(fused, name, monkeypatch):
     check_fused_model(*fused_pair(fused, monkeypatch, **FUSED_SHAPES[name]), 2, 5)
 
 
-def test_fused_eval_and_generate_equal_ddl(fused, monkeypatch):
-    ref, fast = fused_pair(fused, monkeypatch, **VARIANTS["cc_ec"])
+@pytest.mark.parametrize("name", ["cc_ec", "tc_ec"])  # TC: the cache keeps each tap's last sums
+def test_fused_eval_and_generate_equal_ddl(fused, monkeypatch, name):
+    ref, fast = fused_pair(fused, monkeypatch, **VARIANTS[name])
     ref.eval(), fast.eval()
     idx = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(4))
     origins, step = [], fused.step
@@ -625,4 +638,4 @@ def test_fused_install_on_any_variant_runs_it_as_ddl_does_or_refuses_it_by_name(
         assert re.match(r"fused: (residual|d_v|compressor)=.* is not supported: must be ", str(e)), str(e)
         assert model.body.__func__ is GPT.body
     else:
-        assert VARIANTS[name].get("compressor") == "cc" and model.body.__func__ is fused.fused_body
+        assert VARIANTS[name]["d_v"] > 1 and model.body.__func__ is fused.fused_body

@@ -62,7 +62,7 @@ class TrainConfig:
     compile_mode: str = setting("default", "torch.compile's mode: default | reduce-overhead (CUDA graphs) | "
                                            "max-autotune (CUDA graphs) | max-autotune-no-cudagraphs")
     fused: str = setting("auto", "the state's rewrite in fused.py's Triton kernels: auto (on CUDA where "
-                                 "fused.install accepts the model: d_v > 1, CC) | true (or an error) | false")
+                                 "fused.install accepts the model: d_v > 1) | true (or an error) | false")
     device: str = setting("auto", "auto | cpu | cuda")
     peak_tflops: float = setting(0.0, "bf16 peak per GPU for MFU where the card is not in PEAK_TFLOPS")
     sample_tokens: int = setting(64, "tokens generated at the end of training and in --mode=sample")
