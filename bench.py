@@ -202,7 +202,7 @@ class Variant:
     batch (x, y), warmed up; its peak memory over the warm-up, above what the process held before it; its
     graph breaks from its build on, and the graphs its own calls compile after the warm-up."""
     def __init__(self, name, cfg, mcfg, dev, ctx, x, y):
-        kind = name.removesuffix("+fused")  # fused.py: the expanded state with CC, by name or by --fused
+        kind = name.removesuffix("+fused")  # fused.py: the expanded state, by name or by --fused
         self.fused = name in FUSED or (cfg.fused == "true" and kind + "+fused" in FUSED)
         self.name, before = kind + "+fused" * self.fused, compile_counts()
         if dev.type == "cuda":

@@ -110,7 +110,7 @@ def _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN: tl.co
         x = _replay_one(x, K3, RK3, E3, B3, t, i, j, mi, mj, live, k_scale, X, d, d_v)
     return x
 
-@_tuned(tokens=(1, 4), warps=(4, 8, 16))
+@_tuned(tokens=(1, 4), warps=(4, 8, 16), key=("d", "d_v", "NORM", "TAPS"))
 @triton.jit
 def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_scale,
               d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr, TAPS: tl.constexpr,
@@ -195,7 +195,7 @@ def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
         tl.store(G_V + t * d_v + j, (beta * u).to(G_V.dtype.element_ty), mask=mj)
         tl.store(G_BETA + t, (-tl.sum(u * e)).to(G_BETA.dtype.element_ty), mask=live)
 
-# Tokens per program of the weight's gradient: partial sums (n_tok / CHUNK, d, d_v), summed after. The
+# Tokens per program of the weight's gradient: partial sums (TC: K, n_tok / CHUNK, d, d_v), summed after. The
 # interpreter computes every token of a chunk, those past the end too: 8 there, one tile of the first config.
 CHUNK = 8 if INTERPRET else 64
 WEIGHT_TILES = [triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w)
@@ -283,6 +283,8 @@ def step_op(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamm
     boundary in between (origin None: it keeps X)."""
     X, k_tilde, v, beta, W = (t.contiguous() for t in (X, k_tilde, v, beta, W))
     d, d_v, taps = _read_shape(W)
+    if gamma is not None and taps > 1:  # the kernels norm one read per token, as CC's; TC's is summed after
+        raise ValueError(f"fused: a norm gain with {taps} taps: the kernels norm only CC's read, W (d, d_v)")
     n_tok = beta.numel()
     Xn, c = torch.empty_like(X), X.new_empty(_c_shape(X, W))
     e, rk, rstd = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
@@ -325,7 +327,7 @@ def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_t
 
 @step_backward.register_fake
 def _(g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, erase):
-    g_gamma = W.new_empty(W.shape[0]) if gamma is None else gamma.new_empty(gamma.shape)
+    g_gamma = W.new_empty(W.shape[-2]) if gamma is None else gamma.new_empty(gamma.shape)  # (d,), as the op's
     return [t.new_empty(t.shape) for t in (g_Xn, k_tilde, e, beta, W)] + [g_gamma]
 
 def _save(ctx, inputs, output):
@@ -350,7 +352,7 @@ def step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin=None, chain=()):
 
 def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
     """step() after checking that its inputs have the shapes its kernels assume: one beta per token, a
-    state (..., d, d_v) with W's (d, d_v). A change in ddl.py that breaks these is refused here, by name."""
+    state (..., d, d_v) with W's (d, d_v) (TC: (K, d, d_v)). A change in ddl.py that breaks these is refused here, by name."""
     d, d_v = W.shape[-2:]
     tokens = tuple(X.shape[:-2])
     for name, t, shape in (("X", X, (*tokens, d, d_v)), ("k_tilde", k_tilde, (*tokens, d)),

@@ -205,6 +205,13 @@ def test_fused_op_passes_torch_library_opcheck(fused):
         torch.library.opcheck(fused.step_op, (x, k_tilde, v, beta, W, g, EPS_K, True, origin, chain))
     taps = torch.randn(2, *W.shape, generator=torch.Generator().manual_seed(6)).requires_grad_()  # TC's read
     torch.library.opcheck(fused.step_op, (X, k_tilde, v, beta, taps, None, EPS_K, True, None, []))
+    with torch.no_grad():  # the backward's own fake: g_gamma is (d,) without a norm, TC's K taps too
+        Xn, c, e, rk, rstd = fused.step(X, k_tilde, v, beta, taps, None, EPS_K, True)
+    torch.library.opcheck(fused.step_backward, (torch.randn_like(Xn), torch.randn_like(c), X.detach(), [],
+                                                k_tilde.detach(), e, beta.detach(), taps.detach(), None, rk, rstd,
+                                                True))
+    with pytest.raises(ValueError, match="fused: a norm gain with 2 taps: the kernels norm only CC's read"):
+        fused.step(X, k_tilde, v, beta, taps, gamma, EPS_K, True)
 
 
 def fused_pair(fused, monkeypatch, **kw):
@@ -520,11 +527,12 @@ def test_fused_step_takes_non_contiguous_inputs(fused):
     check_step(got, outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads), 1e-5)
 
 
-@pytest.mark.parametrize("tokens,block_i,block_t", [(4, 16, 4), (4, 32, 8), (1, 64, 4)])
-def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block_i, block_t):
+@pytest.mark.parametrize("tokens,block_i,block_t,taps", [(4, 16, 4, None), (4, 32, 8, None), (1, 64, 4, None),
+                                                     (4, 16, 4, 4)])
+def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block_i, block_t, taps):
     """The autotuner's other configs (the interpreter runs only the first): tokens per program not dividing
     the token count, feature blocks not dividing d, weight-gradient chunks longer than BLOCK_T and not a
-    multiple."""
+    multiple; CC's read and TC's (4 taps)."""
     for kern in (fused._step_fwd, fused._step_bwd):
         monkeypatch.setattr(kern, "configs", [fused.triton.Config(dict(TOKENS=tokens), num_warps=4)])
     monkeypatch.setattr(
@@ -533,9 +541,10 @@ def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block
         [fused.triton.Config(dict(BLOCK_I=block_i, BLOCK_T=block_t), num_warps=2)],
     )
     monkeypatch.setattr(fused, "CHUNK", 10)  # 38 tokens: chunks of 10 (> BLOCK_T, not a multiple), the last 8
-    inputs, grads = step_inputs(torch.float32, B=2, T=19, d=40, d_v=3, seed=9)
-    got = outputs_and_grads(fused_step(fused, True), inputs, grads)
-    check_step(got, outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads), 1e-5)
+    inputs, grads = step_inputs(torch.float32, B=2, T=19, d=40, d_v=3, seed=9, taps=taps)
+    got = outputs_and_grads(fused_step(fused, True, taps is None), inputs, grads)
+    want = outputs_and_grads(oracle_step(True, taps is None), [t.double() for t in inputs], grads)
+    check_step(got, want, 1e-5)
 
 
 def test_fused_install_on_a_compiled_model(fused):
@@ -583,11 +592,12 @@ def test_fused_without_triton_is_a_one_line_error(monkeypatch):
         importlib.import_module("fused")
 
 
-def test_fused_model_compiles_as_one_graph(fused, monkeypatch, capture_query_as_on_cuda):
+@pytest.mark.parametrize("name", ["cc_ec", "tc_ec"])
+def test_fused_model_compiles_as_one_graph(fused, monkeypatch, capture_query_as_on_cuda, name):
     """The fused body under torch.compile(fullgraph=True) (a graph break raises), training and no-grad, with
-    CUDA's capture query untraceable as on a GPU: the op is one node of the graph, with the eager model's
-    loss and gradients."""
-    ref, fast = fused_pair(fused, monkeypatch, **VARIANTS["cc_ec"])
+    CUDA's capture query untraceable as on a GPU: the op is one node of the graph (TC: with sum_taps and the
+    norm around it), with the eager model's loss and gradients."""
+    ref, fast = fused_pair(fused, monkeypatch, **VARIANTS[name])
     one_graph = torch.compile(fast, fullgraph=True, backend="eager")
     check_fused_model(ref, one_graph, 2, 5)
     idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
