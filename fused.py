@@ -352,7 +352,8 @@ def step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin=None, chain=()):
 
 def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
     """step() after checking that its inputs have the shapes its kernels assume: one beta per token, a
-    state (..., d, d_v) with W's (d, d_v) (TC: (K, d, d_v)). A change in ddl.py that breaks these is refused here, by name."""
+    state (..., d, d_v) with W's (d, d_v) (TC: (K, d, d_v)). A change in ddl.py that breaks these is refused
+    here, by name."""
     d, d_v = W.shape[-2:]
     tokens = tuple(X.shape[:-2])
     for name, t, shape in (("X", X, (*tokens, d, d_v)), ("k_tilde", k_tilde, (*tokens, d)),

@@ -207,9 +207,9 @@ def test_fused_op_passes_torch_library_opcheck(fused):
     torch.library.opcheck(fused.step_op, (X, k_tilde, v, beta, taps, None, EPS_K, True, None, []))
     with torch.no_grad():  # the backward's own fake: g_gamma is (d,) without a norm, TC's K taps too
         Xn, c, e, rk, rstd = fused.step(X, k_tilde, v, beta, taps, None, EPS_K, True)
-    torch.library.opcheck(fused.step_backward, (torch.randn_like(Xn), torch.randn_like(c), X.detach(), [],
-                                                k_tilde.detach(), e, beta.detach(), taps.detach(), None, rk, rstd,
-                                                True))
+    grads = torch.randn_like(Xn), torch.randn_like(c)
+    torch.library.opcheck(fused.step_backward, (*grads, X.detach(), [], k_tilde.detach(), e, beta.detach(),
+                                                taps.detach(), None, rk, rstd, True))
     with pytest.raises(ValueError, match="fused: a norm gain with 2 taps: the kernels norm only CC's read"):
         fused.step(X, k_tilde, v, beta, taps, gamma, EPS_K, True)
 
