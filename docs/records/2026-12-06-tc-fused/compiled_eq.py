@@ -15,8 +15,8 @@ from ddl import GPT, GPTConfig
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-cfg = GPTConfig(n_embd=256, n_layer=4, n_head=2, head_dim=128, residual="delta", d_v=4, compressor=sys.argv[1],
-                embed_conv=True, block_size=256)
+cfg = GPTConfig(n_embd=256, n_layer=4, n_head=2, head_dim=128, residual="delta", d_v=4,
+                compressor=sys.argv[1], embed_conv=True, block_size=256)
 torch.manual_seed(0)
 base = GPT(cfg).cuda()
 with torch.no_grad():
