@@ -34,7 +34,8 @@ for name, config, warps in CONFIGS:
                       **config)
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
         sig = {a: "constexpr" if a in consts else "i32" if a == "n_tok" else
-               "fp32" if a in ("k_eps2", "k_scale") else "*bf16" if a in BF16 else "*fp32" for a in fn.arg_names}
+               "fp32" if a in ("k_eps2", "k_scale") else "*bf16" if a in BF16 else "*fp32"
+               for a in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=warps))
         with open("/tmp/compile_taps.cubin", "wb") as f:
