@@ -3,18 +3,21 @@
 # CUDA (--fused=auto: CC, TC and write-only through fused.py; additive and d_v = 1 through ddl.py) with
 # ddl.py's path beside it, and d_v = 1 through fused.py from the branch issue30-dv1b (its fused.py and
 # bench.py, carried in .devcarry/dv1; DDL-CC's and DDL-TC's kernels and calls are main's).
-#   bash docs/records/2026-12-06-five-variants/run.sh BATCH JOBS LIMIT_S     (from the repository root)
-# First compiles each variant in its own process, JOBS at a time, untimed (inductor's on-disk cache then
-# serves the timed run); then one bench.py process times them all, one at a time, with the profile.
+#   bash docs/records/2026-12-06-five-variants/run.sh BATCH LIMIT_S     (from the repository root)
+# First compiles each variant in its own process, untimed (inductor's on-disk cache then serves the timed
+# run): all 8 at once on a card of more than 100 GiB, 6 at a time on an 80 GiB one (each holds up to about
+# 12 GiB at micro-batch 16); then one bench.py process times them all, one at a time, with the profile.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR="$PWD/.devcarry/tiktoken_cache"
-B=$1 end=$(( $(date +%s) + $3 ))
+B=$1 end=$(( $(date +%s) + $2 ))
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+jobs=$(( mib > 100000 ? 8 : 6 ))
 VARIANTS="additive delta delta+fused cc cc+fused tc tc+fused write+fused"
 rm -rf /tmp/dv1 && mkdir /tmp/dv1 && cp -r ./*.py smoke /tmp/dv1/ && cp .devcarry/dv1/*.py /tmp/dv1/ && cd /tmp/dv1
 { date -u +"start %F %T UTC"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   sha256sum ddl.py fused.py bench.py train.py; } | tee -a "$OUT/machine_b$B.txt"
-printf '%s\n' $VARIANTS | timeout $(( $3 * 2 / 3 )) xargs -P "$2" -I{} bash -c 'python3 bench.py --preset=124m \
+printf '%s\n' $VARIANTS | timeout $(( $2 * 2 / 3 )) xargs -P "$jobs" -I{} bash -c 'python3 bench.py --preset=124m \
   --bench_batch='"$B"' --bench_steps=1 --bench_variants={} > /tmp/warm_{}.txt 2>&1; echo "warm {}: exit $? $(date +%T)"' \
   | tee -a "$OUT/machine_b$B.txt"
 timeout $(( end - $(date +%s) )) python3 bench.py --preset=124m --bench_batch="$B" --bench_steps=10 \
