@@ -44,4 +44,9 @@ print(sys.argv[1], "fp32 fused vs ddl: max rel err (loss, every grad)", f"{e32:.
 print(sys.argv[1], "bf16 ddl vs fp32 ddl", f"{err(('ddl', True), ('ddl', False)):.2e}",
       "| bf16 fused vs fp32 ddl", f"{err(('fused', True), ('ddl', False)):.2e}",
       "| losses", [round(res[k][0].item(), 5) for k in res])
+names = ["loss"] + [n for n, _ in base.named_parameters()]
+for path in ("ddl", "fused"):  # the three worst of bf16's errors, by name, with the gradient's size
+    errs = sorted((((x - y).norm() / (y.norm() + 1e-30)).item(), n, y.norm().item())
+                  for n, x, y in zip(names, res[path, True], res["ddl", False]))
+    print(sys.argv[1], f"bf16 {path}: worst", [(n, f"{e:.2e}", f"|g| {g:.1e}") for e, n, g in errs[-3:]])
 raise SystemExit(0 if e32 < 1e-4 else 1)
