@@ -5,13 +5,14 @@
 # bench.py, carried in .devcarry/dv1; DDL-CC's and DDL-TC's kernels and calls are main's).
 #   bash docs/records/2026-12-06-five-variants/run.sh BATCH LIMIT_S     (from the repository root)
 # First compiles each variant in its own process, untimed (inductor's on-disk cache then serves the timed
-# run): all 8 at once on a card of more than 100 GiB, 6 at a time on an 80 GiB one (each holds up to about
-# 12 GiB at micro-batch 16); then one bench.py process times them all, one at a time, with the profile.
+# run), as many at a time as the card holds at about 0.75 GiB per sequence of the micro-batch each (12 GiB
+# at 16: 5 on an 80 GiB card), 8 at most; then one bench.py process times them all, one at a time, with
+# the profile.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR="$PWD/.devcarry/tiktoken_cache"
 B=$1 end=$(( $(date +%s) + $2 ))
 mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-jobs=$(( mib > 100000 ? 8 : 6 ))
+jobs=$(( mib * 9 / 10 * 4 / 3 / 1024 / B )); jobs=$(( jobs > 8 ? 8 : jobs < 1 ? 1 : jobs ))
 VARIANTS="additive delta delta+fused cc cc+fused tc tc+fused write+fused"
 rm -rf /tmp/dv1 && mkdir /tmp/dv1 && cp -r ./*.py smoke /tmp/dv1/ && cp .devcarry/dv1/*.py /tmp/dv1/ && cd /tmp/dv1
 { date -u +"start %F %T UTC"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
