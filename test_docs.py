@@ -146,9 +146,9 @@ def test_memorize_unit_k_probe_reads_the_models_own_input_norm(monkeypatch):
 
 def ladder_log(points, acc_norm, card="H100", sha="0123abcd" * 8):
     """A finished run's records on `card`, from sources of sha256 `sha`: points is [(step, train clock s,
-    val loss)], step 0 first."""
+    val loss)], step 0 first; each train record's loss is 0.5 below the val loss at its step."""
     return ([dict(type="config", device=card, source_sha256=sha)]
-            + [dict(type="train", step=s, train_time_s=t) for s, t, _ in points[1:]]
+            + [dict(type="train", step=s, train_time_s=t, loss=v - 0.5) for s, t, v in points[1:]]
             + [dict(type="val", step=s, loss=v) for s, _, v in points]
             + [dict(type="hellaswag", step=points[-1][0], acc_norm=acc_norm)])
 
@@ -206,6 +206,13 @@ def test_ladder_sweep_adds_an_lr_past_the_end_that_holds_the_least_loss_until_it
     assert base == [("d256", "additive", 1, 1.5e-3, s) for s in (1338, 1339)]
 
 
+def test_ladder_late_train_loss_is_the_mean_over_the_last_tenth_of_steps():
+    ladder = load_script("ladder")
+    log = [dict(type="config")] + [dict(type="train", step=s, loss=10 - s / 100) for s in range(10, 1001, 10)]
+    assert ladder.late_train_loss(log) == pytest.approx(np.mean([10 - s / 100 for s in range(910, 1001, 10)]))
+    assert ladder.late_train_loss(log + [dict(type="diverged", step=1000)]) == float("inf")
+
+
 def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_token_and_time(tmp_path):
     """Additive's best lr 3e-3 (seeds: 5.0, 5.1, 4.9; 10 s of training), DDL's 6e-3 (4.6, 4.7, 4.5),
     evaluated at steps 0, 132, 264 at 0, 8 and 16 s: at additive's 10 s, DDL's val loss lies a quarter of
@@ -226,6 +233,7 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     base, ddl = rows
     assert base["loss"] == pytest.approx(5.0) and base["spread"] == pytest.approx(0.2)
     assert ddl["loss"] == pytest.approx(4.6) and ddl["gap"] == pytest.approx(-0.4)
+    assert ddl["train_loss"] == pytest.approx(4.1)  # the last tenth of 264 steps holds step 264 alone
     pairs = ((5.0, 4.6), (5.1, 4.7), (4.9, 4.5))
     at_10s = [(d + 1) + (10 - 8) / (16 - 8) * (d - (d + 1)) - b for b, d in pairs]
     assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s))  # 4.6 + 0.75 - 5.0 = +0.35

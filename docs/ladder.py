@@ -98,6 +98,14 @@ def final_loss(log):
         return float("inf")
     return [r["loss"] for r in log if r["type"] == "val"][-1]
 
+def late_train_loss(log):
+    """The mean train loss over the run's last tenth of steps: how well it fits the training text, which
+    after one pass it has seen before (set against its val loss, held-out text); inf where it diverged."""
+    if diverged(log):
+        return float("inf")
+    train = [r for r in log if r["type"] == "train"]
+    return float(np.mean([r["loss"] for r in train if r["step"] > 0.9 * train[-1]["step"]]))
+
 def standin_acc_norm(log):
     """The stand-in's acc_norm of the run's last scoring (the end's: the first d256 runs also scored it at
     each eval, through train.py's --hellaswag); None for a run that never reached one."""
@@ -159,11 +167,11 @@ def val_at_time(log, seconds):
     return float(np.interp(seconds, clock, [r["loss"] for r in val]))
 
 def table(logs):
-    """Per cell at its best lr: final val loss over seeds (mean, max - min), tokens per non-embedding
-    parameter, and for DDL the gap to the additive baseline per token (equal steps) and at the baseline's
-    training time (each seed against the baseline's run of the same seed on the same card: the clocks of
-    two cards do not compare); the cards and the code (sources' sha256) that timed the runs. Rows of
-    dicts."""
+    """Per cell at its best lr: final val loss over seeds (mean, max - min), late train loss (mean), tokens
+    per non-embedding parameter, and for DDL the gap to the additive baseline per token (equal steps) and
+    at the baseline's training time (each seed against the baseline's run of the same seed on the same
+    card: the clocks of two cards do not compare); the cards and the code (sources' sha256) that timed the
+    runs. Rows of dicts."""
     rows = []
     for size, variant, passes in cells():
         lr = best_lr(logs, size, variant, passes)
@@ -177,6 +185,7 @@ def table(logs):
         row = dict(size=size, variant=variant, passes=passes, lr=lr, seeds=len(runs), params=n,
                    tokens_per_param=steps(passes) * BATCH * T / n, loss=float(np.mean(losses)),
                    spread=float(np.ptp(losses)), gap=None, gap_equal_time=None,
+                   train_loss=float(np.mean([late_train_loss(log) for log in runs.values()])),
                    standin_acc_norm=float(np.mean(standin)) if standin else None,
                    cards=", ".join(sorted({card(log) for log in runs.values()})),
                    code=", ".join(sorted({code(log) for log in runs.values()})))
@@ -248,13 +257,14 @@ def main(argv=None):
         run(due(), args)
     else:
         print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
-              "stand-in acc_norm | gap per token | gap at equal time | card | code |\n|---|---|"
-              + "---:|" * 10 + "---|---|")
+              "train loss, last 10% | stand-in acc_norm | gap per token | gap at equal time | card | code |\n"
+              "|---|---|" + "---:|" * 11 + "---|---|")
         fmt = lambda x, f: "—" if x is None else format(x, f)
         for r in table(logs):
             print(f"| {r['size']} | {r['variant']} | {r['passes']} | {r['lr']:g} | {r['seeds']} | "
                   f"{r['params'] / 1e6:.1f}M | {fmt(r['tokens_per_param'], '.1f')} | {r['loss']:.4f} | "
-                  f"{r['spread']:.4f} | {fmt(r['standin_acc_norm'], '.4f')} | {fmt(r['gap'], '+.4f')} | "
+                  f"{r['spread']:.4f} | {r['train_loss']:.4f} | {fmt(r['standin_acc_norm'], '.4f')} | "
+                  f"{fmt(r['gap'], '+.4f')} | "
                   f"{fmt(r['gap_equal_time'], '+.4f')} | {r['cards']} | {r['code']} |")
 
 if __name__ == "__main__":
