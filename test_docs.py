@@ -213,6 +213,35 @@ def test_ladder_late_train_loss_is_the_mean_over_the_last_tenth_of_steps():
     assert ladder.late_train_loss(log + [dict(type="diverged", step=1000)]) == float("inf")
 
 
+def test_plot_passes_draws_each_variants_best_run_of_several_passes_train_smoothed_and_val(tmp_path):
+    """d256 at 4 passes, additive and DDL d_v = 1, each sweep's middle lr best: the best run's val loss at
+    its evals and its train loss as a mean over 5 records (50 steps), the ends of passes 1-3 marked; the
+    one-pass runs and the other lrs are not drawn."""
+    ladder, plot = load_script("ladder"), load_script("plot")
+    steps = list(range(0, 1057, 132))
+    logs = {}
+    for variant in ("additive", "delta"):
+        for lr, shift in zip(ladder.sweep({}, "d256", variant, 4)[0], (1.0, 0.0, 1.0)):
+            logs[ladder.name("d256", variant, 4, lr, 1337)] = ladder_log(
+                [(s, s / 100, 9 - s / 200 + shift) for s in steps], 0.3)
+    for lr, loss in zip(ladder.sweep({}, "d256", "delta", 1)[0], (5.5, 5.0, 5.5)):  # one pass, swept
+        logs[ladder.name("d256", "delta", 1, lr, 1337)] = ladder_log([(0, 0, 11), (264, 9, loss)], 0.3)
+    write_logs(tmp_path / "logs", logs)
+    ax, fig = mock.MagicMock(), mock.MagicMock()
+    plot.plt = mock.MagicMock(**{"subplots.return_value": (fig, [[ax]])})
+    plot.plot_passes(str(tmp_path / "logs"), str(tmp_path / "p.png"))
+    lines = ax.plot.call_args_list
+    assert [c.kwargs["label"] for c in lines] == ["additive: train", "additive: val (held out)",
+                                                  "DDL d_v=1: train", "DDL d_v=1: val (held out)"]
+    train = [9 - s / 200 - 0.5 for s in steps[1:]]  # ladder_log: train 0.5 below val
+    assert np.allclose(lines[0].args[0], steps[5:])
+    assert np.allclose(lines[0].args[1], [np.mean(train[i:i + 5]) for i in range(len(train) - 4)])
+    assert list(lines[1].args[0]) == steps[1:]
+    assert np.allclose(lines[1].args[1], [9 - s / 200 for s in steps[1:]])
+    assert [c.args[0] for c in ax.axvline.call_args_list] == [264, 528, 792]
+    fig.savefig.assert_called_once_with(str(tmp_path / "p.png"), dpi=120)
+
+
 def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_token_and_time(tmp_path):
     """Additive's best lr 3e-3 (seeds: 5.0, 5.1, 4.9; 10 s of training), DDL's 6e-3 (4.6, 4.7, 4.5),
     evaluated at steps 0, 132, 264 at 0, 8 and 16 s: at additive's 10 s, DDL's val loss lies a quarter of

@@ -3,7 +3,8 @@ seeds with a min..max band) and beta_heatmap.png (mean beta per layer and sublay
 with --memorize, memorize.png from docs/memorize.py's output (loss against step, one panel per lr);
 with --sweep, lr_sweep.png from a learning-rate sweep (final val loss against peak lr, per variant);
 with --ladder, ladder.png from the size ladder's logs (docs/ladder.py: each DDL variant's gap to the
-additive baseline against tokens per non-embedding parameter, per token and at equal training time);
+additive baseline against tokens per non-embedding parameter, per token and at equal training time) and
+ladder_passes.png (the runs of several passes: train and val loss against step);
 with --ablations, k_stability.png from docs/ablations.py's reference runs (k's gate-audit probes).
 
     python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> plots/*.png
@@ -11,7 +12,7 @@ with --ablations, k_stability.png from docs/ablations.py's reference runs (k's g
     python docs/plot.py "runs/*-1" --out /tmp  # a glob of run folders
     python docs/plot.py --memorize memorize.jsonl
     python docs/plot.py --sweep sweep          # sweep/<variant>_<lr>_<seed>/log.jsonl -> plots/lr_sweep.png
-    python docs/plot.py --ladder docs/records/ladder --out docs    # docs/ladder.png
+    python docs/plot.py --ladder docs/records/ladder --out docs    # docs/ladder.png, ladder_passes.png
     python docs/plot.py --ablations docs/records --out docs       # docs/k_stability.png
 
 Drawing needs matplotlib (pip install matplotlib); --help does not.
@@ -216,6 +217,38 @@ def plot_ladder(folder, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_passes(folder, path):
+    """The runs of more than one pass, one panel per size: each variant at its best lr (seed 1337), its val
+    loss (held-out text) and its train loss (a mean over 50 steps: text seen before, after the first pass)
+    against step, the passes' ends marked. Where the two part tells whether a lead on held-out text is lost
+    to fitting the repeated text."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ladder
+    logs = ladder.load_logs(folder)
+    cells = [c for c in ladder.cells() if c[2] > 1 and ladder.best_lr(logs, *c)]
+    sizes = [size for size in ladder.SIZES if any(c[0] == size for c in cells)]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 4.5), layout="constrained",
+                             squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for n, (_, variant, passes) in enumerate(c for c in cells if c[0] == size):
+            log = logs[ladder.name(size, variant, passes, ladder.best_lr(logs, size, variant, passes),
+                                   ladder.SWEEP_SEED)]
+            train = [(r["step"], r["loss"]) for r in log if r["type"] == "train"]
+            steps, losses = np.array(train).T
+            smooth = np.convolve(losses, np.ones(5) / 5, mode="valid")  # log_interval 10: 50 steps
+            val = [(r["step"], r["loss"]) for r in log if r["type"] == "val" and r["step"] > 0]
+            label = LABELS.get(variant, variant)
+            ax.plot(steps[4:], smooth, color=f"C{n}", lw=0.8, alpha=0.6, label=f"{label}: train")
+            ax.plot(*zip(*val), color=f"C{n}", marker="o", ms=4, label=f"{label}: val (held out)")
+        for k in range(1, passes):
+            ax.axvline(k * ladder.steps(1), color="gray", lw=0.8, ls=":")
+        ax.set(xlabel=f"step ({passes} passes over the training text; dotted: a pass ends)", ylabel="loss",
+               title=f"{size}, each variant at its best lr, seed {ladder.SWEEP_SEED}", ylim=(3.8, 6.5))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
 def plot_k_stability(records, path):
     """Three panels against step, one line per DDL reference run of docs/ablations.py (seed 1337): the mean
     |k~|, the cosine of each token's k with the previous eval's, and of the attention's k with the MLP's,
@@ -265,6 +298,7 @@ def main():
     if args.sweep:
         return plot_sweep(args.sweep, os.path.join(args.out, "lr_sweep.png"))
     if args.ladder:
+        plot_passes(args.ladder, os.path.join(args.out, "ladder_passes.png"))
         return plot_ladder(args.ladder, os.path.join(args.out, "ladder.png"))
     if args.ablations:
         return plot_k_stability(args.ablations, os.path.join(args.out, "k_stability.png"))
