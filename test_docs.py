@@ -240,6 +240,11 @@ def test_plot_passes_draws_each_variants_best_run_of_several_passes_train_smooth
     assert np.allclose(lines[1].args[1], [9 - s / 200 for s in steps[1:]])
     assert [c.args[0] for c in ax.axvline.call_args_list] == [264, 528, 792]
     fig.savefig.assert_called_once_with(str(tmp_path / "p.png"), dpi=120)
+    for run in [r for r in logs if "-p4-" in r]:  # one pass only: no figure, no error
+        (tmp_path / "logs" / f"{run}.jsonl").unlink()
+    plot.plt = mock.MagicMock()
+    plot.plot_passes(str(tmp_path / "logs"), str(tmp_path / "q.png"))
+    plot.plt.subplots.assert_not_called()
 
 
 def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_token_and_time(tmp_path):
@@ -256,13 +261,14 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     for seed, base, ddl in ((1337, 5.0, 4.6), (1338, 5.1, 4.7), (1339, 4.9, 4.5)):
         logs[name("additive", 3e-3, seed)] = ladder_log([(0, 0, 11), (132, 5, 6.0), (264, 10, base)], 0.30)
         logs[name("delta", 6e-3, seed)] = ladder_log([(0, 0, 11), (132, 8, ddl + 1), (264, 16, ddl)], 0.34)
+    logs[name("delta", 6e-3, 1338)][2]["loss"] += 0.3  # its last train record: train losses 4.1, 4.5, 4.0
     write_logs(tmp_path / "logs", logs)
     rows = ladder.table(ladder.load_logs(str(tmp_path / "logs")))
     assert [(r["variant"], r["lr"], r["seeds"]) for r in rows] == [("additive", 3e-3, 3), ("delta", 6e-3, 3)]
     base, ddl = rows
     assert base["loss"] == pytest.approx(5.0) and base["spread"] == pytest.approx(0.2)
     assert ddl["loss"] == pytest.approx(4.6) and ddl["gap"] == pytest.approx(-0.4)
-    assert ddl["train_loss"] == pytest.approx(4.1)  # the last tenth of 264 steps holds step 264 alone
+    assert ddl["train_loss"] == pytest.approx(4.2)  # the last tenth of 264 steps holds step 264 alone
     pairs = ((5.0, 4.6), (5.1, 4.7), (4.9, 4.5))
     at_10s = [(d + 1) + (10 - 8) / (16 - 8) * (d - (d + 1)) - b for b, d in pairs]
     assert ddl["gap_equal_time"] == pytest.approx(np.mean(at_10s))  # 4.6 + 0.75 - 5.0 = +0.35

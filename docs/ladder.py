@@ -99,8 +99,9 @@ def final_loss(log):
     return [r["loss"] for r in log if r["type"] == "val"][-1]
 
 def late_train_loss(log):
-    """The mean train loss over the run's last tenth of steps: how well it fits the training text, which
-    after one pass it has seen before (set against its val loss, held-out text); inf where it diverged."""
+    """The mean of the run's train records (one every log_interval steps, each its step's loss) over its
+    last tenth of steps: how well it fits the training text, which after one pass it has seen before (set
+    against its val loss, held-out text); inf where it diverged."""
     if diverged(log):
         return float("inf")
     train = [r for r in log if r["type"] == "train"]

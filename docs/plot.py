@@ -227,21 +227,24 @@ def plot_passes(folder, path):
     logs = ladder.load_logs(folder)
     cells = [c for c in ladder.cells() if c[2] > 1 and ladder.best_lr(logs, *c)]
     sizes = [size for size in ladder.SIZES if any(c[0] == size for c in cells)]
+    if not sizes:  # no sweep of several passes finished yet: no figure
+        return
     fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 4.5), layout="constrained",
                              squeeze=False)
     for ax, size in zip(axes[0], sizes):
-        for n, (_, variant, passes) in enumerate(c for c in cells if c[0] == size):
+        for k, (_, variant, passes) in enumerate(c for c in cells if c[0] == size):
             log = logs[ladder.name(size, variant, passes, ladder.best_lr(logs, size, variant, passes),
                                    ladder.SWEEP_SEED)]
             train = [(r["step"], r["loss"]) for r in log if r["type"] == "train"]
             steps, losses = np.array(train).T
-            smooth = np.convolve(losses, np.ones(5) / 5, mode="valid")  # log_interval 10: 50 steps
+            n = min(5, len(losses))  # log_interval 10: a mean over 50 steps, ending at its step
+            smooth = np.convolve(losses, np.ones(n) / n, mode="valid")
             val = [(r["step"], r["loss"]) for r in log if r["type"] == "val" and r["step"] > 0]
             label = LABELS.get(variant, variant)
-            ax.plot(steps[4:], smooth, color=f"C{n}", lw=0.8, alpha=0.6, label=f"{label}: train")
-            ax.plot(*zip(*val), color=f"C{n}", marker="o", ms=4, label=f"{label}: val (held out)")
-        for k in range(1, passes):
-            ax.axvline(k * ladder.steps(1), color="gray", lw=0.8, ls=":")
+            ax.plot(steps[n - 1:], smooth, color=f"C{k}", lw=0.8, alpha=0.6, label=f"{label}: train")
+            ax.plot(*zip(*val), color=f"C{k}", marker="o", ms=4, label=f"{label}: val (held out)")
+        for end in range(1, passes):
+            ax.axvline(end * ladder.steps(1), color="gray", lw=0.8, ls=":")
         ax.set(xlabel=f"step ({passes} passes over the training text; dotted: a pass ends)", ylabel="loss",
                title=f"{size}, each variant at its best lr, seed {ladder.SWEEP_SEED}", ylim=(3.8, 6.5))
         ax.grid(alpha=0.3)
