@@ -4,6 +4,8 @@
 # ddl.py's path beside it, and d_v = 1 through fused.py from the branch issue30-dv1b (its fused.py and
 # bench.py, carried in .devcarry/dv1; DDL-CC's and DDL-TC's kernels and calls are main's).
 #   bash docs/records/2026-12-06-five-variants/run.sh BATCH LIMIT_S     (from the repository root)
+# as the first call ran it; the second table, main's sources alone, without the refused delta+fused:
+#   SOURCES= VARIANTS="additive delta cc cc+fused tc tc+fused write+fused" bash .../run.sh 30 575
 # First compiles each variant in its own process, untimed (inductor's on-disk cache then serves the timed
 # run), as many at a time as the card holds at about 0.75 GiB per sequence of the micro-batch each (12 GiB
 # at 16: 5 on an 80 GiB card), 8 at most; then one bench.py process times them all, one at a time, with
@@ -13,14 +15,17 @@ export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR="$PWD/.devcarry/tiktoken_cache"
 B=$1 end=$(( $(date +%s) + $2 ))
 mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 jobs=$(( mib * 9 / 10 * 4 / 3 / 1024 / B )); jobs=$(( jobs > 8 ? 8 : jobs < 1 ? 1 : jobs ))
-VARIANTS="additive delta delta+fused cc cc+fused tc tc+fused write+fused"
-rm -rf /tmp/dv1 && mkdir /tmp/dv1 && cp -r ./*.py smoke /tmp/dv1/ && cp .devcarry/dv1/*.py /tmp/dv1/ && cd /tmp/dv1
+VARIANTS=${VARIANTS-"additive delta delta+fused cc cc+fused tc tc+fused write+fused"}
+SOURCES=${SOURCES-.devcarry/dv1}  # files put over main's in the copy that runs ("": main's alone)
+rm -rf /tmp/tree && mkdir /tmp/tree && cp -r ./*.py smoke /tmp/tree/
+[ -z "$SOURCES" ] || cp "$SOURCES"/*.py /tmp/tree/
+cd /tmp/tree
 { date -u +"start %F %T UTC"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   sha256sum ddl.py fused.py bench.py train.py; } | tee -a "$OUT/machine_b$B.txt"
-printf '%s\n' $VARIANTS | timeout $(( $2 * 2 / 3 )) xargs -P "$jobs" -I{} bash -c 'python3 bench.py --preset=124m \
-  --bench_batch='"$B"' --bench_steps=1 --bench_variants={} > /tmp/warm_{}.txt 2>&1; echo "warm {}: exit $? $(date +%T)"' \
-  | tee -a "$OUT/machine_b$B.txt"
+printf '%s\n' $VARIANTS | timeout $(( $2 * 2 / 3 )) xargs -P "$jobs" -I{} bash -c 'python3 bench.py \
+  --preset=124m --bench_batch='"$B"' --bench_steps=1 --bench_variants={} > /tmp/warm_{}.txt 2>&1;
+  echo "warm {}: exit $? $(date +%T)"' | tee -a "$OUT/machine_b$B.txt"
 timeout $(( end - $(date +%s) )) python3 bench.py --preset=124m --bench_batch="$B" --bench_steps=10 \
   --bench_variants="$(echo $VARIANTS | tr ' ' ,)" --bench_profile=true 2>&1 | grep -v "^W1206" \
   | tee "$OUT/bench_b$B.txt" | tail -40
