@@ -6,6 +6,8 @@
 #   bash docs/records/2026-12-06-five-variants/run.sh BATCH LIMIT_S     (from the repository root)
 # as the first call ran it; the second table, main's sources alone, without the refused delta+fused:
 #   SOURCES= VARIANTS="additive delta cc cc+fused tc tc+fused write+fused" bash .../run.sh 30 575
+# (at micro-batch 30 an 80 GiB card compiles 3 at a time: first fill the cache in a call of its own on the
+# same machine, BENCH=0 with VARIANTS="tc tc+fused write+fused", which then warm in seconds)
 # First compiles each variant in its own process, untimed (inductor's on-disk cache then serves the timed
 # run), as many at a time as the card holds at about 0.75 GiB per sequence of the micro-batch each (12 GiB
 # at 16: 5 on an 80 GiB card), 8 at most; then one bench.py process times them all, one at a time, with
@@ -26,7 +28,7 @@ cd /tmp/tree
 printf '%s\n' $VARIANTS | timeout $(( $2 * 2 / 3 )) xargs -P "$jobs" -I{} bash -c 'python3 bench.py \
   --preset=124m --bench_batch='"$B"' --bench_steps=1 --bench_variants={} > /tmp/warm_{}.txt 2>&1;
   echo "warm {}: exit $? $(date +%T)"' | tee -a "$OUT/machine_b$B.txt"
-timeout $(( end - $(date +%s) )) python3 bench.py --preset=124m --bench_batch="$B" --bench_steps=10 \
+[ "${BENCH-1}" = 0 ] || timeout $(( end - $(date +%s) )) python3 bench.py --preset=124m --bench_batch="$B" --bench_steps=10 \
   --bench_variants="$(echo $VARIANTS | tr ' ' ,)" --bench_profile=true 2>&1 | grep -v "^W1206" \
   | tee "$OUT/bench_b$B.txt" | tail -40
 date -u +"end %T" | tee -a "$OUT/machine_b$B.txt"
