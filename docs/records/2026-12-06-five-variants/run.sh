@@ -29,6 +29,7 @@ printf '%s\n' $VARIANTS | timeout $(( $2 * 2 / 3 )) xargs -P "$jobs" -I{} bash -
   --preset=124m --bench_batch='"$B"' --bench_steps=1 --bench_variants={} > /tmp/warm_{}.txt 2>&1;
   echo "warm {}: exit $? $(date +%T)"' | tee -a "$OUT/machine_b$B.txt"
 [ "${BENCH-1}" = 0 ] || timeout $(( end - $(date +%s) )) python3 bench.py --preset=124m --bench_batch="$B" \
-  --bench_steps=10 --bench_variants="$(echo $VARIANTS | tr ' ' ,)" --bench_profile=true 2>&1 | grep -v "^W1206" \
+  --bench_steps=10 --bench_variants="$(echo $VARIANTS | tr ' ' ,)" --bench_profile=true 2>&1 \
+  | grep -v "^W1206" \
   | tee "$OUT/bench_b$B.txt" | tail -40
 date -u +"end %T" | tee -a "$OUT/machine_b$B.txt"
