@@ -225,7 +225,8 @@ def plot_passes(folder, path):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import ladder
     logs = ladder.load_logs(folder)
-    cells = [c for c in ladder.cells() if c[2] > 1 and ladder.best_lr(logs, *c)]
+    best = {c: ladder.best_lr(logs, *c) for c in ladder.cells() if c[2] > 1}
+    cells = [c for c, lr in best.items() if lr]
     sizes = [size for size in ladder.SIZES if any(c[0] == size for c in cells)]
     if not sizes:  # no sweep of several passes finished yet: no figure
         return
@@ -233,8 +234,7 @@ def plot_passes(folder, path):
                              squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for k, (_, variant, passes) in enumerate(c for c in cells if c[0] == size):
-            log = logs[ladder.name(size, variant, passes, ladder.best_lr(logs, size, variant, passes),
-                                   ladder.SWEEP_SEED)]
+            log = logs[ladder.name(size, variant, passes, best[size, variant, passes], ladder.SWEEP_SEED)]
             train = [(r["step"], r["loss"]) for r in log if r["type"] == "train"]
             steps, losses = np.array(train).T
             n = min(5, len(losses))  # log_interval 10: a mean over 50 steps, ending at its step
