@@ -195,6 +195,21 @@ def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
         tl.store(G_V + t * d_v + j, (beta * u).to(G_V.dtype.element_ty), mask=mj)
         tl.store(G_BETA + t, (-tl.sum(u * e)).to(G_BETA.dtype.element_ty), mask=live)
 
+@triton.jit
+def _state_again(X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN: tl.constexpr, KT, E, BETA, RK,
+                 t, i, j, live, k_scale, d: tl.constexpr, d_v: tl.constexpr):
+    """X_{l+1} of tokens t (features i, channels j) recomputed in fp32: X_l from the kept state through the
+    replayed chain, then the step from the kept k~, e and beta."""
+    mi = live & (i < d)
+    x = tl.load(X + (t * d + i) * d_v + j, mask=mi & (j < d_v), other=0.0).to(tl.float32)
+    x = _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, t, i, j, mi, live & (j < d_v),
+                live, k_scale, X, d, d_v)  # X_l
+    kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
+    e = tl.load(E + t * d_v + j, mask=live & (j < d_v), other=0.0)
+    beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
+    rk = tl.load(RK + t, mask=live, other=0.0)
+    return _new_state(x, _direction(kt, rk, k_scale, KT), e, beta, X)  # (BLOCK_T, BLOCK_I, BLOCK_V)
+
 # Tokens per program of the weight's gradient: partial sums (TC: K, n_tok / CHUNK, d, d_v), summed after. The
 # interpreter computes every token of a chunk, those past the end too: 8 there, one tile of the first config.
 CHUNK = 8 if INTERPRET else 64
@@ -208,7 +223,7 @@ def _weight_bwd(GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
                 KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale,
                 CHUNK: tl.constexpr, d: tl.constexpr, d_v: tl.constexpr, NORM: tl.constexpr,
                 TAPS: tl.constexpr, N_CHAIN: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
+                BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
     # dW[s, i, j] = sum over tokens of g[s, t, i] X_{l+1}[t, i, j] (CC: one tap) and g_gamma[i] = sum of
     # dc[t, i] x_in[t, i] r[t], with X_{l+1}, x_in and g recomputed; this program: features
     # [i0, i0 + BLOCK_I), tokens [t0, t0 + CHUNK)
@@ -216,37 +231,55 @@ def _weight_bwd(GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
     tt = tl.arange(0, BLOCK_T)[:, None, None]             # token, (BLOCK_T, 1, 1)
     i = i0 + tl.arange(0, BLOCK_I)[None, :, None]         # feature, (1, BLOCK_I, 1)
     j = tl.arange(0, BLOCK_V)[None, None, :]              # value channel, (1, 1, BLOCK_V)
-    # TC: one tap after the other, each recomputing X_{l+1} from its chunk's inputs (the later taps' reads
-    # mostly from the cache), so that CC (one tap) compiles as before
-    for tap in tl.static_range(TAPS):
-        w = tl.load(W + tap * d * d_v + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
-        g_w = tl.zeros((BLOCK_T, BLOCK_I, BLOCK_V), dtype=tl.float32)  # summed over BLOCK_T rows at the end
-        g_gamma = tl.zeros((BLOCK_T, BLOCK_I, 1), dtype=tl.float32)
+    if TAPS == 1:  # CC (the loop runs once: the code as before TC's own branch, so the same machine code)
+        for tap in tl.static_range(TAPS):
+            w = tl.load(W + tap * d * d_v + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
+            g_w = tl.zeros((BLOCK_T, BLOCK_I, BLOCK_V), dtype=tl.float32)  # summed over BLOCK_T at the end
+            g_gamma = tl.zeros((BLOCK_T, BLOCK_I, 1), dtype=tl.float32)
+            for b in tl.range(0, CHUNK, BLOCK_T):
+                t = t0 + b + tt
+                live = (t < n_tok) & (b + tt < CHUNK)
+                mi = live & (i < d)
+                x = tl.load(X + (t * d + i) * d_v + j, mask=mi & (j < d_v), other=0.0).to(tl.float32)
+                x = _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, t, i, j, mi,
+                            live & (j < d_v), live, k_scale, X, d, d_v)  # X_l
+                kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
+                e = tl.load(E + t * d_v + j, mask=live & (j < d_v), other=0.0)
+                beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
+                rk = tl.load(RK + t, mask=live, other=0.0)
+                xn = _new_state(x, _direction(kt, rk, k_scale, KT), e, beta, X)  # (BLOCK_T, BLOCK_I, BLOCK_V)
+                g = tl.load(GC + tap * n_tok * d + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc
+                if NORM:
+                    xin = _rounded(tl.sum(w * xn, axis=2, keep_dims=True), X)
+                    r = tl.load(RSTD + t, mask=live, other=0.0)
+                    g_gamma += g * xin * r
+                    gamma = tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
+                    g = r * g * gamma - xin * tl.load(S + t, mask=live, other=0.0)
+                g_w += xn * g
+            ii = i0 + tl.arange(0, BLOCK_I)[:, None]
+            jj = tl.arange(0, BLOCK_V)[None, :]
+            tl.store(G_W + tap * tl.num_programs(1) * d * d_v + (tl.program_id(1) * d + ii) * d_v + jj,
+                     tl.sum(g_w, axis=0), mask=(ii < d) & (jj < d_v))
+            tl.store(G_GAMMA + tl.program_id(1) * d + ii, tl.sum(g_gamma, axis=0), mask=ii < d)
+    else:  # TC (no norm): X_{l+1} recomputed once for all taps, a (BLOCK_S, BLOCK_T, BLOCK_I, BLOCK_V) sum
+        tl.static_assert(not NORM)
+        s = tl.arange(0, BLOCK_S)[:, None, None, None]       # tap, (BLOCK_S, 1, 1, 1)
+        g_w = tl.zeros((BLOCK_S, BLOCK_T, BLOCK_I, BLOCK_V), dtype=tl.float32)
         for b in tl.range(0, CHUNK, BLOCK_T):
             t = t0 + b + tt
             live = (t < n_tok) & (b + tt < CHUNK)
-            mi = live & (i < d)
-            x = tl.load(X + (t * d + i) * d_v + j, mask=mi & (j < d_v), other=0.0).to(tl.float32)
-            x = _replay(x, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, t, i, j, mi,
-                        live & (j < d_v), live, k_scale, X, d, d_v)  # X_l
-            kt = tl.load(KT + t * d + i, mask=mi, other=0.0).to(tl.float32)
-            e = tl.load(E + t * d_v + j, mask=live & (j < d_v), other=0.0)
-            beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
-            rk = tl.load(RK + t, mask=live, other=0.0)
-            xn = _new_state(x, _direction(kt, rk, k_scale, KT), e, beta, X)  # (BLOCK_T, BLOCK_I, BLOCK_V)
-            g = tl.load(GC + tap * n_tok * d + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc
-            if NORM:
-                xin = _rounded(tl.sum(w * xn, axis=2, keep_dims=True), X)
-                r = tl.load(RSTD + t, mask=live, other=0.0)
-                g_gamma += g * xin * r
-                gamma = tl.load(GAMMA + i, mask=i < d, other=0.0).to(tl.float32)
-                g = r * g * gamma - xin * tl.load(S + t, mask=live, other=0.0)
-            g_w += xn * g
-        ii = i0 + tl.arange(0, BLOCK_I)[:, None]
-        jj = tl.arange(0, BLOCK_V)[None, :]
-        tl.store(G_W + tap * tl.num_programs(1) * d * d_v + (tl.program_id(1) * d + ii) * d_v + jj,
-                 tl.sum(g_w, axis=0), mask=(ii < d) & (jj < d_v))
-        tl.store(G_GAMMA + tl.program_id(1) * d + ii, tl.sum(g_gamma, axis=0), mask=ii < d)
+            xn = _state_again(X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, KT, E, BETA, RK,
+                              t, i, j, live, k_scale, d, d_v)
+            mi = (s < TAPS) & live[None] & (i[None] < d)
+            g = tl.load(GC + (s * n_tok + t[None]) * d + i[None], mask=mi, other=0.0)  # each tap's dL/dc
+            g_w += xn[None] * g.to(tl.float32)
+        ss = tl.arange(0, BLOCK_S)[:, None, None]
+        ii = i0 + tl.arange(0, BLOCK_I)[None, :, None]
+        jj = tl.arange(0, BLOCK_V)[None, None, :]
+        tl.store(G_W + ss * tl.num_programs(1) * d * d_v + (tl.program_id(1) * d + ii) * d_v + jj,
+                 tl.sum(g_w, axis=1), mask=(ss < TAPS) & (ii < d) & (jj < d_v))
+        i1 = i0 + tl.arange(0, BLOCK_I)
+        tl.store(G_GAMMA + tl.program_id(1) * d + i1, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=i1 < d)
 
 def _read_shape(W):
     """d, d_v and the taps of the next read's weights: CC's mix (d, d_v) is one tap; TC's (K, d, d_v)."""
@@ -322,7 +355,7 @@ def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_t
     g_gamma = torch.empty(splits, d, device=X.device)
     wrap_triton(_weight_bwd)[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), splits)](
         g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, k_scale, CHUNK, d, d_v,
-        norm, taps, n_chain, BLOCK_V=triton.next_power_of_2(d_v))
+        norm, taps, n_chain, BLOCK_V=triton.next_power_of_2(d_v), BLOCK_S=triton.next_power_of_2(taps))
     return [g_X, g_k, g_v, g_beta, g_W.sum(-3).to(W.dtype), g_gamma.sum(0).to(gamma.dtype)]
 
 @step_backward.register_fake

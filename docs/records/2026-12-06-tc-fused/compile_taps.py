@@ -31,6 +31,7 @@ for name, config, warps in CONFIGS:
     row = []
     for taps in (1, 4, 8):
         consts = dict(d=768, d_v=4, ERASE=True, NORM=False, BLOCK_D=1024, BLOCK_V=4, TAPS=taps, N_CHAIN=3,
+                      BLOCK_S=triton.next_power_of_2(taps),
                       **config)
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
         sig = {a: "constexpr" if a in consts else "i32" if a == "n_tok" else
