@@ -10,21 +10,18 @@ back along k (Eq. 2.2):
 The shortcut A = I - beta k k^T has eigenvalue 1 - beta along k and 1 elsewhere (Prop. 2.1):
 identity at beta = 0, projection at beta = 1, reflection at beta = 2.
 
-Reading order: config, RoPE, generation's cache, attention, SwiGLU MLP, the delta update, the
-compressors (CC: channel, TC: token; EC: the embedding's convolution), the residual branch and block,
-the GPT (forward, gate audit, cached generation). Backbone (paper §3, §4.1): Llama-style, pre-norm
-RMSNorm, RoPE, QK-norm, SwiGLU, no biases, tied embedding and LM head. The README's "paper in the
-code" table maps each equation to its function and test; "departure" marks where we differ from the
-authors' code (docs/departures.md).
+Reading order: config, RoPE, generation's cache, attention and MLP, the delta update, the compressors
+(CC, TC, EC), the residual branch and block, the GPT. Backbone (§3, §4.1): Llama-style, pre-norm RMSNorm,
+RoPE, QK-norm, SwiGLU, no biases, tied embedding and LM head. The README maps each equation to its
+function and test; "departure" marks where we differ from the authors' code (docs/departures.md).
 
 Shapes: B sequences, T tokens, d = n_embd; the state X is (B, T, d) at d_v = 1, (B, T, d, d_v) above;
 the sublayer's input c and output k~, and k, are (B, T, d); v is (B, T, d_v); beta (B, T, 1).
 
-To add a variant: a GPTConfig field (checked in __post_init__); the code it switches (the named inputs
-of ResidualBranch.update for what feeds the rule, rank1_step for the rule, COMPRESSORS for a compressor);
-a weight-decay role for each new parameter (GPT.DECAYED, NOT_DECAYED); the Cache if it mixes tokens
-(with_past); an entry in test_ddl.VARIANTS (the any-variant battery) and a test against an oracle of its
-own. fused.py runs a new field at its default only, until it is declared in fused.SUPPORTED.
+To add a variant: a GPTConfig field (checked in __post_init__); the code it switches (ResidualBranch.update's
+inputs, rank1_step's rule, COMPRESSORS); a weight-decay role per new parameter (GPT.DECAYED, NOT_DECAYED);
+with_past if it mixes tokens; an entry in test_ddl.VARIANTS and a test against its own oracle. fused.py runs
+a new field at its default only, until fused.SUPPORTED declares it.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -109,10 +106,9 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- generation's cache
 
 class Cache:
-    """What cached generation keeps between forwards of a growing sequence (GPT.generate_tokens): only
-    attention and the causal token convolutions mix tokens, so each one's keys and values, or its last
-    conv_kernel - 1 inputs, are enough for a forward of the new tokens alone. Fixed-size buffers filled
-    in place, and positions held on the device, so that a step can be replayed as a CUDA graph."""
+    """What cached generation keeps between forwards of a growing sequence: only attention and the causal
+    token convolutions mix tokens, so their keys and values, or last conv_kernel - 1 inputs, suffice for
+    the new tokens' forward. Fixed-size buffers, positions on the device: a CUDA graph can replay a step."""
     def __init__(self, block_size):
         self.block_size, self.length, self.pos, self.buffers = block_size, 0, None, {}
         self.positions = None  # the newest tokens' positions (T,), set by advance() before each forward
@@ -194,15 +190,13 @@ class SwiGLU(nn.Module):
 # ----------------------------------------------------------------------------- the delta update
 
 def readout_error(X, k, v):
-    """e = k^T X - v^T, the readout error of Eq. 2.4 (one sign convention everywhere), (..., d_v).
-    Reduced in fp32 (or wider) whatever X's dtype."""
+    """e = k^T X - v^T, the readout error of Eq. 2.4 (one sign convention everywhere), (..., d_v)."""
     acc_dtype = torch.promote_types(X.dtype, torch.float32)  # summed over d in fp32 at least
     return torch.sum(k.unsqueeze(-1) * X, dim=-2, dtype=acc_dtype) - v.to(acc_dtype)
 
 def delta_update(X, k, v, beta):
-    """Eq. 2.2: X + beta k (v^T - k^T X) = X - beta k e^T, for X (..., d, d_v), k (..., d),
-    v (..., d_v), beta (..., 1) (one gate per token; (..., d_v) would gate each value channel).
-    The model runs this function; autograd derives its backward."""
+    """Eq. 2.2: X + beta k (v^T - k^T X) = X - beta k e^T, for X (..., d, d_v), k (..., d), v (..., d_v),
+    beta (..., 1) (one gate per token). The model runs this function; autograd derives its backward."""
     e = readout_error(X, k, v)
     return X - k.unsqueeze(-1) * (beta.to(e.dtype) * e).to(X.dtype).unsqueeze(-2)
 
@@ -233,6 +227,10 @@ def causal_token_conv(x, weight):
     current token, so a weight of (1, 0, ..., 0) is the identity."""
     return sum(shift_tokens(x, s) * weight[..., s] for s in range(weight.shape[-1]))
 
+def identity_taps(cfg):
+    """Weights (d, d_v, K) of a causal token convolution that starts as the identity: tap 0 (this token) 1."""
+    return nn.Parameter(F.pad(torch.ones(cfg.n_embd, cfg.d_v, 1), (0, cfg.conv_kernel - 1)))
+
 class ChannelCompressor(nn.Module):
     """DDL-CC (§3.2): x_in[i] = sum_j c_ij X[i, j], a learned mix of the d_v channels per feature,
     initialised to the channel mean. Departure: the authors' CC is a short convolution along d_v
@@ -250,9 +248,7 @@ class TokenCompressor(nn.Module):
     (departure: our choice of init, so that TC starts as CC's channel mean)."""
     def __init__(self, cfg):
         super().__init__()
-        taps = torch.zeros(cfg.n_embd, cfg.d_v, cfg.conv_kernel)
-        taps[..., 0] = 1.0
-        self.taps = nn.Parameter(taps)
+        self.taps = identity_taps(cfg)
         self.channel_mix = nn.Parameter(torch.full((cfg.d_v,), 1.0 / cfg.d_v))
 
     def forward(self, X, cache=None):
@@ -276,19 +272,14 @@ class EmbedConv(nn.Module):
     our choice of init, as TC's; the paper gives none)."""
     def __init__(self, cfg):
         super().__init__()
-        w = torch.zeros(cfg.n_embd, cfg.d_v, cfg.conv_kernel)
-        w[..., 0] = 1.0
-        self.weight = nn.Parameter(w)
+        self.weight = identity_taps(cfg)
 
     def forward(self, x, cache=None):
         x, n_past = with_past(cache, self, x.unsqueeze(-1), self.weight.shape[-1] - 1)
         return causal_token_conv(x, self.weight.to(x.dtype))[:, n_past:]
 
-COMPRESSORS = {"cc": ChannelCompressor, "tc": TokenCompressor}  # GPTConfig.compressor: a new one is an entry
-
-def make_compressor(cfg):
-    """The compression of the state (B, T, d, d_v) to a sublayer's width d (§3.2), by name."""
-    return COMPRESSORS[cfg.compressor](cfg)
+# The compressions of the state (B, T, d, d_v) to a sublayer's width d (§3.2), by GPTConfig.compressor
+COMPRESSORS = {"cc": ChannelCompressor, "tc": TokenCompressor}
 
 # ----------------------------------------------------------------------------- the block
 
@@ -300,17 +291,14 @@ class ResidualBranch(nn.Module):
         self.cfg, self.name = cfg, f"layer {layer} {sublayer}"
         self.norm_gain = nn.Parameter(torch.ones(cfg.n_embd))
         self.sublayer = CausalSelfAttention(cfg) if sublayer == "attn" else SwiGLU(cfg)
-        self.compressor = None
-        if cfg.d_v > 1:  # departure: one compressor per sublayer (the authors' code shares one per block)
-            self.compressor = make_compressor(cfg)
+        # departure: one compressor per sublayer (the authors' code shares one per block)
+        self.compressor = COMPRESSORS[cfg.compressor](cfg) if cfg.d_v > 1 else None
         if cfg.residual != "additive":
             # v's projection W_v (d_v x d), initialised like the other matrices, and b_v = 0
             self.W_v = nn.Parameter(torch.randn(cfg.d_v, cfg.n_embd) * (0.5 / math.sqrt(cfg.n_embd)))
             self.b_v = nn.Parameter(torch.zeros(cfg.d_v))
-            # beta = beta_bound sigmoid(w.c + b), w = 0, b = logit(beta_init / beta_bound): every token
-            # starts at beta_init, or within 1e-6 * beta_bound of it at the range's ends 0 and beta_bound,
-            # which sigmoid never reaches. Departure: the authors' global init perturbs w; we start it at
-            # zero. The gate's shape lives here and in gate(): one beta per token, broadcast over d_v.
+            # beta = beta_bound sigmoid(w.c + b) starts at beta_init for every token: w = 0 (departure: the
+            # authors' init perturbs w), b = logit(beta_init / beta_bound), clamped 1e-6 inside (0, 1).
             share = min(max(cfg.beta_init / cfg.beta_bound, 1e-6), 1 - 1e-6)  # sigmoid(b) at the start
             self.w_beta = nn.Parameter(torch.zeros(1, cfg.n_embd))
             self.b_beta = nn.Parameter(torch.full((1,), math.log(share / (1 - share))))
@@ -337,10 +325,9 @@ class ResidualBranch(nn.Module):
         return self.cfg.beta_bound * torch.sigmoid(logit)
 
     def value(self, v_in):
-        """v in R^{d_v}, in fp32. The paper's text writes v = W_v c; the authors' code (and ours by
-        default) bounds it as v = v_scale * sigmoid(W_v c + b_v), v_scale = 4; v_scale = 0 gives the
-        plain linear form. Departure: v reads the normalised input c, as beta does (the authors' code
-        feeds v the un-normalised compressed input)."""
+        """v in R^{d_v}, in fp32: the paper's v = W_v c + b_v at v_scale = 0; by default, as the authors'
+        code, v = v_scale * sigmoid(W_v c + b_v). Departure: v reads the normalised input c, as beta does
+        (the authors' code feeds v the un-normalised compressed input)."""
         v = torch.sum(v_in.float().unsqueeze(-2) * self.W_v, dim=-1) + self.b_v
         return v if self.cfg.v_scale == 0 else self.cfg.v_scale * torch.sigmoid(v)
 
@@ -360,8 +347,8 @@ class ResidualBranch(nn.Module):
         return new_state if self.cfg.d_v > 1 else new_state.squeeze(-1)
 
     def rank1_step(self, state, k_tilde, k, v, beta):
-        """One rank-1 step along k (Eq. 2.2, or write-only's X + beta k v^T), checked with check_spectrum
-        against its own premises: a variant with several steps per sublayer calls it once for each."""
+        """One rank-1 step along k (Eq. 2.2, or write-only's X + beta k v^T), with check_spectrum on it:
+        a variant with several steps per sublayer calls it once for each, so each is checked alone."""
         rule = delta_update if self.cfg.residual == "delta" else write_update
         new_state = rule(state, k, v, beta)
         if self.cfg.check_spectrum:
@@ -369,21 +356,18 @@ class ResidualBranch(nn.Module):
         return new_state
 
     def check_spectrum(self, k_tilde, k, v, beta, state, new_state):
-        """The premises of one rank-1 step, state -> new_state (rank1_step), in fp32: 0 < beta < beta_bound
-        (<= 2, Prop. 2.1's range); |k| = 1 where |k~| >> eps_k (§3.1); for the delta rule, the readout error
-        after the step, k^T new_state - v^T = (1 - beta |k|^2)(k^T state - v^T), an identity for any k,
-        which is Eq. 2.4's e_post = (1 - beta) e_pre where |k| = 1. It compares the states on either side
-        of one step: two steps in a row are two checks, never one. Raises AssertionError naming the
-        quantity."""
-        def fail(what):
-            raise AssertionError(f"check_spectrum: {self.name}: {what}")
+        """The premises of one rank-1 step, in fp32: 0 < beta < beta_bound (<= 2, Prop. 2.1's range);
+        |k| = 1 where |k~| >> eps_k (§3.1); for the delta rule, k^T new_state - v^T = (1 - beta |k|^2)
+        (k^T state - v^T), an identity for any k: Eq. 2.4's e_post = (1 - beta) e_pre where |k| = 1.
+        Raises AssertionError naming the quantity."""
+        who = f"check_spectrum: {self.name}:"
         k_sq = k.float().square().sum(dim=-1, keepdim=True)
         unit = k_tilde.float().norm(dim=-1, keepdim=True) > 100 * self.cfg.k_eps
         if bool((((k_sq.sqrt() - 1).abs() > 1e-2) & unit).any()):
-            fail("|k| != 1 where |k~| >> eps_k (§3.1)")
+            raise AssertionError(f"{who} |k| != 1 where |k~| >> eps_k (§3.1)")
         if not bool(((beta > 0) & (beta < self.cfg.beta_bound)).all()):
-            fail(f"beta outside (0, {self.cfg.beta_bound:g}): min {beta.min().item():.4g}, "
-                 f"max {beta.max().item():.4g}")
+            raise AssertionError(f"{who} beta outside (0, {self.cfg.beta_bound:g}): "
+                                 f"min {beta.min().item():.4g}, max {beta.max().item():.4g}")
         if self.cfg.residual == "delta":
             e_pre = readout_error(state.float(), k.float(), v)
             e_post = readout_error(new_state.float(), k.float(), v)
@@ -392,7 +376,8 @@ class ResidualBranch(nn.Module):
             tol = scale * (1 + new_state.float().abs().amax(dim=(-2, -1), keepdim=True).squeeze(-1))
             if bool(((e_post - want).abs() > tol).any()):
                 err = (e_post - want).abs().max().item()
-                fail(f"e_post != (1 - beta |k|^2) e_pre (Eq. 2.4), max error {err:.3g}")
+                raise AssertionError(f"{who} e_post != (1 - beta |k|^2) e_pre (Eq. 2.4), "
+                                     f"max error {err:.3g}")
 
 class Block(nn.Module):
     def __init__(self, cfg, layer):
@@ -405,12 +390,6 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- the GPT
 
-def may_sync():
-    """Whether a check may read a value back to the host: in eager mode, outside a CUDA graph's capture.
-    is_compiling() comes first: torch.compile cannot trace the capture query (a graph break)."""
-    return not torch.compiler.is_compiling() and not (
-        torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
-
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -418,7 +397,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.embed_conv = EmbedConv(cfg) if cfg.d_v > 1 and cfg.embed_conv else None
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
-        self.final_compressor = make_compressor(cfg) if cfg.d_v > 1 else None  # before the final norm
+        self.final_compressor = COMPRESSORS[cfg.compressor](cfg) if cfg.d_v > 1 else None  # before the norm
         self.final_norm_gain = nn.Parameter(torch.ones(cfg.n_embd))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
@@ -426,16 +405,14 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         """The authors' init: embedding N(0, 0.02), matrices N(0, 0.5/sqrt(d)), output projections
-        N(0, 0.5/sqrt(d)/sqrt(L)), biases zero. Only nn.Linear / nn.Embedding are touched, so the
-        gates and convolutions keep their own identity-style initialisation."""
+        N(0, 0.5/sqrt(d)/sqrt(L)). Only nn.Linear / nn.Embedding (all without biases) are touched, so
+        the gates and convolutions keep their own identity-style initialisation."""
         d, L = self.config.n_embd, self.config.n_layer
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, nn.Linear) and module is not self.lm_head:
             depth = math.sqrt(L) if getattr(module, "is_output_proj", False) else 1.0
             nn.init.normal_(module.weight, std=0.5 / math.sqrt(d) / depth)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
 
     def num_params(self):
         """Parameters, the tied embedding / LM head matrix counted once."""
@@ -446,10 +423,9 @@ class GPT(nn.Module):
         embedding counted once, as the LM head) plus 12 L T d for attention scores."""
         return 6 * self.num_params() + 12 * self.config.n_layer * T * self.config.n_embd
 
-    # Weight decay by a parameter's role, "Module.name" of the module that declares it: the matrices that
-    # map features (the backbone's, W_v, the compressors' and EC's weights) decay; gains, biases, the gate's
-    # w_beta and TC's channel mix (a 1-D read over d_v, as in the authors' code) do not. A new parameter, or
-    # one of a new module that reuses a name, must be put in one of the two: its shape decides nothing.
+    # Weight decay by role, "Module.name": matrices that map features decay; gains, biases, the gate's w_beta
+    # and TC's channel mix (a 1-D read over d_v, as in the authors' code) do not. Every parameter must be
+    # in one of the two: its shape decides nothing.
     DECAYED = ("Linear.weight", "Embedding.weight", "ResidualBranch.W_v", "ChannelCompressor.mix",
                "TokenCompressor.taps", "EmbedConv.weight")
     NOT_DECAYED = ("CausalSelfAttention.q_norm_gain", "CausalSelfAttention.key_norm_gain",
@@ -473,11 +449,15 @@ class GPT(nn.Module):
                                  lr=lr, betas=betas, fused=device_type == "cuda")
 
     def check_ids(self, name, ids, min_id):
-        """Refuse ids outside [min_id, vocab_size): an index error deep inside the model names nothing."""
-        if may_sync() and ids.numel():
-            lo, hi = (t.item() for t in torch.aminmax(ids))  # one pass
-            if lo < min_id or hi >= self.config.vocab_size:
-                raise ValueError(f"{name} must lie in [{min_id}, {self.config.vocab_size}); got [{lo}, {hi}]")
+        """Refuse ids outside [min_id, vocab_size): an index error deep inside the model names nothing.
+        Eager only, outside a CUDA graph's capture: reading the ids back would break the compiled graph
+        (is_compiling() comes first: torch.compile cannot trace the capture query)."""
+        if torch.compiler.is_compiling() or ids.numel() == 0 or (
+                torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
+            return
+        lo, hi = (t.item() for t in torch.aminmax(ids))  # one pass
+        if lo < min_id or hi >= self.config.vocab_size:
+            raise ValueError(f"{name} must lie in [{min_id}, {self.config.vocab_size}); got [{lo}, {hi}]")
 
     def forward(self, idx, targets=None, cache=None):
         """The logits (B, T, vocab) in fp32; with targets (-1: ignored), the mean cross-entropy only.
@@ -504,8 +484,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits.to(torch.promote_types(logits.dtype, torch.float32))
         self.check_ids("targets", targets, -1)  # -1: ignored positions
-        # training gets the loss alone, never the (B, T, vocab) logits: a caller holding them would keep
-        # them alive through the backward (3 GiB at 16 x 1024 tokens). The loss is reduced in fp32.
+        # the loss alone (fp32), never the logits: a caller holding them keeps them through the backward
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def body(self, X, cache=None):
@@ -514,9 +493,8 @@ class GPT(nn.Module):
             X = block(X, cache)
         return X if self.final_compressor is None else self.final_compressor(X, cache)
 
-    # The gate audit (§5) in four names: each ResidualBranch's `record` flag and the `stats` (tensors) it
-    # keeps while the flag is on; record_gates() sets the flags, gate_stats() turns the kept tensors into
-    # rows of numbers, and gate_audit(idx) does both around one forward (what train.py logs at each eval).
+    # The gate audit (§5): record_gates() sets each ResidualBranch's `record` flag, under which it keeps
+    # tensors in `stats`; gate_stats() turns them into rows; gate_audit(idx) does both around one forward.
     def record_gates(self, on=True):
         """Make every residual branch keep its gate statistics from the next forwards (or stop)."""
         for m in self.modules():
@@ -529,11 +507,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def gate_stats(self, bins=10, k_before=None):
-        """The gate audit (§5): per layer and sublayer, statistics of beta, |k~| and
-        |e_pre| = |k^T X - v^T| from the last forward run after `record_gates()`, a histogram of beta
-        over [0, 2], and two means over the first sequence's tokens of the cosine of two k: the
-        block's attention k against its MLP k (k_cos_attn_mlp), and each k against the same token's k
-        in k_before, an earlier recorded_k() of the same sequence (k_cos_before; None without it)."""
+        """The gate audit (§5) of the last recorded forward, per layer and sublayer: min/mean/max of beta,
+        |k~| and |e_pre| = |k^T X - v^T|, a histogram of beta over [0, 2], and the mean cosine over the
+        first sequence's tokens of the attention k against the MLP k (k_cos_attn_mlp) and of each k against
+        the same token's k in k_before, an earlier recorded_k() (k_cos_before; None without it)."""
         if self.config.residual == "additive":
             raise ValueError("gate_stats: the additive baseline has no gate (residual='additive')")
         out, mean_cosine = [], lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()  # k in fp32
@@ -566,11 +543,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
         """Yield max_new_tokens sampled continuation tokens of idx (B, T), each (B, 1), as they come.
-        temperature 0 is greedy; top_k keeps the k likeliest ids; n_vocab limits sampling to ids
-        below it: the tokenizer's own vocabulary, without the padding ids it cannot decode.
-        Cached: one forward of the prompt, then one of each new token alone (Cache). Past block_size,
-        as nanoGPT, each token sees the last block_size tokens, recomputed without the cache, since
-        every position has moved."""
+        temperature 0 is greedy; top_k keeps the k likeliest ids; n_vocab limits sampling to the
+        tokenizer's own ids (not the padding). Cached: one forward of the prompt, then one per new token
+        (Cache); past block_size, as nanoGPT, the last block_size tokens, recomputed without the cache."""
         n_vocab = self.config.vocab_size if n_vocab is None else n_vocab
         for name, value, ok, allowed in (("temperature", temperature, temperature >= 0, ">= 0"),
                                          ("top_k", top_k, top_k is None or top_k >= 1, ">= 1 or None"),
@@ -592,9 +567,8 @@ class GPT(nn.Module):
                     logits = decode(nxt)
 
     def decoder(self, cache, like):
-        """A function of the next tokens (B, 1) giving their logits through cache. On CUDA one step is
-        captured as a CUDA graph and replayed: a token's forward is hundreds of small kernels, and
-        launching them, not running them, is what it costs (docs/performance.md)."""
+        """A function of the next tokens (B, 1) giving their logits through cache. On CUDA one step is a
+        captured CUDA graph: a token's forward is hundreds of small kernels, whose launches are its cost."""
         if not like.is_cuda:
             return lambda tok: self(tok, cache=cache)
         side = torch.cuda.Stream()  # a warm-up step on a scratch cache, as torch.cuda.graphs asks
@@ -618,7 +592,7 @@ class GPT(nn.Module):
 
     @staticmethod
     def sample(logits, temperature, top_k):
-        """One token id per row of logits (B, V): the argmax at temperature 0 or top_k 1, else drawn from
+        """One id per row of logits (B, V): the argmax at temperature 0 or top_k 1, else a draw from
         softmax(logits / temperature) over the top_k largest."""
         if temperature == 0 or top_k == 1:
             return logits.argmax(dim=-1, keepdim=True)
