@@ -3,11 +3,11 @@
     python prepare_data.py                                     # FineWeb-Edu sample-10BT from the HF hub
     python prepare_data.py --input corpus/ --out data/local   # offline: .txt, .jsonl(.gz), .parquet
 
-Each document (a .txt file, a JSON line, a parquet row): the end-of-text token 50256, then tiktoken GPT-2's
-ordinary encoding of its UTF-8 text as stored. Shards use llm.c's .bin layout (256 int32 header: magic,
-version, token count; uint16 tokens): {prefix}_val_000000.bin holds the input's first --val_tokens (to hold
-out a file, name it first), then {prefix}_train_{k:06d}.bin. run.json marks an unfinished output and
-records its finished shards (the same command resumes after them), manifest.json a complete one.
+Each document (a .txt file, a JSON line, a parquet row) is token 50256, then tiktoken GPT-2's ordinary
+encoding of its text. The first --val_tokens go to {prefix}_val_000000.bin (to hold out a file, name it
+first), the rest to {prefix}_train_{k:06d}.bin, in llm.c's layout (256 int32 header: magic, version,
+token count; uint16 tokens). run.json marks an unfinished output (the same command resumes it after its
+finished shards), manifest.json a complete one.
 """
 import argparse
 import gzip
@@ -32,8 +32,7 @@ HUB_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}
 class DataError(ValueError):
     """A problem with the user's input, options or shards: reported in one line, without a traceback."""
 
-def read_shard(path):
-    """The uint16 tokens of a .bin shard (memory-mapped), after checking magic, version and size."""
+def read_shard(path):  # the uint16 tokens, memory-mapped
     size, head = os.path.getsize(path), 4 * HEADER_INTS
     if size < head:
         raise DataError(f"{path}: {size} bytes is shorter than the {head}-byte shard header")
@@ -55,7 +54,7 @@ def write_shard(path, tokens):
     write_atomic(path, header, tokens.astype("<u2", copy=False))  # numpy arrays are written without a copy
 
 def local_files(paths):
-    """The input files, folders walked in sorted order; missing paths and other extensions refused."""
+    """The input files, folders walked in sorted order."""
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -70,64 +69,55 @@ def local_files(paths):
         raise DataError(f"--input: no {', '.join(EXTENSIONS)} files found in {paths}")
     return files
 
-def row_document(row, field, where, source):
-    """(text, where, source) of one JSON object / dataset row; errors name where it came from."""
-    if not isinstance(row, dict) or field not in row:
-        raise DataError(f"{where}: no '{field}' field (see --text_field)")
-    if not isinstance(row[field], str):
-        raise DataError(f"{where}: the text field is {type(row[field]).__name__}, not a string")
-    return row[field], where, source
-
-def file_documents(path, text_field):
-    """Yield (text, where, path) from one local file; errors name the file and line (or row)."""
+def file_rows(path, field):
+    """Yield (row, where) of one local file: its parquet rows or JSON lines, or a .txt file's text whole."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-        batches = pq.ParquetFile(path).iter_batches(columns=[text_field])  # streamed, row group by group
+        batches = pq.ParquetFile(path).iter_batches(columns=[field])  # streamed, row group by group
         for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
-            yield row_document(row, text_field, f"{path} row {i}", path)
+            yield row, f"{path} row {i}"
         return
     try:
-        yield from text_lines(path, text_field)
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for lineno, data in enumerate([f.read()] if path.endswith(".txt") else f, 1):
+                text = data.decode("utf-8")
+                if path.endswith(".txt"):  # the whole file, one document
+                    yield {field: text}, path
+                elif text.strip():
+                    yield json.loads(text), f"{path} line {lineno}"
+    except UnicodeDecodeError as e:
+        bad = lineno + data.count(b"\n", 0, e.start)
+        raise DataError(f"{path} line {bad}: not valid UTF-8 (byte {data[e.start]:#x})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {lineno}: not valid JSON: {e.msg} at column {e.colno}") from None
     except (EOFError, OSError, zlib.error) as e:  # gzip's BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read it ({e}): a corrupt or truncated file?") from None
 
-def text_lines(path, text_field):
-    """file_documents of a .txt, .jsonl or .jsonl.gz file."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        for lineno, data in enumerate([f.read()] if path.endswith(".txt") else f, 1):  # .txt: one document
-            try:
-                text, where = data.decode("utf-8"), f"{path} line {lineno}"
-            except UnicodeDecodeError as e:
-                bad = lineno + data.count(b"\n", 0, e.start)
-                raise DataError(f"{path} line {bad}: not valid UTF-8 (byte {data[e.start]:#x})") from None
-            if path.endswith(".txt"):
-                yield text, path, path
-            elif text.strip():
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
-                yield row_document(row, text_field, where, path)
-
 def documents(args, files):
     """Yield (text, where, source) in input order; source: the input file, or the hub dataset (streamed)."""
-    for path in files or []:
-        yield from file_documents(path, args.text_field)
-    if not args.input:
+    field = args.text_field
+    if args.input:
+        streams = [(path, file_rows(path, field)) for path in files]
+    else:
         try:
             import datasets
         except ImportError:
             raise DataError("FineWeb-Edu from the hub needs `pip install datasets` (or --input)") from None
         source = f"{HUB_DATASET}:{args.name}"
         rows = datasets.load_dataset(HUB_DATASET, name=args.name, split="train", streaming=True)
-        for i, row in enumerate(rows):
-            yield row_document(row, args.text_field, f"{source} row {i}", source)
+        streams = [(source, ((row, f"{source} row {i}") for i, row in enumerate(rows)))]
+    for source, rows in streams:
+        for row, where in rows:
+            if not isinstance(row, dict) or field not in row:
+                raise DataError(f"{where}: no '{field}' field (see --text_field)")
+            if not isinstance(row[field], str):
+                raise DataError(f"{where}: the text field is {type(row[field]).__name__}, not a string")
+            yield row[field], where, source
 
 def tokenize(item):
-    """(source, tokens) of one document (text, where, source): EOT, then the text's ordinary encoding."""
     text, where, source = item
     try:  # encode_ordinary's tokens as numpy; unlike encode_ordinary it refuses lone surrogates (not UTF-8)
         body = tiktoken.get_encoding("gpt2").encode_to_numpy(text, disallowed_special=())
@@ -138,91 +128,77 @@ def tokenize(item):
 class ShardWriter:
     """Cuts the token stream into the val shard, then train shards; val_sources: tokens from each source.
     After each shard run.json records how far the input went (documents: those wholly in shards; carry: the
-    tokens of the next one already in them), so that a rerun resumes there and makes the same bytes."""
-    def __init__(self, args, run_args, progress):
-        self.args, self.run_args, self.fill = args, run_args, 0
-        p = progress or dict(shards=[], val_sources={}, documents=0, carry=0)
-        self.shards, self.val_sources = p["shards"], p["val_sources"]
-        self.doc, self.taken = p["documents"], p["carry"]
-        self.split = "train" if self.shards else "val"  # the val shard is the first one written
+    tokens of the next one already in them), so that a rerun resumes there and makes the same bytes. Progress
+    goes to stderr: on a terminal a line rewritten about once a second, elsewhere one per finished shard."""
+    def __init__(self, args, run):
+        self.args, self.run, self.fill = args, run, 0
+        self.shards, self.val_sources = run["shards"], run["val_sources"]
+        self.docs, self.taken = run["documents"], run["carry"]
+        self.tokens = self.start = sum(s["tokens"] for s in self.shards)  # start: the resumed tokens
         self.buf = np.empty(args.shard_tokens if self.shards else args.val_tokens, dtype=np.uint16)
-        self.meter = Meter(args, self.doc, sum(s["tokens"] for s in self.shards))
+        self.target = args.max_tokens or (None if args.input else HUB_TOKENS.get(args.name))
+        self.t0 = self.shown = time.time()
+        self.tty = sys.stderr.isatty()
 
     def add(self, tokens, source):
-        """One document's tokens (after its first `carry` where resumed)."""
+        """One document's tokens, less those in a shard already (resumed: `carry`) or past --max_tokens."""
+        tokens = tokens[self.taken:]
+        if self.args.max_tokens:
+            tokens = tokens[:self.args.max_tokens - self.tokens]
         while len(tokens):
             n = min(len(tokens), len(self.buf) - self.fill)
-            if self.split == "val":
+            if not self.shards:  # the val shard is the first one written
                 self.val_sources[source] = self.val_sources.get(source, 0) + n
             self.buf[self.fill:self.fill + n], self.fill, tokens = tokens[:n], self.fill + n, tokens[n:]
-            self.taken += n
-            self.meter.count(n)
+            self.taken, self.tokens = self.taken + n, self.tokens + n
             if self.fill == len(self.buf):
                 self.flush()
-        self.doc, self.taken = self.doc + 1, 0
-        self.meter.count(0, documents=1)
+        self.docs, self.taken = self.docs + 1, 0
+        if self.tty and time.time() - self.shown >= 1:
+            self.show()
 
     def flush(self):
         if self.fill:
-            k = sum(s["split"] == self.split for s in self.shards)
-            name = f"{self.args.prefix}_{self.split}_{k:06d}.bin"
+            split = "train" if self.shards else "val"
+            k = sum(s["split"] == split for s in self.shards)
+            name = f"{self.args.prefix}_{split}_{k:06d}.bin"
             write_shard(os.path.join(self.args.out, name), self.buf[:self.fill])
-            self.shards.append({"file": name, "split": self.split, "tokens": self.fill})
-            write_atomic(os.path.join(self.args.out, "run.json"), json.dumps(dict(
-                args=self.run_args, shards=self.shards, val_sources=self.val_sources, documents=self.doc,
-                carry=self.taken)).encode())
-            self.meter.show(f"wrote {name}: {self.fill:,} tokens", final=True)
-            self.split, self.fill, self.buf = "train", 0, np.empty(self.args.shard_tokens, dtype=np.uint16)
+            self.shards.append({"file": name, "split": split, "tokens": self.fill})
+            self.run.update(documents=self.docs, carry=self.taken)  # shards, val_sources: the same objects
+            write_atomic(os.path.join(self.args.out, "run.json"), json.dumps(self.run).encode())
+            self.show(f"wrote {name}: {self.fill:,} tokens | ")
+            self.fill, self.buf = 0, np.empty(self.args.shard_tokens, dtype=np.uint16)
+
+    def show(self, shard=""):  # a shard's line ends with a newline; the others are rewritten in place
+        rate = (self.tokens - self.start) / max(time.time() - self.t0, 1e-9)
+        line = f"{shard}{self.docs:,} documents, {self.tokens:,} tokens, {rate:,.0f} tok/s"
+        if self.target and rate:
+            line += f", {hms(max((self.target - self.tokens) / rate, 0))} left"
+        print(("\r" if self.tty else "") + line, end="\n" if shard else "", file=sys.stderr, flush=True)
+        self.shown = time.time()
 
 def hms(seconds):
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
-class Meter:
-    """Documents, tokens, tok/s and, where the total is known (--max_tokens, the hub config's nominal size),
-    the time left: on a terminal a line rewritten about once a second, elsewhere one per finished shard."""
-    def __init__(self, args, documents, tokens):
-        self.target = args.max_tokens or (None if args.input else HUB_TOKENS.get(args.name))
-        self.documents, self.tokens, self.start = documents, tokens, tokens  # start: the resumed tokens
-        self.t0 = self.shown = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def count(self, tokens, documents=0):
-        self.tokens, self.documents = self.tokens + tokens, self.documents + documents
-        if self.tty and time.time() - self.shown >= 1:
-            self.show("")
-
-    def show(self, what, final=False):
-        rate = (self.tokens - self.start) / max(time.time() - self.t0, 1e-9)
-        left = (self.target - self.tokens) / rate if self.target and rate else None
-        line = (f"{what}{' | ' if what else ''}{self.documents:,} documents, {self.tokens:,} tokens, "
-                f"{rate:,.0f} tok/s" + (f", {hms(max(left, 0))} left" if left is not None else ""))
-        print(("\r" if self.tty else "") + line, end="\n" if final else "", file=sys.stderr, flush=True)
-        self.shown = time.time()
-
-def read_json(path):  # None if there is no such file
-    return json.loads(open(path).read()) if os.path.exists(path) else None
-
 def claim_output(out, run_args, force):
-    """(manifest, progress): the manifest where the same run is complete in `out` (unless force); else
-    run.json's progress where it was interrupted (its shards kept, its other files removed); else None,
-    `out` cleared (another run's output only with force) and marked by run.json until manifest.json."""
+    """(manifest, None) where the same run is complete in `out` (unless force); else (None, run): run.json's
+    progress where the same run was interrupted (its shards kept), else a fresh start (another run's output
+    replaced only with force). run.json is written first: `out` reads as unfinished until manifest.json."""
     os.makedirs(out, exist_ok=True)
-    manifest = read_json(os.path.join(out, "manifest.json"))
+    manifest, run = (json.loads(open(p).read()) if os.path.exists(p) else None
+                     for p in (os.path.join(out, "manifest.json"), os.path.join(out, "run.json")))
     if manifest and manifest["args"] == run_args and not force:
         return manifest, None
-    run = read_json(os.path.join(out, "run.json"))
     ours = isinstance(run, dict) and run.get("args") == run_args
-    if ours and not force and not manifest:
-        kept = {s["file"] for s in run["shards"]}
-        clear_output(out, keep={*kept, "run.json"})
-        return None, run if kept else None
     existing = [f for f in os.listdir(out) if f.endswith((".bin", ".tmp")) or f == "manifest.json"]
     if existing and not (ours or force):
         raise DataError(f"--out {out} holds another run's output ({existing[0]}...): --force replaces it")
-    clear_output(out)
-    write_atomic(os.path.join(out, "run.json"), json.dumps(dict(args=run_args, shards=[])).encode())
-    return None, None
+    if force or manifest or not (ours and run["shards"]):
+        run = dict(args=run_args, shards=[], val_sources={}, documents=0, carry=0)
+    write_atomic(os.path.join(out, "run.json"), json.dumps(run).encode())
+    clear_output(out, keep={"run.json", *(s["file"] for s in run["shards"])})
+    return None, run
 
 def clear_output(out, keep=()):
     for f in os.listdir(out):
@@ -233,45 +209,42 @@ def prepare(args):
     """Tokenise args' source into shards under args.out; returns the manifest."""
     files = local_files(args.input) if args.input else None  # bad paths fail before any write
     run_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("workers", "force")}
-    manifest, progress = claim_output(args.out, run_args, args.force)
+    manifest, run = claim_output(args.out, run_args, args.force)
     if manifest:
         print(f"{args.out} is already complete ({manifest['total_tokens']:,} tokens); --force to redo",
               file=sys.stderr)
         return manifest
-    writer, t0 = ShardWriter(args, run_args, progress), time.time()
-    docs, total, carry = writer.doc, writer.meter.tokens, writer.taken
-    if progress:
-        print(f"resuming after {len(writer.shards)} finished shards ({total:,} tokens, {docs:,} documents)",
+    w = ShardWriter(args, run)
+    if w.shards:
+        print(f"resuming after {len(w.shards)} finished shards ({w.tokens:,} tokens, {w.docs:,} documents)",
               file=sys.stderr)
     tiktoken.get_encoding("gpt2")  # load the BPE once here: forked workers inherit it ready-made
     # Ctrl-C signals every process of the group: the workers ignore it, the main process handles it
     with mp.Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         try:  # the documents already in shards are read again, but not tokenised
-            items = itertools.islice(documents(args, files), docs, None)
+            items = itertools.islice(documents(args, files), w.docs, None)
             for source, tokens in pool.imap(tokenize, items, chunksize=16):
-                tokens, carry = tokens[carry:], 0  # resumed: the first one's tokens already in a shard
-                tokens = tokens[:args.max_tokens - total] if args.max_tokens else tokens
-                writer.add(tokens, source)
-                docs, total = docs + 1, total + len(tokens)
-                if args.max_tokens and total >= args.max_tokens:
+                w.add(tokens, source)
+                if args.max_tokens and w.tokens >= args.max_tokens:
                     break
         except DataError:  # bad input: a rerun meets it again, so the shards written so far go
             clear_output(args.out)
             raise
-    if total <= args.val_tokens:
-        raise DataError(f"the input gave {total:,} tokens: --val_tokens={args.val_tokens} leaves none "
+    if w.tokens <= args.val_tokens:
+        raise DataError(f"the input gave {w.tokens:,} tokens: --val_tokens={args.val_tokens} leaves none "
                         "to train on")
-    writer.flush()
-    manifest = dict(source=args.input or f"{HUB_DATASET}:{args.name}", documents=docs, total_tokens=total,
+    w.flush()
+    manifest = dict(source=args.input or f"{HUB_DATASET}:{args.name}", documents=w.docs,
+                    total_tokens=w.tokens,
                     tokenizer="tiktoken gpt2 ordinary encoding, <|endoftext|> (50256) before every document",
-                    shards=writer.shards, val_sources=writer.val_sources, args=run_args)
+                    shards=w.shards, val_sources=w.val_sources, args=run_args)
     write_atomic(os.path.join(args.out, "manifest.json"), json.dumps(manifest, indent=1).encode())  # last
     os.remove(os.path.join(args.out, "run.json"))
-    print(f"done: {docs:,} documents, {total:,} tokens in {len(writer.shards)} shards, "
-          f"{(total - writer.meter.start) / (time.time() - t0):,.0f} tok/s -> {args.out}", file=sys.stderr)
-    if len(writer.val_sources) > 1:
-        print(f"note: the val shard drew from {len(writer.val_sources)} input files (tokens from each: "
-              f"{writer.val_sources}); to hold out the first one alone, lower --val_tokens", file=sys.stderr)
+    print(f"done: {w.docs:,} documents, {w.tokens:,} tokens in {len(w.shards)} shards, "
+          f"{(w.tokens - w.start) / (time.time() - w.t0):,.0f} tok/s -> {args.out}", file=sys.stderr)
+    if len(w.val_sources) > 1:
+        print(f"note: the val shard drew from {len(w.val_sources)} input files (tokens from each: "
+              f"{w.val_sources}); to hold out the first one alone, lower --val_tokens", file=sys.stderr)
     return manifest
 
 def parse_args(argv=None):
