@@ -349,6 +349,33 @@ def test_interrupted_run_leaves_no_partial_shard_and_reruns_identically(tmp_path
         assert got == want, f
 
 
+def test_forced_rerun_of_an_interrupted_run_starts_over(tmp_path, monkeypatch):
+    """--force on an unfinished output resumes nothing: every shard is written again, from the val shard."""
+    write_inputs(tmp_path / "in")
+    args = ("--val_tokens", "10", "--shard_tokens", "20", "--workers", "1")
+    run_prepare(tmp_path / "in", tmp_path / "ref", *args)
+    real, calls = prepare_data.write_shard, []
+
+    def crashing(path, tokens):  # dies on the third shard, after two finished ones
+        calls.append(os.path.basename(path))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(path, tokens)
+
+    monkeypatch.setattr(prepare_data, "write_shard", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(tmp_path / "in", tmp_path / "out", *args)
+    monkeypatch.undo()
+    rewritten = []
+    monkeypatch.setattr(prepare_data, "write_shard", lambda path, tokens: (rewritten.append(
+        os.path.basename(path)), real(path, tokens)))
+    run_prepare(tmp_path / "in", tmp_path / "out", *args, "--force")
+    assert sorted(rewritten) == sorted(f for f in os.listdir(tmp_path / "ref") if f.endswith(".bin"))
+    assert rewritten[:2] == calls[:2] == ["local_val_000000.bin", "local_train_000000.bin"]
+    for f in rewritten:
+        assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+
+
 REAL_TOKENIZE = prepare_data.tokenize
 
 
