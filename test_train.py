@@ -1034,27 +1034,44 @@ def test_every_variant_compiles_as_one_graph_training_and_evaluation(name, captu
 
 
 def test_compiled_models_are_one_graph_in_the_chosen_mode_and_bad_modes_refused(monkeypatch):
-    calls = []
+    """build on CUDA compiles as one graph in --compile_mode (torch's None for default). No GPU here: the
+    model stays on the CPU and torch.compile is recorded, not run; the CPU compiles nothing."""
+    calls, model = [], tiny_model()
+    model.to = lambda dev: model
+    monkeypatch.setattr(train, "GPT", lambda mcfg: model)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
     for mode in train.COMPILE_MODES:
-        train.compile_model(None, mode)
+        train.build(train_cfg(compile_mode=mode, fused="false"), GPTConfig(), torch.device("cuda"))
     assert calls == [dict(fullgraph=True, mode=None if m == "default" else m) for m in train.COMPILE_MODES]
+    train.build(train_cfg(fused="false"), GPTConfig(), torch.device("cpu"))
+    assert len(calls) == len(train.COMPILE_MODES)
     with pytest.raises(ConfigError, match="^--compile_mode='bogus': allowed: default, reduce-overhead, "
                                           "max-autotune, max-autotune-no-cudagraphs$"):
         train.parse_args(["--compile_mode=bogus"])
 
 
-def test_compiled_runs_refuse_check_spectrum_and_cuda_graphs_under_torchrun():
+def test_compiled_runs_refuse_check_spectrum_and_cuda_graphs_under_torchrun(monkeypatch):
+    """build refuses these before it makes the model; what it allows goes on to make the model (stopped
+    there: no GPU here)."""
     cuda, graphs = torch.device("cuda"), train_cfg(compile_mode="reduce-overhead")
     with pytest.raises(ConfigError, match="^--check_spectrum=true reads values back in every forward, "
                                           "which a compiled graph cannot: add --compile=false$"):
-        train.check_compile(graphs, GPTConfig(check_spectrum=True), cuda, 1)
+        train.build(graphs, GPTConfig(check_spectrum=True), cuda, 1)
     with pytest.raises(ConfigError, match=r"^--compile_mode='reduce-overhead' \(CUDA graphs\) is untested "
                                           "under torchrun: use default or max-autotune-no-cudagraphs$"):
-        train.check_compile(graphs, GPTConfig(), cuda, 2)
-    train.check_compile(train_cfg(compile_mode="max-autotune-no-cudagraphs"), GPTConfig(), cuda, 2)
-    train.check_compile(train_cfg(compile=False), GPTConfig(check_spectrum=True), cuda, 2)
-    train.check_compile(graphs, GPTConfig(check_spectrum=True), torch.device("cpu"), 2)  # a CPU runs eager
+        train.build(graphs, GPTConfig(), cuda, 2)
+
+    class Built(Exception):
+        pass
+
+    def gpt(mcfg):
+        raise Built
+    monkeypatch.setattr(train, "GPT", gpt)
+    for cfg, mcfg, dev in ((train_cfg(compile_mode="max-autotune-no-cudagraphs"), GPTConfig(), cuda),
+                           (train_cfg(compile=False), GPTConfig(check_spectrum=True), cuda),
+                           (graphs, GPTConfig(check_spectrum=True), torch.device("cpu"))):  # a CPU runs eager
+        with pytest.raises(Built):
+            train.build(cfg, mcfg, dev, 2)
 
 
 def test_the_first_line_names_the_variant_the_path_the_mode_and_the_dtype(shards, tmp_path, capsys):

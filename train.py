@@ -81,12 +81,11 @@ class TrainConfig:
                    ("grad_clip", self.grad_clip > 0, "must be > 0"),
                    ("min_lr", 0 <= self.min_lr <= self.lr, f"must lie in [0, lr={self.lr!r}]"),
                    ("mode", self.mode in ("train", "sample"), "allowed: train, sample (bench.py benchmarks)"),
-                   ("preset", self.preset in ("", *PRESETS), f"allowed: {', '.join(PRESETS)}"),
-                   ("device", self.device in ("auto", "cpu", "cuda"), "allowed: auto, cpu, cuda"),
-                   ("fused", self.fused in FUSED_CHOICES, f"allowed: {', '.join(FUSED_CHOICES)}"),
-                   ("compile_mode", self.compile_mode in COMPILE_MODES,
-                    f"allowed: {', '.join(COMPILE_MODES)}"),
-                   ("overwrite", not (self.overwrite and self.resume), "excludes --resume: choose one"),
+                   ("preset", self.preset in ("", *PRESETS), f"allowed: {', '.join(PRESETS)}")]
+        choices = dict(device=("auto", "cpu", "cuda"), fused=("auto", "true", "false"),
+                       compile_mode=COMPILE_MODES)
+        checks += [(k, getattr(self, k) in v, f"allowed: {', '.join(v)}") for k, v in choices.items()]
+        checks += [("overwrite", not (self.overwrite and self.resume), "excludes --resume: choose one"),
                    ("out_dir", self.out_dir.strip() != "", "must name a folder")]
         for key, ok, allowed in checks:
             if not ok:
@@ -101,13 +100,10 @@ PRESETS = {
                   eval_interval=50, val_tokens=4096, log_interval=20, ckpt_interval=200, compile=False,
                   out_dir="out-smoke", data_dir=SMOKE_TEXT),
 }
-FUSED_CHOICES = ("auto", "true", "false")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense bf16, per GPU
-# ----------------------------------------------------------------------------- settings
 
-def parse_args(argv, kinds=(TrainConfig, GPTConfig), doc=__doc__):
-    """rundir.parse_settings with train.py's presets: --preset=name sets PRESETS[name] before the flags."""
+def parse_args(argv, kinds=(TrainConfig, GPTConfig), doc=__doc__):  # --preset's values come first
     return parse_settings(argv, kinds, doc, PRESETS)
 
 # ----------------------------------------------------------------------------- data
@@ -165,39 +161,21 @@ def load_data(cfg, vocab_size):
 # ----------------------------------------------------------------------------- the model and its step
 
 def lr_at(step, cfg):
-    """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps (or max_steps)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, (cfg.decay_steps or cfg.max_steps) - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
-def compiled(cfg, dev):
-    """Whether the model runs compiled: on CUDA only (on a CPU compiling costs more than it saves)."""
+def compiled(cfg, dev):  # on CUDA only: on a CPU, compiling costs more than it saves
     return cfg.compile and dev.type == "cuda"
 
-def cuda_graphs(cfg, dev):
-    """Whether the compiled model's steps are replayed as CUDA graphs (torch.compile's CUDA graph trees)."""
+def cuda_graphs(cfg, dev):  # the compiled model's steps replayed as CUDA graphs (torch.compile's graph trees)
     return compiled(cfg, dev) and cfg.compile_mode in ("reduce-overhead", "max-autotune")
 
-def compile_model(raw, mode):
-    """torch.compile as one graph: a graph break (a host sync, an untraceable call) fails the first step,
-    naming its line, instead of splitting the model and keeping tensors alive across the pieces."""
-    return torch.compile(raw, fullgraph=True, mode=None if mode == "default" else mode)
-
-def check_compile(cfg, mcfg, dev, world):
-    """Refuse what a compiled run cannot do, before anything is built or written."""
-    if compiled(cfg, dev) and mcfg.check_spectrum:
-        raise ConfigError("--check_spectrum=true reads values back in every forward, which a compiled graph "
-                          "cannot: add --compile=false")
-    if cuda_graphs(cfg, dev) and world > 1:
-        raise ConfigError(f"--compile_mode={cfg.compile_mode!r} (CUDA graphs) is untested under torchrun: "
-                          "use default or max-autotune-no-cudagraphs")
-
 def choose_path(cfg, raw, dev):
-    """--fused: the model with its state updates through fused.py's kernels or ddl.py's, and a line saying
-    which and why. auto takes fused.py on CUDA wherever fused.install accepts the model (its config check
-    and its numerical check against ddl.py); what install refuses, auto runs in ddl.py, saying why."""
+    """--fused: the model and a line naming its state's path and why. auto takes fused.py on CUDA wherever
+    fused.install accepts the model (its config and numerical checks); else ddl.py, with install's reason."""
     if cfg.fused == "false" or (cfg.fused == "auto" and dev.type != "cuda"):
         return raw, f"ddl.py (--fused={cfg.fused}{': no CUDA' if cfg.fused == 'auto' else ''})"
     import fused  # only here: it needs Triton
@@ -210,11 +188,18 @@ def choose_path(cfg, raw, dev):
 
 def build(cfg, mcfg, dev, world=1):
     """The seeded model, its compiled form on CUDA (else itself) and its optimizer: train.py's, bench.py's."""
-    check_compile(cfg, mcfg, dev, world)
+    if compiled(cfg, dev) and mcfg.check_spectrum:
+        raise ConfigError("--check_spectrum=true reads values back in every forward, which a compiled graph "
+                          "cannot: add --compile=false")
+    if cuda_graphs(cfg, dev) and world > 1:
+        raise ConfigError(f"--compile_mode={cfg.compile_mode!r} (CUDA graphs) is untested under torchrun: "
+                          "use default or max-autotune-no-cudagraphs")
     torch.manual_seed(cfg.seed)
-    raw, path = choose_path(cfg, GPT(mcfg).to(dev), dev)
-    raw.path = path  # the run's header and log name it
-    model = compile_model(raw, cfg.compile_mode) if compiled(cfg, dev) else raw
+    raw, raw.path = choose_path(cfg, GPT(mcfg).to(dev), dev)  # the path: the run's header and log name it
+    # one graph: a graph break (a host sync, an untraceable call) fails the first step, naming its line,
+    # instead of splitting the model and keeping tensors alive across the pieces
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    model = torch.compile(raw, fullgraph=True, mode=mode) if compiled(cfg, dev) else raw
     if cuda_graphs(cfg, dev):
         # a graph's outputs, the backward's gradients too, live in its memory, which the next replay reuses;
         # gradients that already exist are accumulated into in place, so they are made here and only zeroed
@@ -250,8 +235,8 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None):
     """Mean loss over the val shard's first val_tokens // block_size whole windows; the last batch's gate
     audit (the same rows at every eval), with k compared to k_before, the last eval's; this eval's k."""
     T = raw.config.block_size
-    windows = list(range(rank, min(cfg.val_tokens, len(val) - 1) // T, world))
-    total, count = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    n = min(cfg.val_tokens, len(val) - 1) // T  # windows over all ranks
+    windows, total = list(range(rank, n, world)), torch.zeros((), device=dev)
     model.eval()
     for i in range(0, len(windows), cfg.batch_size):
         rows = np.stack([val[w * T:(w + 1) * T + 1] for w in windows[i:i + cfg.batch_size]]).astype(np.int64)
@@ -260,7 +245,6 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None):
             torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             total += model(rows[:, :-1], rows[:, 1:]).float() * len(rows)  # added up before the next replay
-        count += len(rows)
     gates, k = None, None
     if raw.config.residual != "additive" and windows:  # a rank may hold no val window
         with ctx:
@@ -268,18 +252,15 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None):
     model.train()
     if world > 1:
         dist.all_reduce(total)
-        dist.all_reduce(count)
-    return (total / count).item(), gates, k
+    return (total / n).item(), gates, k
 
 def variant(mcfg):
-    """The paper's name of the model's variant, for the run's first line."""
     if mcfg.residual == "additive":
         return "additive baseline"
     rule = "DDL" if mcfg.residual == "delta" else "write-only control"
     bound = "" if mcfg.beta_bound == 2 else f", beta < {mcfg.beta_bound:g}"  # the ablation without reflection
-    if mcfg.d_v == 1:
-        return f"{rule}, d_v = 1{bound}"
-    return f"{rule} {mcfg.compressor.upper()}{' + EC' if mcfg.embed_conv else ''}, d_v = {mcfg.d_v}{bound}"
+    reads = "" if mcfg.d_v == 1 else f" {mcfg.compressor.upper()}{' + EC' if mcfg.embed_conv else ''}"
+    return f"{rule}{reads}, d_v = {mcfg.d_v}{bound}"
 
 def train(cfg, mcfg, kept):
     """kept: what a Ctrl-C leaves, filled as the run goes: the log, the checkpoint and its step."""
@@ -302,7 +283,8 @@ def train(cfg, mcfg, kept):
     hs = hellaswag.from_setting(cfg.hellaswag)  # read once: a missing file stops the run before it starts
     # the eval line names the file scored: a stand-in (docs/standin.py) must not pass for HellaSwag
     scored = os.path.basename(hellaswag.DEFAULT_FILE if cfg.hellaswag == "fetch" else cfg.hellaswag)
-    step = ckpt["step"] if ckpt else 0
+    resumed = ckpt["step"] if ckpt else None
+    step = resumed or 0
     raw, model, opt = build(cfg, mcfg, dev, world)  # before the claim: a bad setting writes nothing
     stream = TokenStream(train_shards, T, B, cfg.seed, rank, world)
     if ckpt:
@@ -312,16 +294,17 @@ def train(cfg, mcfg, kept):
         torch.set_rng_state(ckpt["rng"]["cpu"])
     if master:  # the one process that writes; nothing is written before this
         claim(cfg)
-        start_log(log_path, step if ckpt else None)
-        kept.update(log=log_path, ckpt=ckpt_path, step=step if ckpt else None)
+        start_log(log_path, resumed)
+        kept.update(log=log_path, ckpt=ckpt_path, step=resumed)
     # evaluation runs the model without DDP: a rank that holds no val window must join no collective (DDP's
     # forward broadcasts buffers) but the val loss's all_reduce
-    single = model
-    if world > 1:
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    # the first step with a non-finite loss or gradient norm (-1: none), on the device: read where we sync
+    bad_step = torch.full((), -1, dtype=torch.long, device=dev)
+    probe = {}  # the last eval's k on the audit's first sequence: the next eval's k_cos_before
 
     def log(rec, line=None):
         if master:
@@ -329,21 +312,6 @@ def train(cfg, mcfg, kept):
                 print(line, flush=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-
-    mode = (f"compiled ({cfg.compile_mode}{', CUDA graphs' if cuda_graphs(cfg, dev) else ''})"
-            if compiled(cfg, dev) else "eager")
-    dtype = "bf16 autocast" if dev.type == "cuda" else "fp32"
-    log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
-             device=name, world_size=world, threads=torch.get_num_threads(), torch=torch.__version__,
-             **provenance(), grad_accum=accum, params=raw.num_params(), resumed_from=step if ckpt else None,
-             changed=changed, variant=variant(mcfg), path=raw.path, mode=mode, dtype=dtype),
-        f"{name} x{world} | {variant(mcfg)} | {raw.path} | {mode} | {dtype} | {raw.num_params():,} params | "
-        f"accum {accum} | {cfg.total_batch * T:,} tokens/step"
-        + (f" | resumed at step {step}, changed: {changed or 'nothing'}" if ckpt else ""))
-    if master and dev.type == "cpu":  # torch takes a thread per core: slow where other work runs too
-        print(f"cpu: {torch.get_num_threads()} torch threads (OMP_NUM_THREADS=1: often faster on busy cores)")
-    # the first step with a non-finite loss or gradient norm (-1: none), on the device: read where we sync
-    bad_step = torch.full((), -1, dtype=torch.long, device=dev)
 
     def check_finite(weights=False):  # weights: also every weight and AdamW moment (never checkpoint them)
         bad, what = bad_step.item(), "the loss or gradient norm is"
@@ -362,10 +330,8 @@ def train(cfg, mcfg, kept):
                              data=stream.state(), rng=dict(cpu=torch.get_rng_state())), ckpt_path)
             kept["step"] = step
 
-    probe = {}  # the last eval's k on the audit's first sequence: the next eval's k_cos_before
-
     def run_eval():
-        vloss, gates, probe["k"] = evaluate(single, raw, val, cfg, ctx, dev, rank, world, probe.get("k"))
+        vloss, gates, probe["k"] = evaluate(model, raw, val, cfg, ctx, dev, rank, world, probe.get("k"))
         acc = hellaswag.evaluate(raw, hs, dev, ctx, rank, world) if hs else None  # raw: not compiled, not DDP
         log(dict(type="val", step=step, loss=vloss, ppl=math.exp(vloss)),
             f"step {step:6d} | val loss {vloss:.4f} | ppl {math.exp(vloss):.2f}"
@@ -375,6 +341,18 @@ def train(cfg, mcfg, kept):
         if gates:
             log(dict(type="gates", step=step, gates=gates))
 
+    mode = (f"compiled ({cfg.compile_mode}{', CUDA graphs' if cuda_graphs(cfg, dev) else ''})"
+            if compiled(cfg, dev) else "eager")
+    dtype = "bf16 autocast" if dev.type == "cuda" else "fp32"
+    log(dict(type="config", config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg),
+             device=name, world_size=world, threads=torch.get_num_threads(), torch=torch.__version__,
+             **provenance(), grad_accum=accum, params=raw.num_params(), resumed_from=resumed,
+             changed=changed, variant=variant(mcfg), path=raw.path, mode=mode, dtype=dtype),
+        f"{name} x{world} | {variant(mcfg)} | {raw.path} | {mode} | {dtype} | {raw.num_params():,} params | "
+        f"accum {accum} | {cfg.total_batch * T:,} tokens/step"
+        + (f" | resumed at step {step}, changed: {changed or 'nothing'}" if ckpt else ""))
+    if master and dev.type == "cpu":  # torch takes a thread per core: slow where other work runs too
+        print(f"cpu: {torch.get_num_threads()} torch threads (OMP_NUM_THREADS=1: often faster on busy cores)")
     start = time.perf_counter()
     if master and compiled(cfg, dev) and step < cfg.max_steps:
         print("compiling: the first evaluation and the first step compile the model, which takes about 1-4 "
@@ -388,7 +366,7 @@ def train(cfg, mcfg, kept):
     first, t0, train_time = step + 1, time.perf_counter(), 0.0
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
-        loss, norm = train_step(model, raw, opt, stream.next_batch, accum, lr, cfg, ctx)
+        loss, norm = train_step(ddp, raw, opt, stream.next_batch, accum, lr, cfg, ctx)
         if world > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         step += 1
@@ -420,11 +398,10 @@ def train(cfg, mcfg, kept):
             t0 = time.perf_counter()
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save_checkpoint()
-    if master and step >= first:
-        timed = (step - first) * cfg.total_batch * T  # the first step (compilation) is not timed
-        print(f"done: {step - first + 1} steps, {(step - first + 1) * cfg.total_batch * T:,} tokens in "
-              f"{hms(time.perf_counter() - start)}" + (f"; {timed / train_time:,.0f} tok/s over the timed "
-                                                       f"steps ({hms(train_time)})" if timed else ""))
+    if master and step >= first:  # the first step (compilation) is not timed
+        n, timed = step - first + 1, (step - first) * cfg.total_batch * T
+        print(f"done: {n} steps, {n * cfg.total_batch * T:,} tokens in {hms(time.perf_counter() - start)}" + (
+            f"; {timed / train_time:,.0f} tok/s over the timed steps ({hms(train_time)})" if timed else ""))
     if dev.type == "cuda" and master:
         print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved(dev) / 2**30:.2f} GiB reserved"
