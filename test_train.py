@@ -1176,9 +1176,9 @@ def test_a_lock_that_cannot_be_written_is_removed_and_a_lock_without_pid_taken_o
 
 
 def test_a_failed_start_leaves_nothing_that_blocks_a_retry(shards, tmp_path, monkeypatch, capsys):
-    """A setting that cannot run (fused.py refuses check_spectrum) is refused before the run folder is claimed; a run
-    failing at its first step (as an out-of-memory would) moves its log aside, and the same command then
-    runs; a run of 0 steps leaves the initial model's checkpoint, which --resume continues."""
+    """A setting that cannot run (fused.py refuses check_spectrum) is refused before the run folder is
+    claimed; a run failing at its first step (as an out-of-memory would) moves its log aside, and the same
+    command then runs; a run of 0 steps leaves the initial model's checkpoint, which --resume continues."""
     out = tmp_path / "f"
     with pytest.raises(ConfigError, match="fused: check_spectrum=True is not supported"):
         run_train(shards, out, "--max_steps=2", "--fused=true", "--check_spectrum=true")

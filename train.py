@@ -195,7 +195,8 @@ def build(cfg, mcfg, dev, world=1):
         raise ConfigError(f"--compile_mode={cfg.compile_mode!r} (CUDA graphs) is untested under torchrun: "
                           "use default or max-autotune-no-cudagraphs")
     torch.manual_seed(cfg.seed)
-    raw, raw.path = choose_path(cfg, GPT(mcfg).to(dev), dev)  # the path: the run's header and log name it
+    raw, path = choose_path(cfg, GPT(mcfg).to(dev), dev)
+    raw.path = path  # the run's header and log name it
     # one graph: a graph break (a host sync, an untraceable call) fails the first step, naming its line,
     # instead of splitting the model and keeping tensors alive across the pieces
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
