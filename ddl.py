@@ -278,8 +278,11 @@ class EmbedConv(nn.Module):
         x, n_past = with_past(cache, self, x.unsqueeze(-1), self.weight.shape[-1] - 1)
         return causal_token_conv(x, self.weight.to(x.dtype))[:, n_past:]
 
-# The compressions of the state (B, T, d, d_v) to a sublayer's width d (§3.2), by GPTConfig.compressor
-COMPRESSORS = {"cc": ChannelCompressor, "tc": TokenCompressor}
+COMPRESSORS = {"cc": ChannelCompressor, "tc": TokenCompressor}  # GPTConfig.compressor: a new one is an entry
+
+def make_compressor(cfg):
+    """The compression of the state (B, T, d, d_v) to a sublayer's width d (§3.2); None at d_v = 1."""
+    return COMPRESSORS[cfg.compressor](cfg) if cfg.d_v > 1 else None
 
 # ----------------------------------------------------------------------------- the block
 
@@ -292,7 +295,7 @@ class ResidualBranch(nn.Module):
         self.norm_gain = nn.Parameter(torch.ones(cfg.n_embd))
         self.sublayer = CausalSelfAttention(cfg) if sublayer == "attn" else SwiGLU(cfg)
         # departure: one compressor per sublayer (the authors' code shares one per block)
-        self.compressor = COMPRESSORS[cfg.compressor](cfg) if cfg.d_v > 1 else None
+        self.compressor = make_compressor(cfg)
         if cfg.residual != "additive":
             # v's projection W_v (d_v x d), initialised like the other matrices, and b_v = 0
             self.W_v = nn.Parameter(torch.randn(cfg.d_v, cfg.n_embd) * (0.5 / math.sqrt(cfg.n_embd)))
@@ -397,7 +400,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.embed_conv = EmbedConv(cfg) if cfg.d_v > 1 and cfg.embed_conv else None
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
-        self.final_compressor = COMPRESSORS[cfg.compressor](cfg) if cfg.d_v > 1 else None  # before the norm
+        self.final_compressor = make_compressor(cfg)  # before the final norm
         self.final_norm_gain = nn.Parameter(torch.ones(cfg.n_embd))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied

@@ -32,7 +32,7 @@ HUB_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}
 class DataError(ValueError):
     """A problem with the user's input, options or shards: reported in one line, without a traceback."""
 
-def read_shard(path):  # the uint16 tokens, memory-mapped
+def read_shard(path):  # the uint16 tokens, memory-mapped, after checking magic, version and size
     size, head = os.path.getsize(path), 4 * HEADER_INTS
     if size < head:
         raise DataError(f"{path}: {size} bytes is shorter than the {head}-byte shard header")
@@ -186,19 +186,26 @@ def claim_output(out, run_args, force):
     progress where the same run was interrupted (its shards kept), else a fresh start (another run's output
     replaced only with force). run.json is written first: `out` reads as unfinished until manifest.json."""
     os.makedirs(out, exist_ok=True)
-    manifest, run = (json.loads(open(p).read()) if os.path.exists(p) else None
-                     for p in (os.path.join(out, "manifest.json"), os.path.join(out, "run.json")))
-    if manifest and manifest["args"] == run_args and not force:
+    manifest, run = read_json(os.path.join(out, "manifest.json")), read_json(os.path.join(out, "run.json"))
+    # a manifest beside run.json is a --force clear cut short, not a complete output
+    if manifest and run is None and manifest["args"] == run_args and not force:
         return manifest, None
     ours = isinstance(run, dict) and run.get("args") == run_args
     existing = [f for f in os.listdir(out) if f.endswith((".bin", ".tmp")) or f == "manifest.json"]
     if existing and not (ours or force):
         raise DataError(f"--out {out} holds another run's output ({existing[0]}...): --force replaces it")
+    # resume only this run's own interrupted output once it has a finished shard; else start over
     if force or manifest or not (ours and run["shards"]):
         run = dict(args=run_args, shards=[], val_sources={}, documents=0, carry=0)
     write_atomic(os.path.join(out, "run.json"), json.dumps(run).encode())
     clear_output(out, keep={"run.json", *(s["file"] for s in run["shards"])})
     return None, run
+
+def read_json(path):  # None if there is no such file
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 def clear_output(out, keep=()):
     for f in os.listdir(out):

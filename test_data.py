@@ -367,13 +367,43 @@ def test_forced_rerun_of_an_interrupted_run_starts_over(tmp_path, monkeypatch):
         run_prepare(tmp_path / "in", tmp_path / "out", *args)
     monkeypatch.undo()
     rewritten = []
-    monkeypatch.setattr(prepare_data, "write_shard", lambda path, tokens: (rewritten.append(
-        os.path.basename(path)), real(path, tokens)))
+
+    def recorded(path, tokens):
+        rewritten.append(os.path.basename(path))
+        real(path, tokens)
+
+    monkeypatch.setattr(prepare_data, "write_shard", recorded)
     run_prepare(tmp_path / "in", tmp_path / "out", *args, "--force")
     assert sorted(rewritten) == sorted(f for f in os.listdir(tmp_path / "ref") if f.endswith(".bin"))
     assert rewritten[:2] == calls[:2] == ["local_val_000000.bin", "local_train_000000.bin"]
     for f in rewritten:
         assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+
+
+def test_a_forced_rerun_marks_the_folder_unfinished_before_it_removes_anything(tmp_path, monkeypatch):
+    """run.json exists at every removal of a --force over another run's output; a clear cut short (the old
+    manifest beside run.json) is not taken for a complete output: the same command starts over."""
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    run_prepare(tmp_path / "in", out, "--val_tokens", "5", "--workers", "1")
+    real_remove, removed = os.remove, []
+
+    def remove(path):
+        assert (out / "run.json").exists(), f"{path} removed before run.json marks the folder unfinished"
+        removed.append(os.path.basename(path))
+        if os.path.basename(path) == "manifest.json":
+            raise KeyboardInterrupt  # the clear is cut short here
+        real_remove(path)
+
+    monkeypatch.setattr(prepare_data.os, "remove", remove)
+    with pytest.raises(KeyboardInterrupt):  # --force with the same options: redo it
+        run_prepare(tmp_path / "in", out, "--val_tokens", "5", "--workers", "1", "--force")
+    assert "manifest.json" in removed and (out / "manifest.json").exists() and (out / "run.json").exists()
+    monkeypatch.undo()
+    run_prepare(tmp_path / "in", out, "--val_tokens", "5", "--workers", "1")
+    run_prepare(tmp_path / "in", tmp_path / "ref", "--val_tokens", "5", "--workers", "1")
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))  # run.json gone, every shard
+    assert np.array_equal(all_tokens(out), all_tokens(tmp_path / "ref"))
 
 
 REAL_TOKENIZE = prepare_data.tokenize

@@ -558,6 +558,8 @@ def test_special_initialisations_survive_the_global_init(beta_init, beta_bound):
     X = torch.randn(2, 9, 16, 4)
     check_tensor("TC read at init", m.blocks[1].mlp.compressor(X), X.mean(-1), atol=1e-6)
     assert m.wte.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    # GPT._init_weights sets no bias: a Linear with one would keep torch's default init
+    assert all(l.bias is None for l in m.modules() if isinstance(l, torch.nn.Linear))
 
 
 def test_weight_decay_by_role_and_a_new_parameter_must_declare_one():

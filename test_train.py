@@ -43,6 +43,7 @@ def run_train(shards, out, *extra):
 def test_training_writes_checkpoint_and_log(shards, tmp_path):
     log = run_train(shards, tmp_path / "o", "--max_steps=5")
     assert log[0]["type"] == "config" and log[0]["model_config"]["d_v"] == 2
+    assert log[0]["resumed_from"] is None and log[0]["changed"] is None  # a fresh run
     assert log[0]["torch"] == torch.__version__
     tr = [r for r in log if r["type"] == "train"]
     assert [r["step"] for r in tr] == [1, 2, 3, 4, 5]
@@ -341,7 +342,7 @@ def test_cuda_graph_steps_mark_every_micro_step_and_accumulate_into_gradients_ma
     assert max((a - b).abs().max().item() for a, b in zip(results[0][1], results[1][1])) < 1e-6
 
 
-def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
+def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows(monkeypatch):
     m = tiny_model(residual="delta", d_v=2, compressor="cc").eval()
     T = m.config.block_size
     val = np.random.default_rng(3).integers(0, 97, 8 * T).astype(np.uint16)
@@ -357,7 +358,13 @@ def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows():
                             torch.device("cpu"), 0, 1)
     windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(7)]
     with torch.no_grad():
-        assert got == pytest.approx(sum(m(w[:, :-1], w[:, 1:]).item() for w in windows) / 7, rel=1e-6)
+        losses = [m(w[:, :-1], w[:, 1:]).item() for w in windows]
+    assert got == pytest.approx(sum(losses) / 7, rel=1e-6)
+    # rank 0 of 2 holds windows 0, 2, 4, 6; the all-reduce adds rank 1's sum (1, 3, 5): the mean over all 7
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t: t.add_(losses[1] + losses[3] + losses[5]))
+    got, _, _ = train.evaluate(m, m, val, train_cfg(val_tokens=100 * T, batch_size=4), nullcontext(),
+                               torch.device("cpu"), 0, 2)
+    assert got == pytest.approx(sum(losses) / 7, rel=1e-6)
 
 
 def test_adamw_takes_the_configured_betas_and_every_group_the_step_lr():
@@ -1050,28 +1057,17 @@ def test_compiled_models_are_one_graph_in_the_chosen_mode_and_bad_modes_refused(
         train.parse_args(["--compile_mode=bogus"])
 
 
-def test_compiled_runs_refuse_check_spectrum_and_cuda_graphs_under_torchrun(monkeypatch):
-    """build refuses these before it makes the model; what it allows goes on to make the model (stopped
-    there: no GPU here)."""
+def test_compiled_runs_refuse_check_spectrum_and_cuda_graphs_under_torchrun():
     cuda, graphs = torch.device("cuda"), train_cfg(compile_mode="reduce-overhead")
     with pytest.raises(ConfigError, match="^--check_spectrum=true reads values back in every forward, "
                                           "which a compiled graph cannot: add --compile=false$"):
-        train.build(graphs, GPTConfig(check_spectrum=True), cuda, 1)
+        train.build(graphs, GPTConfig(check_spectrum=True), cuda, 1)  # before it makes anything on CUDA
     with pytest.raises(ConfigError, match=r"^--compile_mode='reduce-overhead' \(CUDA graphs\) is untested "
                                           "under torchrun: use default or max-autotune-no-cudagraphs$"):
-        train.build(graphs, GPTConfig(), cuda, 2)
-
-    class Built(Exception):
-        pass
-
-    def gpt(mcfg):
-        raise Built
-    monkeypatch.setattr(train, "GPT", gpt)
-    for cfg, mcfg, dev in ((train_cfg(compile_mode="max-autotune-no-cudagraphs"), GPTConfig(), cuda),
-                           (train_cfg(compile=False), GPTConfig(check_spectrum=True), cuda),
-                           (graphs, GPTConfig(check_spectrum=True), torch.device("cpu"))):  # a CPU runs eager
-        with pytest.raises(Built):
-            train.build(cfg, mcfg, dev, 2)
+        train.check_compile(graphs, GPTConfig(), cuda, 2)
+    train.check_compile(train_cfg(compile_mode="max-autotune-no-cudagraphs"), GPTConfig(), cuda, 2)
+    train.check_compile(train_cfg(compile=False), GPTConfig(check_spectrum=True), cuda, 2)
+    train.check_compile(graphs, GPTConfig(check_spectrum=True), torch.device("cpu"), 2)  # a CPU runs eager
 
 
 def test_the_first_line_names_the_variant_the_path_the_mode_and_the_dtype(shards, tmp_path, capsys):

@@ -161,6 +161,7 @@ def load_data(cfg, vocab_size):
 # ----------------------------------------------------------------------------- the model and its step
 
 def lr_at(step, cfg):
+    """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at decay_steps (or max_steps)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, (cfg.decay_steps or cfg.max_steps) - cfg.warmup_steps)
@@ -186,14 +187,18 @@ def choose_path(cfg, raw, dev):
             raise
         return raw, f"ddl.py (--fused=auto: {e})"
 
-def build(cfg, mcfg, dev, world=1):
-    """The seeded model, its compiled form on CUDA (else itself) and its optimizer: train.py's, bench.py's."""
+def check_compile(cfg, mcfg, dev, world):
+    """Refuse what a compiled run cannot do, before anything is built or written."""
     if compiled(cfg, dev) and mcfg.check_spectrum:
         raise ConfigError("--check_spectrum=true reads values back in every forward, which a compiled graph "
                           "cannot: add --compile=false")
     if cuda_graphs(cfg, dev) and world > 1:
         raise ConfigError(f"--compile_mode={cfg.compile_mode!r} (CUDA graphs) is untested under torchrun: "
                           "use default or max-autotune-no-cudagraphs")
+
+def build(cfg, mcfg, dev, world=1):
+    """The seeded model, its compiled form on CUDA (else itself) and its optimizer: train.py's, bench.py's."""
+    check_compile(cfg, mcfg, dev, world)
     torch.manual_seed(cfg.seed)
     raw, path = choose_path(cfg, GPT(mcfg).to(dev), dev)
     raw.path = path  # the run's header and log name it
@@ -236,8 +241,9 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None):
     """Mean loss over the val shard's first val_tokens // block_size whole windows; the last batch's gate
     audit (the same rows at every eval), with k compared to k_before, the last eval's; this eval's k."""
     T = raw.config.block_size
-    n = min(cfg.val_tokens, len(val) - 1) // T  # windows over all ranks
-    windows, total = list(range(rank, n, world)), torch.zeros((), device=dev)
+    n_windows = min(cfg.val_tokens, len(val) - 1) // T  # over all ranks
+    windows = list(range(rank, n_windows, world))
+    total = torch.zeros((), device=dev)
     model.eval()
     for i in range(0, len(windows), cfg.batch_size):
         rows = np.stack([val[w * T:(w + 1) * T + 1] for w in windows[i:i + cfg.batch_size]]).astype(np.int64)
@@ -253,7 +259,7 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None):
     model.train()
     if world > 1:
         dist.all_reduce(total)
-    return (total / n).item(), gates, k
+    return total.item() / n_windows, gates, k
 
 def variant(mcfg):
     if mcfg.residual == "additive":
@@ -400,9 +406,10 @@ def train(cfg, mcfg, kept):
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save_checkpoint()
     if master and step >= first:  # the first step (compilation) is not timed
-        n, timed = step - first + 1, (step - first) * cfg.total_batch * T
-        print(f"done: {n} steps, {n * cfg.total_batch * T:,} tokens in {hms(time.perf_counter() - start)}" + (
-            f"; {timed / train_time:,.0f} tok/s over the timed steps ({hms(train_time)})" if timed else ""))
+        n_steps, timed = step - first + 1, (step - first) * cfg.total_batch * T
+        rate = f"; {timed / train_time:,.0f} tok/s over the timed steps ({hms(train_time)})" if timed else ""
+        print(f"done: {n_steps} steps, {n_steps * cfg.total_batch * T:,} tokens in "
+              f"{hms(time.perf_counter() - start)}{rate}")
     if dev.type == "cuda" and master:
         print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved(dev) / 2**30:.2f} GiB reserved"
