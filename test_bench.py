@@ -1,6 +1,7 @@
 """bench.py: the throughput table, its timing, its fast-path check and its bounds. CPU, offline."""
 import os
 import re
+import types
 from contextlib import nullcontext
 
 import pytest
@@ -206,6 +207,31 @@ def test_kernel_summary_is_per_step_busy_time_launches_and_groups():
     assert got["launches"] == 2
     assert got["groups"] == pytest.approx({"matmul": 0.005, "fused bwd": 0.0075, "inductor": 0.0025,
                                            "loss": 0.0005})
+    want = [("_step_bwd", (0.0075, 0.5)), ("nvjet_sm90_tst_256x128_NNT", (0.005, 0.5)),
+            ("triton_per_fused__fused_rms_norm_backward_add_5", (0.0025, 0.5)),
+            ("triton_red_fused__log_softmax_backward_nll_0", (0.0005, 0.5))]
+    assert [(n, pytest.approx(v)) for n, v in got["top"]] == want
+    again = [dict(cat="kernel", name="triton_red_fused__log_softmax_backward_nll_0", ts=40.0 + i, dur=10.0)
+             for i in range(2)]  # launched three times in all: 21 µs over 2 steps, first of the top 2
+    got = bench.kernel_summary(events + again, steps=2, top=2)["top"]
+    assert [(n, pytest.approx(v)) for n, v in got] == [
+        ("triton_red_fused__log_softmax_backward_nll_0", (0.0105, 1.5)), ("_step_bwd", (0.0075, 0.5))]
+
+
+def test_report_prints_the_profile_with_its_longest_kernels(monkeypatch, capsys):
+    summary = dict(busy_ms=30.0, launches=500.0, groups={"matmul": 12.0, "inductor": 15.5},
+                   top=[("triton_red_fused_sum_7", (2.25, 24.0)), ("_step_bwd", (1.5, 24.0))])
+    monkeypatch.setattr(bench, "profile_kernels", lambda step: summary)
+    row = dict(variant="tc+fused", train_ms=40.0, train_min=39.5, train_max=41.0, train_ratio=0.5,
+               mem_gib=0.0)
+    bcfg = types.SimpleNamespace(bench_profile=True)
+    got = bench.report(types.SimpleNamespace(step=None), row, bcfg)
+    assert got["host_share"] == pytest.approx(0.25) and got["profile"] is summary
+    assert capsys.readouterr().out.splitlines() == [
+        "tc+fused: 40.0 ms/step (39.5-41.0), 0.500x the baseline",
+        "  GPU busy 30.0 ms per step (25% of the median step waits on the host), 500 kernel launches; "
+        "kernel ms: inductor 15.50, matmul 12.00",
+        "  longest kernels, ms (launches) per step: triton_red_fused_sum_7 2.25 (24), _step_bwd 1.50 (24)"]
 
 
 def test_bench_profile_needs_cuda():
@@ -221,4 +247,4 @@ def test_profile_kernels_runs_the_steps_and_reads_the_profilers_trace(monkeypatc
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     calls = []
     got = bench.profile_kernels(lambda: calls.append(torch.ones(3).sum()), steps=2)
-    assert len(calls) == 2 and got == dict(busy_ms=0.0, launches=0.0, groups={})
+    assert len(calls) == 2 and got == dict(busy_ms=0.0, launches=0.0, groups={}, top=[])
