@@ -5,9 +5,11 @@
 # a quarter of LIMIT_S): inductor's on-disk cache then serves the timed runs, which run one at a time, as
 # always (WARM=0 skips this, for a machine still warm from an earlier call, whose cache is full). Then,
 # for each PATTERN in turn, `docs/ladder.py run --only PATTERN` while time is left (a run cut at LIMIT_S
-# leaves no log). The plan starts from the committed logs; all logs, new ones beside them, come back as
-# $OUT/ladder.tgz, written again after each pattern (a call returns at most 8 files). Leave the call's
-# own limit 30 s above LIMIT_S.
+# leaves no log). WARM_JOBS (default 4) sets how many compile at once: each holds its run's whole memory,
+# at d768 (micro-batch 64) about 4x bench.py's micro-batch-16 peaks of 8-12 GiB (an estimate, not
+# measured), so give d768 patterns WARM_JOBS=2 on an 80 GiB card. The plan starts from the committed
+# logs; all logs, new ones beside them, come back as $OUT/ladder.tgz, written again after each pattern (a
+# call returns at most 8 files). Leave the call's own limit 30 s above LIMIT_S.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR="$PWD/.devcarry/tiktoken_cache"
 end=$(( $(date +%s) + $1 )); shift
@@ -20,7 +22,8 @@ mkdir -p "$logs" && cp docs/records/ladder/*.jsonl "$logs/" 2>/dev/null
   first=$(python3 docs/ladder.py plan --logs "$logs" --only "$pat" | sed -n 1p)
   [ -n "$first" ] && echo "${first/#python/python3} --max_steps=4 --warmup_steps=1 --eval_interval=2 \
     --val_tokens=65536 --out_dir=/tmp/warm/$pat"
-done | timeout -k 10 $(( ($end - $(date +%s)) / 4 )) xargs -r -P 4 -I{} bash -c '{} > /dev/null 2>&1 ||
+done | timeout -k 10 $(( ($end - $(date +%s)) / 4 )) xargs -r -P "${WARM_JOBS:-4}" -I{} \
+  bash -c '{} > /dev/null 2>&1 ||
   echo "warm failed: {}"'
 date -u +"warm done %T" | tee -a "$OUT/machine.txt"
 for pat in "$@"; do
