@@ -391,7 +391,8 @@ def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_t
     g_gamma = torch.empty(splits, d, device=X.device)
     wrap_triton(_weight_bwd)[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), splits)](
         g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, seq_len, k_scale, CHUNK,
-        d, d_v, norm, taps, n_chain, seq_len > 0, BLOCK_V=triton.next_power_of_2(d_v), BLOCK_S=triton.next_power_of_2(taps))
+        d, d_v, norm, taps, n_chain, seq_len > 0, BLOCK_V=triton.next_power_of_2(d_v),
+        BLOCK_S=triton.next_power_of_2(taps))
     return [g_X, g_k, g_v, g_beta, g_W.sum(-3).to(W.dtype), g_gamma.sum(0).to(gamma.dtype)]
 
 @step_backward.register_fake

@@ -219,7 +219,8 @@ def test_fused_op_passes_torch_library_opcheck(fused):
         torch.library.opcheck(fused.step_op, (x, k_tilde, v, beta, W, g, EPS_K, True, origin, chain, 0))
     taps = torch.randn(2, *W.shape, generator=torch.Generator().manual_seed(6)).requires_grad_()  # TC's read
     for seq_len in (0, X.shape[1]):  # each tap's sums; their sum across tokens
-        torch.library.opcheck(fused.step_op, (X, k_tilde, v, beta, taps, None, EPS_K, True, None, [], seq_len))
+        args = X, k_tilde, v, beta, taps, None, EPS_K, True, None, [], seq_len
+        torch.library.opcheck(fused.step_op, args)
     with torch.no_grad():  # the backward's own fake: g_gamma is (d,) without a norm, TC's K taps too
         Xn, c, e, rk, rstd = fused.step(X, k_tilde, v, beta, taps, None, EPS_K, True)
     grads = torch.randn_like(Xn), torch.randn_like(c)
