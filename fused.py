@@ -33,9 +33,10 @@ c, it spares torch.compile keeping k and x_in around it.
 
 TC's read spans the last K = conv_kernel tokens, x_in[t, i] = sum_s sum_j w[i, j, s] X_{l+1}[t - s, i, j],
 so a token's kernel cannot finish it alone: it writes each tap's sum over d_v, c[s, t, i] = sum_j
-w[i, j, s] X_{l+1}[t, i, j] (W and c tap-major, K of CC's one), and TokenCompressor.sum_taps adds them
-across tokens before the norm, in ddl.py's code, compiled around the op. Its backward takes dL/dc[s, t, i]
-from that code in place of CC's dL/dc. CC is the case K = 1 (the kernels compile as they did before TC).
+w[i, j, s] X_{l+1}[t, i, j] (W and c tap-major, K of CC's one), and the op adds them across tokens
+(sum_taps; the norm follows in ddl.py's code, compiled around the op). Its backward reads each tap's
+dL/dc[s, t, i] = dL/dx_in[t + s, i] from x_in's gradient, in place of CC's dL/dc, so that no (K, ..., d)
+gradient is written. CC is the case K = 1 (the kernels compile as they did before TC).
 Measured on H100/H200, with what still costs: docs/performance.md.
 
 Everything is computed in fp32 and rounded to the state's dtype where ddl.py's functions return a
@@ -52,6 +53,7 @@ import types
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.library import wrap_triton
 
@@ -147,12 +149,28 @@ def _step_fwd(X, KT, V, BETA, W, GAMMA, XN, C, E, RK, RSTD, n_tok, k_eps2, k_sca
             tl.store(RSTD + t, r, mask=live)
             tl.store(C + s * n_tok * d + t * d + i, c.to(C.dtype.element_ty), mask=mi)
 
-@_tuned(tokens=(1, 4), warps=(4, 8, 16), key=("d", "d_v", "NORM", "TAPS", "N_CHAIN"))
+@triton.jit
+def _tap_row(t, tap, n_tok, SUMMED: tl.constexpr):
+    """The row of dL/dc that tap `tap` of token t reads: TC's summed read x_in[t + tap] (SUMMED), else its
+    own tap's c[tap, t]."""
+    if SUMMED:
+        return t + tap
+    return tap * n_tok + t
+
+@triton.jit
+def _tap_mask(mask, t, tap, seq_len, SUMMED: tl.constexpr):
+    """mask, and (SUMMED) whether token t's tap reaches a read of its own sequence, x_in[t + tap]."""
+    if SUMMED:
+        return mask & (t % seq_len + tap < seq_len)
+    return mask
+
+@_tuned(tokens=(1, 4), warps=(4, 8, 16), key=("d", "d_v", "NORM", "TAPS", "N_CHAIN", "SUMMED"))
 @triton.jit
 def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
-              KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, k_scale,
+              KT, E, BETA, W, GAMMA, RK, RSTD, G_X, G_KT, G_V, G_BETA, S, n_tok, seq_len, k_scale,
               d: tl.constexpr, d_v: tl.constexpr, ERASE: tl.constexpr, NORM: tl.constexpr, TAPS: tl.constexpr,
-              N_CHAIN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, TOKENS: tl.constexpr):
+              N_CHAIN: tl.constexpr, SUMMED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+              TOKENS: tl.constexpr):
     i = tl.arange(0, BLOCK_D)[:, None]
     j = tl.arange(0, BLOCK_V)[None, :]
     for n in tl.range(0, TOKENS):
@@ -170,7 +188,8 @@ def _step_bwd(GXN, GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
         beta = tl.load(BETA + t, mask=live, other=0.0).to(tl.float32)
         for tap in tl.static_range(TAPS):  # CC: one tap; TC: one per tap, each read's part of dL/dX_{l+1}
             w = tl.load(W + tap * d * d_v + i * d_v + j, mask=(i < d) & (j < d_v), other=0.0).to(tl.float32)
-            g = tl.load(GC + tap * n_tok * d + t * d + i, mask=mi, other=0.0).to(tl.float32)  # dL/dc
+            g = tl.load(GC + _tap_row(t, tap, n_tok, SUMMED) * d + i,
+                        mask=_tap_mask(mi, t, tap, seq_len, SUMMED), other=0.0).to(tl.float32)  # dL/dc
             if NORM:  # RMSNorm's backward: g = r gamma dc - x_in r^3 (sum gamma dc x_in) / d
                 xin = _rounded(tl.sum(w * _new_state(x, k, e, beta, X), axis=1, keep_dims=True), X)
                 r = tl.load(RSTD + t, mask=live, other=0.0)
@@ -217,12 +236,12 @@ WEIGHT_TILES = [triton.Config(dict(BLOCK_I=bi, BLOCK_T=bt), num_warps=w)
                 for bi in (16, 32, 64) for bt in (8, 16) for w in (2, 4)]
 
 @triton.autotune(WEIGHT_TILES[:1] if INTERPRET else WEIGHT_TILES,
-                 key=["d", "d_v", "NORM", "TAPS", "CHUNK", "N_CHAIN"])
+                 key=["d", "d_v", "NORM", "TAPS", "CHUNK", "N_CHAIN", "SUMMED"])
 @triton.jit
 def _weight_bwd(GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
-                KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, k_scale,
+                KT, E, BETA, W, GAMMA, RK, RSTD, S, G_W, G_GAMMA, n_tok, seq_len, k_scale,
                 CHUNK: tl.constexpr, d: tl.constexpr, d_v: tl.constexpr, NORM: tl.constexpr,
-                TAPS: tl.constexpr, N_CHAIN: tl.constexpr,
+                TAPS: tl.constexpr, N_CHAIN: tl.constexpr, SUMMED: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
     # dW[s, i, j] = sum over tokens of g[s, t, i] X_{l+1}[t, i, j] (CC: one tap) and g_gamma[i] = sum of
     # dc[t, i] x_in[t, i] r[t], with X_{l+1}, x_in and g recomputed; this program: features
@@ -270,8 +289,9 @@ def _weight_bwd(GC, X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3,
             live = (t < n_tok) & (b + tt < CHUNK)
             xn = _state_again(X, K1, RK1, E1, B1, K2, RK2, E2, B2, K3, RK3, E3, B3, N_CHAIN, KT, E, BETA, RK,
                               t, i, j, live, k_scale, d, d_v)
-            mi = (s < TAPS) & live[None] & (i[None] < d)
-            g = tl.load(GC + (s * n_tok + t[None]) * d + i[None], mask=mi, other=0.0)  # each tap's dL/dc
+            mi = _tap_mask((s < TAPS) & live[None] & (i[None] < d), t[None], s, seq_len, SUMMED)
+            g = tl.load(GC + _tap_row(t[None], s, n_tok, SUMMED) * d + i[None], mask=mi,
+                        other=0.0)  # each tap's dL/dc
             g_w += xn[None] * g.to(tl.float32)
         ss = tl.arange(0, BLOCK_S)[:, None, None]
         ii = i0 + tl.arange(0, BLOCK_I)[None, :, None]
@@ -285,9 +305,17 @@ def _read_shape(W):
     """d, d_v and the taps of the next read's weights: CC's mix (d, d_v) is one tap; TC's (K, d, d_v)."""
     return (*W.shape, 1) if W.dim() == 2 else (*W.shape[1:], W.shape[0])
 
-def _c_shape(X, W):
-    """c's shape: (..., d) for CC, (K, ..., d) for TC's K tap sums (tap-major, as W)."""
-    return (*W.shape[:-2], *X.shape[:-1])
+def _c_shape(X, W, seq_len=0):
+    """c's shape: (..., d) for CC and TC's summed read (seq_len > 0), (K, ..., d) for TC's K tap sums
+    (tap-major, as W)."""
+    return (*W.shape[:-2 - (seq_len > 0)], *X.shape[:-1])
+
+def sum_taps(c, seq_len):
+    """TC's read x_in[t] = sum_s c[s, t - s] from each tap's sums c (K, ..., d), within sequences of seq_len
+    tokens (TokenCompressor.sum_taps, on the kernels' tap-major layout)."""
+    c = c.reshape(c.shape[0], -1, seq_len, c.shape[-1])  # (K, sequences, T, d)
+    x_in = sum(F.pad(c[s, :, :seq_len - s], (0, 0, s, 0)) for s in range(min(c.shape[0], seq_len)))
+    return x_in.reshape(c.shape[1] * seq_len, -1)
 
 def _blocks(d, d_v):
     return dict(BLOCK_D=triton.next_power_of_2(d), BLOCK_V=triton.next_power_of_2(d_v))
@@ -305,12 +333,14 @@ def _fp32_per_token(beta, *trailing):
 
 @_op("ddl_fused::step", mutates_args=())
 def step_op(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamma: Optional[Tensor],
-            k_eps: float, erase: bool, origin: Optional[Tensor],
-            chain: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            k_eps: float, erase: bool, origin: Optional[Tensor], chain: list[Tensor],
+            seq_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """X (..., d, d_v), k~ (..., d), v (..., d_v), beta (...), W (d, d_v) the next CC mix, gamma (d) the next
     norm's gain (None: no norm, c = x_in) -> X_{l+1}, c (..., d) in X's dtype, and in fp32 for the
     backward: e (..., d_v), 1 / rms(k~) and 1 / rms(x_in) (...). For TC's read, W (K, d, d_v) holds the
-    K taps' weights (TokenCompressor.tap_weights, tap first), gamma is None and c (K, ..., d) each tap's sum.
+    K taps' weights (TokenCompressor.tap_weights, tap first), gamma is None and c (K, ..., d) each tap's sum,
+    or with seq_len > 0 (the tokens' sequence length) their sum across tokens, x_in (..., d) (sum_taps):
+    the backward then reads each tap's dL/dc from x_in's gradient, tokens ahead, not a (K, ..., d) copy.
     origin and chain are for the backward alone (fused_body): the backward keeps origin, the stored state
     of X's segment, instead of X, and replays X from it through chain, the (k~, 1/rms(k~), e, beta) of each
     boundary in between (origin None: it keeps X)."""
@@ -318,28 +348,33 @@ def step_op(X: Tensor, k_tilde: Tensor, v: Tensor, beta: Tensor, W: Tensor, gamm
     d, d_v, taps = _read_shape(W)
     if gamma is not None and taps > 1:  # the kernels norm one read per token, as CC's; TC's is summed after
         raise ValueError(f"fused: a norm gain with {taps} taps: the kernels norm only CC's read, W (d, d_v)")
+    if seq_len and W.dim() == 2:
+        raise ValueError(f"fused: seq_len={seq_len} with CC's read: only TC's taps are summed across tokens")
     n_tok = beta.numel()
-    Xn, c = torch.empty_like(X), X.new_empty(_c_shape(X, W))
+    Xn, c = torch.empty_like(X), X.new_empty(_c_shape(X, W))  # TC: each tap's sum, summed below
     e, rk, rstd = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
     wrap_triton(_step_fwd)[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
         X, k_tilde, v, beta, W, W if gamma is None else gamma.contiguous(), Xn, c, e, rk, rstd, n_tok,
         k_eps * k_eps / d, 1 / math.sqrt(d), d, d_v, ERASE=erase, NORM=gamma is not None, TAPS=taps,
         **_blocks(d, d_v))
+    if seq_len:
+        c = sum_taps(c, seq_len).view(_c_shape(X, W, seq_len))
     return Xn, c, e, rk, rstd
 
 @step_op.register_fake
-def _(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
+def _(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain, seq_len):
     d_v = W.shape[-1]  # contiguous outputs, as the op's (it makes its inputs contiguous first)
     per_token = _fp32_per_token(beta, d_v), _fp32_per_token(beta), _fp32_per_token(beta)
-    return (X.new_empty(X.shape), X.new_empty(_c_shape(X, W)), *per_token)
+    return (X.new_empty(X.shape), X.new_empty(_c_shape(X, W, seq_len)), *per_token)
 
 @_op("ddl_fused::step_backward", mutates_args=())
 def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_tilde: Tensor, e: Tensor,
                   beta: Tensor, W: Tensor, gamma: Optional[Tensor], rk: Tensor, rstd: Tensor,
-                  erase: bool) -> list[Tensor]:
+                  erase: bool, seq_len: int) -> list[Tensor]:
     """The gradients of X_l, k~, v, beta, W and gamma (the module docstring's formulas), in their dtypes
     (gamma = None: W's dtype, unused); X_l is replayed from X, its segment's stored state, through chain
-    (as step's), and X_{l+1} and x_in are recomputed from X_l."""
+    (as step's), and X_{l+1} and x_in are recomputed from X_l; seq_len > 0: g_c is the gradient of TC's
+    summed read (step's seq_len)."""
     g_Xn, g_c, X, k_tilde, e, beta, W = (t.contiguous() for t in (g_Xn, g_c, X, k_tilde, e, beta, W))
     n_chain = len(chain) // 4  # the kernels' fixed chain arguments: those past n_chain are never read
     chain = [t.contiguous() for t in chain] + [X] * (4 * MAX_REPLAY - len(chain))
@@ -348,23 +383,25 @@ def step_backward(g_Xn: Tensor, g_c: Tensor, X: Tensor, chain: list[Tensor], k_t
     norm, gamma = gamma is not None, W if gamma is None else gamma.contiguous()  # W: a pointer never read
     g_X, g_k, g_v, g_beta, s = (torch.empty_like(t) for t in (X, k_tilde, e, beta, rk))
     wrap_triton(_step_bwd)[lambda meta: (triton.cdiv(n_tok, meta["TOKENS"]),)](
-        g_Xn, g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, g_X, g_k, g_v, g_beta, s, n_tok, k_scale,
-        d, d_v, ERASE=erase, NORM=norm, TAPS=taps, N_CHAIN=n_chain, **_blocks(d, d_v))
+        g_Xn, g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, g_X, g_k, g_v, g_beta, s, n_tok, seq_len,
+        k_scale, d, d_v, ERASE=erase, NORM=norm, TAPS=taps, N_CHAIN=n_chain, SUMMED=seq_len > 0,
+        **_blocks(d, d_v))
     splits = triton.cdiv(n_tok, CHUNK)
     g_W = torch.empty(*W.shape[:-2], splits, d, d_v, device=X.device)  # TC: (K, splits, d, d_v)
     g_gamma = torch.empty(splits, d, device=X.device)
     wrap_triton(_weight_bwd)[lambda meta: (triton.cdiv(d, meta["BLOCK_I"]), splits)](
-        g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, k_scale, CHUNK, d, d_v,
-        norm, taps, n_chain, BLOCK_V=triton.next_power_of_2(d_v), BLOCK_S=triton.next_power_of_2(taps))
+        g_c, X, *chain, k_tilde, e, beta, W, gamma, rk, rstd, s, g_W, g_gamma, n_tok, seq_len, k_scale, CHUNK,
+        d, d_v, norm, taps, n_chain, seq_len > 0, BLOCK_V=triton.next_power_of_2(d_v),
+        BLOCK_S=triton.next_power_of_2(taps))
     return [g_X, g_k, g_v, g_beta, g_W.sum(-3).to(W.dtype), g_gamma.sum(0).to(gamma.dtype)]
 
 @step_backward.register_fake
-def _(g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, erase):
+def _(g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma, rk, rstd, erase, seq_len):
     g_gamma = W.new_empty(W.shape[-2]) if gamma is None else gamma.new_empty(gamma.shape)  # (d,), as the op's
     return [t.new_empty(t.shape) for t in (g_Xn, k_tilde, e, beta, W)] + [g_gamma]
 
 def _save(ctx, inputs, output):
-    X, k_tilde, v, beta, W, gamma, _, ctx.erase, origin, chain = inputs
+    X, k_tilde, v, beta, W, gamma, _, ctx.erase, origin, chain, ctx.seq_len = inputs
     ctx.v_dtype, ctx.norm, ctx.n_chain = v.dtype, gamma is not None, len(chain)
     _, _, e, rk, rstd = output
     # X_{l+1} and c are recomputed, not kept; X itself is kept only where no origin is given
@@ -373,17 +410,17 @@ def _save(ctx, inputs, output):
 def _backward(ctx, g_Xn, g_c, *_):
     X, k_tilde, e, beta, W, gamma, rk, rstd, *chain = ctx.saved_tensors
     g_X, g_k, g_v, g_beta, g_W, g_gamma = step_backward(g_Xn, g_c, X, chain, k_tilde, e, beta, W, gamma,
-                                                        rk, rstd, ctx.erase)
+                                                        rk, rstd, ctx.erase, ctx.seq_len)
     return (g_X, g_k, g_v.to(ctx.v_dtype), g_beta, g_W, g_gamma if ctx.norm else None, None, None, None,
-            [None] * ctx.n_chain)
+            [None] * ctx.n_chain, None)
 
 step_op.register_autograd(_backward, setup_context=_save)
 
-def step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin=None, chain=()):
-    """The op (step_op), with no segment by default: the backward keeps X."""
-    return step_op(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, list(chain))
+def step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin=None, chain=(), seq_len=0):
+    """The op (step_op), with no segment by default (the backward keeps X) and TC's taps not summed."""
+    return step_op(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, list(chain), seq_len)
 
-def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
+def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain, seq_len):
     """step() after checking that its inputs have the shapes its kernels assume: one beta per token, a
     state (..., d, d_v) with W's (d, d_v) (TC: (K, d, d_v)). A change in ddl.py that breaks these is refused
     here, by name."""
@@ -394,7 +431,7 @@ def checked_step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain):
         if tuple(t.shape) != shape:
             raise ValueError(f"fused: {name} has shape {tuple(t.shape)}, the kernels take {shape} "
                              "(one beta per token, a (d, d_v) state): fused.py does not run this variant")
-    return step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain)
+    return step(X, k_tilde, v, beta, W, gamma, k_eps, erase, origin, chain, seq_len)
 
 def fused_body(model, X, cache=None):
     """GPT.body with each sublayer boundary as one fused step: the same parameters and equations as
@@ -414,10 +451,13 @@ def fused_body(model, X, cache=None):
         if n % SEGMENT == 0 or not torch.is_grad_enabled():  # keep this state; the next ones replay theirs
             origin, chain = None, []
         beta = branch.gate(c).squeeze(-1)
+        # TC's read across tokens, x_in[t] = sum_s c[t - s, :, s]: in the op, or with a cache (generation,
+        # whose earlier tokens' sums the cache holds) in ddl.py's code; then the norm, in ddl.py's code
+        seq_len = X.shape[1] if tc and cache is None else 0
         Xn, c, e, rk, _ = checked_step(X, k_tilde, branch.value(c), beta, W, gamma, model.config.k_eps,
-                                       model.config.residual == "delta", origin, chain)
-        if tc:  # TC's read across tokens, x_in[t] = sum_s c[t - s, :, s], and the norm, in ddl.py's code
-            c = compressor.sum_taps(c.movedim(0, -1), cache)
+                                       model.config.residual == "delta", origin, chain, seq_len)
+        if tc:
+            c = c if seq_len else compressor.sum_taps(c.movedim(0, -1), cache)
             c = nxt.input_norm(c) if nxt else c
         origin = X.detach() if origin is None else origin
         chain = chain + [k_tilde.detach(), rk, e, beta.detach()]

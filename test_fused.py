@@ -86,15 +86,25 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def fused_step(fused, erase, norm=True):
-    """fused.step on step_inputs' list; without the norm, gamma is not passed (and gets no gradient)."""
+def fused_step(fused, erase, norm=True, summed=False):
+    """fused.step on step_inputs' list; without the norm, gamma is not passed (and gets no gradient);
+    summed: TC's taps summed across each sequence's tokens in the op."""
     return lambda X, kt, v, beta, W, gamma: fused.step(
-        X, kt, v, beta, W, gamma if norm else None, EPS_K, erase
+        X, kt, v, beta, W, gamma if norm else None, EPS_K, erase, seq_len=X.shape[1] if summed else 0
     )
 
 
-def oracle_step(erase, norm=True):
-    return lambda X, kt, v, beta, W, gamma: o_step(X, kt, v, beta, W, gamma if norm else None, erase)
+def o_sum_taps(c):
+    """TC's read from each tap's sums c (K, B, T, d): x_in[b, t] = sum over taps s <= t of c[s, b, t - s]."""
+    K, _, T, _ = c.shape
+    return torch.stack([sum(c[s, :, t - s] for s in range(min(K, t + 1))) for t in range(T)], 1)
+
+
+def oracle_step(erase, norm=True, summed=False):
+    def step(X, kt, v, beta, W, gamma):
+        Xn, c = o_step(X, kt, v, beta, W, gamma if norm else None, erase)
+        return Xn, o_sum_taps(c) if summed else c
+    return step
 
 
 STEP_NAMES = ["X'", "c", "dX", "dk~", "dv", "dbeta", "dW", "dgamma"]
@@ -108,15 +118,18 @@ def check_step(got, want, tol):
             assert rel_err(g, w) < tol, name
 
 
-@pytest.mark.parametrize("norm,taps", [(True, None), (False, None), (False, 3)], ids=["norm", "last", "tc"])
+@pytest.mark.parametrize("norm,taps,summed", [(True, None, False), (False, None, False), (False, 3, False),
+                                               (False, 3, True)], ids=["norm", "last", "tc", "tc_summed"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write"])
-def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase, norm, taps):
+def test_fused_step_equals_the_written_out_rule_in_fp32(fused, erase, norm, taps, summed):
     """Outputs and the gradients of X, k~, v, beta, W and gamma: the kernels (fp32) against the float64
     oracle, with the next sublayer's norm and without it (the last boundary, before the final compressor),
-    and with TC's read, 3 taps, W (3, d, d_v)."""
+    and with TC's read, 3 taps, W (3, d, d_v): each tap's sums, or x_in, their sum across tokens."""
     inputs, grads = step_inputs(torch.float32, taps=taps)
-    got = outputs_and_grads(fused_step(fused, erase, norm), inputs, grads)
-    want = outputs_and_grads(oracle_step(erase, norm), [t.double() for t in inputs], grads)
+    if summed:  # x_in's gradient (B, T, d)
+        grads = grads[0], grads[1][0]
+    got = outputs_and_grads(fused_step(fused, erase, norm, summed), inputs, grads)
+    want = outputs_and_grads(oracle_step(erase, norm, summed), [t.double() for t in inputs], grads)
     assert [got[i].dtype for i in range(2, 7 + norm)] == [t.dtype for t in inputs][:5 + norm]
     check_step(got, want, 1e-5)
 
@@ -192,7 +205,8 @@ def test_fused_kernels_read_nothing_past_their_inputs(fused, taps):
 def test_fused_op_passes_torch_library_opcheck(fused):
     """What torch.compile relies on: the fake implementation's shapes, dtypes and strides (a non-contiguous
     X), every output defined (no norm included), and the autograd registration, with and without gamma,
-    with a state replayed in the backward (origin and chain), and with TC's taps (c is (K, ..., d))."""
+    with a state replayed in the backward (origin and chain), and with TC's taps (c is (K, ..., d), or with
+    seq_len their sum across tokens (..., d))."""
     inputs, _ = step_inputs(torch.float32, B=2, T=2, d=20, d_v=3)  # few tokens: opcheck runs the op often
     X, k_tilde, v, beta, W, gamma = (t.requires_grad_() for t in inputs)
     X = X.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
@@ -202,16 +216,20 @@ def test_fused_op_passes_torch_library_opcheck(fused):
         X_1, _, e, rk, _ = fused.step(X_0, k_0, v, beta, W, gamma, EPS_K, True)
     X_1.requires_grad_()
     for g, x, origin, chain in ((gamma, X, None, []), (None, X_1, X_0, [k_0, rk, e, beta.detach()])):
-        torch.library.opcheck(fused.step_op, (x, k_tilde, v, beta, W, g, EPS_K, True, origin, chain))
+        torch.library.opcheck(fused.step_op, (x, k_tilde, v, beta, W, g, EPS_K, True, origin, chain, 0))
     taps = torch.randn(2, *W.shape, generator=torch.Generator().manual_seed(6)).requires_grad_()  # TC's read
-    torch.library.opcheck(fused.step_op, (X, k_tilde, v, beta, taps, None, EPS_K, True, None, []))
+    for seq_len in (0, X.shape[1]):  # each tap's sums; their sum across tokens
+        args = X, k_tilde, v, beta, taps, None, EPS_K, True, None, [], seq_len
+        torch.library.opcheck(fused.step_op, args)
     with torch.no_grad():  # the backward's own fake: g_gamma is (d,) without a norm, TC's K taps too
         Xn, c, e, rk, rstd = fused.step(X, k_tilde, v, beta, taps, None, EPS_K, True)
     grads = torch.randn_like(Xn), torch.randn_like(c)
     torch.library.opcheck(fused.step_backward, (*grads, X.detach(), [], k_tilde.detach(), e, beta.detach(),
-                                                taps.detach(), None, rk, rstd, True))
+                                                taps.detach(), None, rk, rstd, True, 0))
     with pytest.raises(ValueError, match="fused: a norm gain with 2 taps: the kernels norm only CC's read"):
         fused.step(X, k_tilde, v, beta, taps, gamma, EPS_K, True)
+    with pytest.raises(ValueError, match="fused: seq_len=2 with CC's read: only TC's taps are summed"):
+        fused.step(X, k_tilde, v, beta, W, gamma, EPS_K, True, seq_len=2)
 
 
 def fused_pair(fused, monkeypatch, **kw):
@@ -527,12 +545,13 @@ def test_fused_step_takes_non_contiguous_inputs(fused):
     check_step(got, outputs_and_grads(oracle_step(True), [t.double() for t in inputs], grads), 1e-5)
 
 
-@pytest.mark.parametrize("tokens,block_i,block_t,taps", [(4, 16, 4, None), (4, 32, 8, None), (1, 64, 4, None),
-                                                     (4, 16, 4, 4)])
-def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block_i, block_t, taps):
+@pytest.mark.parametrize("tokens,block_i,block_t,taps,summed", [
+    (4, 16, 4, None, False), (4, 32, 8, None, False), (1, 64, 4, None, False), (4, 16, 4, 4, False),
+    (4, 16, 4, 4, True)])
+def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block_i, block_t, taps, summed):
     """The autotuner's other configs (the interpreter runs only the first): tokens per program not dividing
     the token count, feature blocks not dividing d, weight-gradient chunks longer than BLOCK_T and not a
-    multiple; CC's read and TC's (4 taps)."""
+    multiple, across sequences (19 tokens); CC's read and TC's (4 taps), each tap's sums or summed."""
     for kern in (fused._step_fwd, fused._step_bwd):
         monkeypatch.setattr(kern, "configs", [fused.triton.Config(dict(TOKENS=tokens), num_warps=4)])
     monkeypatch.setattr(
@@ -542,8 +561,10 @@ def test_fused_step_under_the_gpu_tile_configs(fused, monkeypatch, tokens, block
     )
     monkeypatch.setattr(fused, "CHUNK", 10)  # 38 tokens: chunks of 10 (> BLOCK_T, not a multiple), the last 8
     inputs, grads = step_inputs(torch.float32, B=2, T=19, d=40, d_v=3, seed=9, taps=taps)
-    got = outputs_and_grads(fused_step(fused, True, taps is None), inputs, grads)
-    want = outputs_and_grads(oracle_step(True, taps is None), [t.double() for t in inputs], grads)
+    if summed:
+        grads = grads[0], grads[1][0]
+    got = outputs_and_grads(fused_step(fused, True, taps is None, summed), inputs, grads)
+    want = outputs_and_grads(oracle_step(True, taps is None, summed), [t.double() for t in inputs], grads)
     check_step(got, want, 1e-5)
 
 
