@@ -157,7 +157,8 @@ KERNEL_GROUPS = (("_step_fwd", "fused fwd"), ("_step_bwd", "fused bwd"), ("_weig
 def kernel_summary(events, steps, top=6):
     """From a Chrome trace's events, per step: the GPU's busy time (the union of the kernels' intervals;
     the rest of a step the GPU waits, on the host), the kernel launches, the kernel ms by group, and the
-    `top` kernels by ms (name: ms, launches): inductor's names say which ops each one fuses."""
+    `top` inductor kernels by ms (name: ms, launches): the other groups are one kind of kernel each, while
+    inductor's names say which ops each one fuses, so they say where a variant's extra inductor time goes."""
     kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
     busy, end, groups, names = 0.0, float("-inf"), {}, {}
     for start, stop, name in kernels:
@@ -165,8 +166,9 @@ def kernel_summary(events, steps, top=6):
         end = max(end, stop)
         group = next((g for key, g in KERNEL_GROUPS if key in name.lower()), "other")
         groups[group] = groups.get(group, 0.0) + (stop - start) / 1000 / steps
-        ms, n = names.get(name, (0.0, 0.0))
-        names[name] = (ms + (stop - start) / 1000 / steps, n + 1 / steps)
+        if group == "inductor":
+            ms, n = names.get(name, (0.0, 0.0))
+            names[name] = (ms + (stop - start) / 1000 / steps, n + 1 / steps)
     return dict(busy_ms=busy / 1000 / steps, launches=len(kernels) / steps, groups=groups,
                 top=sorted(names.items(), key=lambda kv: -kv[1][0])[:top])
 
@@ -315,7 +317,7 @@ def report(variant, row, bcfg):
         print(f"  GPU busy {p['busy_ms']:.1f} ms per step ({100 * row['host_share']:.0f}% of the median step "
               f"waits on the host), {p['launches']:.0f} kernel launches; kernel ms: "
               + ", ".join(f"{g} {ms:.2f}" for g, ms in groups), flush=True)
-        print("  longest kernels, ms (launches) per step: "
+        print("  longest inductor kernels, ms (launches) per step: "
               + ", ".join(f"{name} {ms:.2f} ({n:.0f})" for name, (ms, n) in p["top"]), flush=True)
     return row
 
