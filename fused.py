@@ -53,11 +53,10 @@ import types
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ddl import ConfigError, TokenCompressor
+from ddl import ConfigError, TokenCompressor, shift_tokens
 
 try:
     import triton
@@ -314,8 +313,7 @@ def sum_taps(c, seq_len):
     """TC's read x_in[t] = sum_s c[s, t - s] from each tap's sums c (K, ..., d), within sequences of seq_len
     tokens (TokenCompressor.sum_taps, on the kernels' tap-major layout)."""
     c = c.reshape(c.shape[0], -1, seq_len, c.shape[-1])  # (K, sequences, T, d)
-    x_in = sum(F.pad(c[s, :, :seq_len - s], (0, 0, s, 0)) for s in range(min(c.shape[0], seq_len)))
-    return x_in.reshape(c.shape[1] * seq_len, -1)
+    return sum(shift_tokens(c[s], s) for s in range(c.shape[0])).reshape(-1, c.shape[-1])
 
 def _blocks(d, d_v):
     return dict(BLOCK_D=triton.next_power_of_2(d), BLOCK_V=triton.next_power_of_2(d_v))
