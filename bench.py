@@ -203,10 +203,21 @@ def compile_counts():
     from torch._dynamo.utils import counters
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
+def steady_peak(dev, calls):
+    """Peak GiB allocated on dev while calls run, from a reset after the warm-up: what training holds, its
+    weights, optimizer state and activations, without what compiling and the first steps took once (over
+    build and warm-up the peak moved by up to 2.3 GiB between runs of the same code, 2026-12-07)."""
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    for fn in calls:
+        fn()
+    torch.cuda.synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev) / 2**30
+
 class Variant:
     """One variant built as train.py builds it, with its training step and inference forward on the fixed
-    batch (x, y), warmed up; its peak memory over the warm-up, above what the process held before it; its
-    graph breaks from its build on, and the graphs its own calls compile after the warm-up."""
+    batch (x, y), warmed up; its peak memory allocated over a step and a forward after the warm-up, and
+    reserved over build and warm-up, above what the process held before it; its graph breaks from its build on, and the graphs its own calls compile after the warm-up."""
     def __init__(self, name, cfg, mcfg, dev, ctx, x, y):
         kind = name.removesuffix("+fused")  # fused.py: the expanded state, by name or by --fused
         self.fused = name in FUSED or (cfg.fused == "true" and kind + "+fused" in FUSED)
@@ -231,8 +242,8 @@ class Variant:
             fn()
         self.mem = self.reserved = None
         if dev.type == "cuda":  # the CUDA graphs' pools are reserved memory
-            self.mem = (torch.cuda.max_memory_allocated(dev) - held[0]) / 2**30
             self.reserved = (torch.cuda.max_memory_reserved(dev) - held[1]) / 2**30
+            self.mem = steady_peak(dev, (step, infer)) - held[0] / 2**30
         self.breaks, self.recompiles = compile_counts()[0] - before[0], 0
         self.step, self.infer = self.counted(step), self.counted(infer)
 
@@ -323,8 +334,8 @@ def report(variant, row, bcfg):
 
 def print_table(rows, base, dev, peak, B, T, mode, rounds):
     """The table: per variant its median step and spread, speed against the baseline row `base` (the median
-    of per-round ratios), peak memory allocated and reserved over its warm-up (a variant may reuse what an
-    earlier one reserved), graph breaks and graphs compiled after the warm-up, and the host's share."""
+    of per-round ratios), peak memory allocated in steady state and reserved over its warm-up (a variant
+    may reuse what an earlier one reserved), graph breaks and graphs compiled after the warm-up, and the host's share."""
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     unit = "bf16" if dev.type == "cuda" else "fp32"
     print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile "

@@ -130,6 +130,28 @@ def test_bench_counts_each_variants_own_breaks_and_graphs_compiled_after_its_war
     assert counters["stats"]["unique_graphs"] >= 3
 
 
+def test_steady_peak_is_the_most_allocated_while_the_calls_run_not_before(monkeypatch):
+    """A fake allocator: 5 GiB held, 9 GiB peaked during compilation before the reset; the calls allocate 2
+    GiB and 3 GiB on top, each freed: the steady peak is 5 + 3, not the 9 before it, nor the 5 + 2 + 3."""
+    gib, log = 2**30, []
+    mem = dict(now=5 * gib, peak=9 * gib)
+
+    def alloc(n):
+        def call():
+            log.append(n)
+            mem["peak"] = max(mem["peak"], mem["now"] + n * gib)
+        return call
+
+    def reset(dev):
+        log.append("reset")
+        mem["peak"] = mem["now"]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev: mem["peak"])
+    assert bench.steady_peak("cuda", (alloc(2), alloc(3))) == 8.0
+    assert log == ["sync", "reset", 2, 3, "sync"]
+
+
 def test_bench_cpu_memory_estimate_at_its_boundary(monkeypatch):
     """smoke at micro-batch 2 (n = 128 tokens, L = 2, d = 64, V = 50304) with cc's d_v = 4: 16 x 12 L d^2
     (1,572,864) + 16 V d (51,511,296) + 8 n V (51,511,296) + 160 n L d d_v (10,485,760) = 115,081,216
