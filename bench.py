@@ -2,8 +2,8 @@
 Throughput of every DDL variant against the additive baseline, in one process on one device.
 
     python bench.py --preset=124m                       # every variant, one GPU, default compile mode
-    python bench.py --preset=124m --bench_batch=16 --bench_steps=10 --bench_variants=additive,cc+fused
-                                                        # the README's table
+    python bench.py --preset=124m --bench_batch=16 --bench_steps=10 --bench_profile=true \
+        --bench_variants=additive,delta,cc,cc+fused,tc+fused,write+fused   # the README's table
     python bench.py --preset=124m --compile_mode=reduce-overhead     # the same under CUDA graphs
     python bench.py --preset=smoke --bench_steps=3      # the code path on a CPU
     python bench.py --preset=124m --bench_profile=true --bench_variants=additive,delta
@@ -217,7 +217,8 @@ def steady_peak(dev, calls):
 class Variant:
     """One variant built as train.py builds it, with its training step and inference forward on the fixed
     batch (x, y), warmed up; its peak memory allocated over a step and a forward after the warm-up, and
-    reserved over build and warm-up, above what the process held before it; its graph breaks from its build on, and the graphs its own calls compile after the warm-up."""
+    reserved over build and warm-up, above what the process held before it; its graph breaks from its build
+    on, and the graphs its own calls compile after the warm-up."""
     def __init__(self, name, cfg, mcfg, dev, ctx, x, y):
         kind = name.removesuffix("+fused")  # fused.py: the expanded state, by name or by --fused
         self.fused = name in FUSED or (cfg.fused == "true" and kind + "+fused" in FUSED)
@@ -335,7 +336,8 @@ def report(variant, row, bcfg):
 def print_table(rows, base, dev, peak, B, T, mode, rounds):
     """The table: per variant its median step and spread, speed against the baseline row `base` (the median
     of per-round ratios), peak memory allocated in steady state and reserved over its warm-up (a variant
-    may reuse what an earlier one reserved), graph breaks and graphs compiled after the warm-up, and the host's share."""
+    may reuse what an earlier one reserved), graph breaks and graphs compiled after the warm-up, and the
+    host's share."""
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     unit = "bf16" if dev.type == "cuda" else "fp32"
     print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile "
