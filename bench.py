@@ -16,6 +16,7 @@ float64; then per variant, built and compiled as train.py does (one graph), full
 (inference) on a fixed random batch: WARM_UP calls each, then bench_steps rounds that time the
 baseline's call and the variant's back to back. Takes train.py's and GPTConfig's keys too.
 """
+import gc
 import json
 import os
 import sys
@@ -205,8 +206,7 @@ def compile_counts():
 
 def steady_peak(dev, calls):
     """Peak GiB allocated on dev while calls run, from a reset after the warm-up: what training holds, its
-    weights, optimizer state and activations, without what compiling and the first steps took once (over
-    build and warm-up the peak moved by up to 2.3 GiB between runs of the same code, 2026-12-07)."""
+    weights, optimizer state and activations, without what compiling and the first steps took once."""
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     for fn in calls:
@@ -214,20 +214,36 @@ def steady_peak(dev, calls):
     torch.cuda.synchronize(dev)
     return torch.cuda.max_memory_allocated(dev) / 2**30
 
+def held_memory(dev):
+    """GiB allocated and reserved on dev before a variant is built, once Python's collector has freed what
+    nothing reaches: a variant done before stays in a reference cycle (its counted calls hold it) until
+    the collector runs, and freed in the middle of the next variant's measurement it lowered that
+    variant's figures by its weights and optimizer state (about 1.4 GiB at 124m, 2026-12-07)."""
+    gc.collect()
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    return torch.cuda.memory_allocated(dev) / 2**30, torch.cuda.memory_reserved(dev) / 2**30
+
+def peak_memory(dev, held, calls, graphs):
+    """GiB above held: allocated at its peak over calls run once more after the warm-up (steady_peak), or
+    under CUDA graphs at its peak over build and warm-up (a replay allocates nothing: its activations are
+    in memory its capture took, and counted then); reserved at its peak over build and warm-up (the
+    graphs' pools are reserved memory)."""
+    reserved = torch.cuda.max_memory_reserved(dev) / 2**30 - held[1]
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if graphs else steady_peak(dev, calls)
+    return peak - held[0], reserved
+
 class Variant:
     """One variant built as train.py builds it, with its training step and inference forward on the fixed
-    batch (x, y), warmed up; its peak memory allocated over a step and a forward after the warm-up, and
-    reserved over build and warm-up, above what the process held before it; its graph breaks from its build
-    on, and the graphs its own calls compile after the warm-up."""
+    batch (x, y), warmed up; its peak memory above what the process held before it (peak_memory); its graph
+    breaks from its build on, and the graphs its own calls compile after the warm-up."""
     def __init__(self, name, cfg, mcfg, dev, ctx, x, y):
         kind = name.removesuffix("+fused")  # fused.py: the expanded state, by name or by --fused
         self.fused = name in FUSED or (cfg.fused == "true" and kind + "+fused" in FUSED)
         self.name, before = kind + "+fused" * self.fused, compile_counts()
         if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-            held = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
+            held = held_memory(dev)
         cfg = replace(cfg, fused="true" if self.fused else "false")  # the name says the path
         self.raw, model, opt = build(cfg, replace(mcfg, **VARIANTS[kind]), dev)
         graphs = cuda_graphs(cfg, dev)
@@ -242,9 +258,8 @@ class Variant:
         for fn in [step] * WARM_UP + [infer] * WARM_UP:
             fn()
         self.mem = self.reserved = None
-        if dev.type == "cuda":  # the CUDA graphs' pools are reserved memory
-            self.reserved = (torch.cuda.max_memory_reserved(dev) - held[1]) / 2**30
-            self.mem = steady_peak(dev, (step, infer)) - held[0] / 2**30
+        if dev.type == "cuda":
+            self.mem, self.reserved = peak_memory(dev, held, (step, infer), graphs)
         self.breaks, self.recompiles = compile_counts()[0] - before[0], 0
         self.step, self.infer = self.counted(step), self.counted(infer)
 
@@ -335,9 +350,8 @@ def report(variant, row, bcfg):
 
 def print_table(rows, base, dev, peak, B, T, mode, rounds):
     """The table: per variant its median step and spread, speed against the baseline row `base` (the median
-    of per-round ratios), peak memory allocated in steady state and reserved over its warm-up (a variant
-    may reuse what an earlier one reserved), graph breaks and graphs compiled after the warm-up, and the
-    host's share."""
+    of per-round ratios), peak memory allocated and reserved (peak_memory; a variant may reuse what an
+    earlier one reserved), graph breaks and graphs compiled after the warm-up, and the host's share."""
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     unit = "bf16" if dev.type == "cuda" else "fp32"
     print(f"\n{name} | {unit} matmul peak {peak:.2f} TFLOP/s | micro-batch {B} x {T} | compile "

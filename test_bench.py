@@ -1,7 +1,9 @@
 """bench.py: the throughput table, its timing, its fast-path check and its bounds. CPU, offline."""
+import gc
 import os
 import re
 import types
+import weakref
 from contextlib import nullcontext
 
 import pytest
@@ -130,26 +132,77 @@ def test_bench_counts_each_variants_own_breaks_and_graphs_compiled_after_its_war
     assert counters["stats"]["unique_graphs"] >= 3
 
 
-def test_steady_peak_is_the_most_allocated_while_the_calls_run_not_before(monkeypatch):
-    """A fake allocator: 5 GiB held, 9 GiB peaked during compilation before the reset; the calls allocate 2
-    GiB and 3 GiB on top, each freed: the steady peak is 5 + 3, not the 9 before it, nor the 5 + 2 + 3."""
-    gib, log = 2**30, []
-    mem = dict(now=5 * gib, peak=9 * gib)
+GIB = 2**30
 
-    def alloc(n):
+
+class FakeAllocator:
+    """torch.cuda's memory statistics in GiB: `now` allocated, its peak since the last reset, and reserved;
+    alloc(n) is a call that allocates n GiB on top and frees them; `log` records the calls in order."""
+    def __init__(self, monkeypatch, now, peak, reserved_peak):
+        self.now, self.peak, self.reserved_peak, self.log = now, peak, reserved_peak, []
+        for name, fn in dict(synchronize=lambda dev=None: self.log.append("sync"), empty_cache=lambda: None,
+                             reset_peak_memory_stats=self.reset,
+                             memory_allocated=lambda dev=None: self.now * GIB,
+                             memory_reserved=lambda dev=None: 1 * GIB,
+                             max_memory_allocated=lambda dev=None: self.peak * GIB,
+                             max_memory_reserved=lambda dev=None: self.reserved_peak * GIB).items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def reset(self, dev=None):
+        self.log.append("reset")
+        self.peak = self.now
+
+    def alloc(self, n):
         def call():
-            log.append(n)
-            mem["peak"] = max(mem["peak"], mem["now"] + n * gib)
+            self.log.append(n)
+            self.peak = max(self.peak, self.now + n)
         return call
 
-    def reset(dev):
-        log.append("reset")
-        mem["peak"] = mem["now"]
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev: log.append("sync"))
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev: mem["peak"])
-    assert bench.steady_peak("cuda", (alloc(2), alloc(3))) == 8.0
-    assert log == ["sync", "reset", 2, 3, "sync"]
+
+def test_steady_peak_is_the_most_allocated_while_the_calls_run_not_before(monkeypatch):
+    """5 GiB held, 9 GiB peaked during compilation before the reset; the calls allocate 2 GiB and 3 GiB on
+    top, each freed: the steady peak is 5 + 3, not the 9 before it, nor the 5 + 2 + 3."""
+    mem = FakeAllocator(monkeypatch, now=5, peak=9, reserved_peak=12)
+    assert bench.steady_peak("cuda", (mem.alloc(2), mem.alloc(3))) == 8.0
+    assert mem.log == ["sync", "reset", 2, 3, "sync"]
+
+
+def test_peak_memory_is_the_steady_step_above_what_was_held_but_the_warm_up_under_cuda_graphs(monkeypatch):
+    """Held before the build: 2 GiB allocated, 1 reserved; the build and warm-up peaked at 9 allocated and 12
+    reserved, and 5 are allocated after it. Without CUDA graphs the calls run (peak 5 + 3) and the variant's
+    figures are 8 - 2 and 12 - 1; under CUDA graphs, whose replays allocate nothing, they are the warm-up's,
+    9 - 2, and the calls do not run."""
+    mem = FakeAllocator(monkeypatch, now=5, peak=9, reserved_peak=12)
+    assert bench.peak_memory("cuda", (2.0, 1.0), (mem.alloc(3),), graphs=False) == (6.0, 11.0)
+    mem = FakeAllocator(monkeypatch, now=5, peak=9, reserved_peak=12)
+    assert bench.peak_memory("cuda", (2.0, 1.0), (mem.alloc(3),), graphs=True) == (7.0, 11.0)
+    assert mem.log == []
+
+
+def test_held_memory_frees_an_earlier_variant_in_a_reference_cycle_before_reading(monkeypatch):
+    """An earlier variant, unreachable but in a reference cycle (its counted calls hold it), with Python's
+    automatic collection off: held_memory reads the memory only once the collector has freed it, so that
+    it is not freed during the next variant's measurement instead."""
+    class Earlier:  # as bench.Variant: its step, a closure, holds it
+        def __init__(self):
+            self.step = self.counted()
+
+        def counted(self):
+            return lambda: self
+    earlier = Earlier()
+    gone = weakref.ref(earlier)
+    del earlier
+    mem, freed_when_read = FakeAllocator(monkeypatch, now=5, peak=9, reserved_peak=12), []
+    def allocated(dev=None):
+        freed_when_read.append(gone() is None)
+        return mem.now * GIB
+    monkeypatch.setattr(torch.cuda, "memory_allocated", allocated)
+    gc.disable()
+    try:
+        assert bench.held_memory("cuda") == (5.0, 1.0)
+    finally:
+        gc.enable()
+    assert freed_when_read == [True]
 
 
 def test_bench_cpu_memory_estimate_at_its_boundary(monkeypatch):
