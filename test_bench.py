@@ -193,6 +193,7 @@ def test_held_memory_frees_an_earlier_variant_in_a_reference_cycle_before_readin
     gone = weakref.ref(earlier)
     del earlier
     mem, freed_when_read = FakeAllocator(monkeypatch, now=5, peak=9, reserved_peak=12), []
+
     def allocated(dev=None):
         freed_when_read.append(gone() is None)
         return mem.now * GIB
