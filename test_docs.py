@@ -451,6 +451,38 @@ def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_l
     assert write["difference"] == pytest.approx(0.2) and write["counts"] is False
     assert (ref["k_cos_before"], ref["k_cos_attn_mlp"]) == pytest.approx((0.8, 0.3))
     assert write["k_cos_before"] is None and bound1["standin"] == pytest.approx(0.3)
+    assert bound1["losses"] == pytest.approx([4.45, 4.55, 4.5])  # the seeds' own, in seed order
+
+
+def test_ablations_figure_draws_each_seed_and_the_mean_by_family_and_stars_what_counts(tmp_path):
+    """As the table's test, with a DDL-CC reference of one seed (4.3, at its sweep's best lr 6e-3): delta's
+    family in C0, CC's in C1; only beta_bound = 1 (+0.5 against twice 0.2) is starred, at its top seed."""
+    ladder, abl, plot = load_script("ladder"), load_script("ablations"), load_script("plot")
+    ladder_logs = {ladder.name("d512", family, 1, lr, 1337): audited_log(9.0, (0.5, 0.5), (0.1, 0.1))
+                   for family, lrs in (("delta", (7.5e-4, 3e-3, 6e-3)), ("cc", (3e-3, 1.2e-2))) for lr in lrs}
+    ladder_logs[ladder.name("d512", "cc", 1, 6e-3, 1337)] = audited_log(4.3, (0.5, 0.5), (0.1, 0.1))
+    logs = {}
+    for seed, ref, bound1, write in ((1337, 4.0, 4.45, 4.2), (1338, 4.1, 4.55, 4.25), (1339, 3.9, 4.5, 4.15)):
+        ladder_logs[ladder.name("d512", "delta", 1, 1.5e-3, seed)] = audited_log(ref, (0.9, 0.7), (0.2, 0.4))
+        logs[abl.run_name("delta-bound1", 1.5e-3, seed)] = audited_log(bound1, (0.8, 0.6), (0.1, 0.3))
+        logs[abl.run_name("write1", 1.5e-3, seed)] = audited_log(write, (0.8, 0.6), (0.0, 0.0))
+    write_logs(tmp_path / "ladder", ladder_logs)
+    write_logs(tmp_path / "ablations", logs)
+    plot.plt = mock.MagicMock()
+    fig, ax = mock.MagicMock(), mock.MagicMock()
+    plot.plt.subplots.return_value = (fig, ax)
+    plot.plot_ablations(str(tmp_path), str(tmp_path / "a.png"))
+    dots = ax.plot.call_args_list
+    assert [c.args[0] for c in dots] == [[0] * 3, [1] * 3, [2] * 3, [3]]
+    assert [c.args[1] for c in dots] == [pytest.approx(v) for v in
+                                         ([4.0, 4.1, 3.9], [4.45, 4.55, 4.5], [4.2, 4.25, 4.15], [4.3])]
+    assert [c.kwargs["color"] for c in dots] == ["C0", "C0", "C0", "C1"]
+    assert [c.args[0] for c in ax.hlines.call_args_list] == pytest.approx([4.0, 4.5, 4.2, 4.3])
+    ax.annotate.assert_called_once()
+    assert ax.annotate.call_args.args == ("*", (1, pytest.approx(4.55)))
+    ticks = ["delta\n(reference)", "delta-bound1", "write1", "cc\n(reference)"]
+    assert ax.set_xticks.call_args.args == (range(4), ticks)
+    fig.savefig.assert_called_once_with(str(tmp_path / "a.png"), dpi=120)
 
 
 def test_k_stability_figure_draws_each_reference_runs_layer_means_against_step(tmp_path):

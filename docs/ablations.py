@@ -83,9 +83,9 @@ def k_curves(log):
                 k_cos_attn_mlp=[mean(r, "k_cos_attn_mlp") for r in audits])
 
 def table(logs, ladder_logs):
-    """Per setting with runs: its lr, seeds, mean final val loss and spread (max - min), the stand-in's
-    acc_norm and the k cosines (means over seeds), its difference to its reference and whether that
-    counts (|difference| >= 2 x the larger spread). Rows of dicts, in SETTINGS' order."""
+    """Per setting with runs: its lr, seeds, final val loss per seed (losses), their mean and spread (max -
+    min), the stand-in's acc_norm and the k cosines (means over seeds), its difference to its reference and
+    whether that counts (|difference| >= 2 x the larger spread). Rows of dicts, in SETTINGS' order."""
     rows = {}
     for setting, (_, _, ref) in SETTINGS.items():
         runs = [log for seed in ladder.SEEDS if (log := log_of(logs, ladder_logs, setting, seed))]
@@ -94,7 +94,7 @@ def table(logs, ladder_logs):
         s = [summary(log) for log in runs]
         losses = [x["loss"] for x in s]
         mean = lambda key: None if None in [x[key] for x in s] else float(np.mean([x[key] for x in s]))
-        row = dict(setting=setting, lr=family_lr(ladder_logs, setting), seeds=len(runs),
+        row = dict(setting=setting, lr=family_lr(ladder_logs, setting), seeds=len(runs), losses=losses,
                    loss=float(np.mean(losses)), spread=float(np.ptp(losses)), standin=mean("standin"),
                    k_cos_before=mean("k_cos_before"), k_cos_attn_mlp=mean("k_cos_attn_mlp"),
                    reference=ref, difference=None, counts=None)

@@ -5,7 +5,8 @@ with --sweep, lr_sweep.png from a learning-rate sweep (final val loss against pe
 with --ladder, ladder.png from the size ladder's logs (docs/ladder.py: each DDL variant's gap to the
 additive baseline against tokens per non-embedding parameter, per token and at equal training time) and
 ladder_passes.png (the runs of several passes: train and val loss against step);
-with --ablations, k_stability.png from docs/ablations.py's reference runs (k's gate-audit probes).
+with --ablations, ablations.png (each setting's final val loss per seed, beside its reference) and
+k_stability.png from docs/ablations.py's reference runs (k's gate-audit probes).
 
     python docs/plot.py runs                   # runs/<variant>-<seed>/log.jsonl -> plots/*.png
     python docs/plot.py runs --out docs        # redraw the committed figures in docs/
@@ -13,7 +14,7 @@ with --ablations, k_stability.png from docs/ablations.py's reference runs (k's g
     python docs/plot.py --memorize memorize.jsonl
     python docs/plot.py --sweep sweep          # sweep/<variant>_<lr>_<seed>/log.jsonl -> plots/lr_sweep.png
     python docs/plot.py --ladder docs/records/ladder --out docs    # docs/ladder.png, ladder_passes.png
-    python docs/plot.py --ablations docs/records --out docs       # docs/k_stability.png
+    python docs/plot.py --ablations docs/records --out docs       # docs/ablations.png, k_stability.png
 
 Drawing needs matplotlib (pip install matplotlib); --help does not.
 """
@@ -279,6 +280,33 @@ def plot_k_stability(records, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_ablations(records, path):
+    """Each setting of docs/ablations.py with runs: every seed's final val loss (dots) and their mean (a bar),
+    coloured by the reference it is compared with, the references first in their colour; a setting whose
+    mean differs from its reference's by at least twice the larger seed spread (ablations.table) is starred.
+    records: the folder holding ladder/ and ablations/."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ablations  # docs/ablations.py
+    import ladder
+    rows = ablations.table(ladder.load_logs(os.path.join(records, "ablations")),
+                           ladder.load_logs(os.path.join(records, "ladder")))
+    families = [r["setting"] for r in rows if r["reference"] is None]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 4.2), layout="constrained")
+    for x, r in enumerate(rows):
+        color = f"C{families.index(r['reference'] or r['setting'])}"
+        ax.plot([x] * len(r["losses"]), r["losses"], "o", color=color, ms=4, alpha=0.7)
+        ax.hlines(r["loss"], x - 0.3, x + 0.3, color=color, lw=2)
+        if r["counts"]:
+            ax.annotate("*", (x, max(r["losses"])), ha="center", va="bottom", fontsize=14)
+    ax.set_xticks(range(len(rows)), [r["setting"] + ("\n(reference)" if r["reference"] is None else "")
+                                     for r in rows], fontsize=8)
+    ax.set_ylabel("final val loss (held out)")
+    ax.set_title(f"ablations at {ablations.SIZE}, one pass: seeds (dots) and their mean (bar)\n"
+                 "*: differs from its reference by >= 2x the larger seed spread", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=120)
+
+
 def main():
     global plt
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,7 +315,8 @@ def main():
     p.add_argument("--memorize", help="plot docs/memorize.py's JSON lines instead")
     p.add_argument("--sweep", help="plot a folder of <variant>_<lr>_<seed> runs of a learning-rate sweep")
     p.add_argument("--ladder", help="plot the size ladder from a folder of its logs (docs/ladder.py)")
-    p.add_argument("--ablations", help="plot k's stability from the folder holding ladder/ and ablations/")
+    p.add_argument("--ablations", help="plot the ablations and k's stability from the folder holding "
+                   "ladder/ and ablations/")
     args = p.parse_args()
     try:
         import matplotlib
@@ -304,6 +333,7 @@ def main():
         plot_passes(args.ladder, os.path.join(args.out, "ladder_passes.png"))
         return plot_ladder(args.ladder, os.path.join(args.out, "ladder.png"))
     if args.ablations:
+        plot_ablations(args.ablations, os.path.join(args.out, "ablations.png"))
         return plot_k_stability(args.ablations, os.path.join(args.out, "k_stability.png"))
     runs = load_runs(args.runs)
     if not runs:
