@@ -430,6 +430,25 @@ def test_ablations_wait_for_the_ladders_lr_then_run_each_setting_at_three_seeds_
                for s in ("tc", "tc-k1", "tc-k8"))
 
 
+def test_ablations_split_gives_each_of_n_processes_every_nth_planned_run(tmp_path, capsys):
+    """The d_v = 1 family's six runs (delta-bound1, then write1, seeds 1337-1339): 1/2 takes runs 1, 3, 5."""
+    ladder, abl = load_script("ladder"), load_script("ablations")
+    write_logs(tmp_path / "ladder", {ladder.name("d512", "delta", 1, lr, 1337): ladder_log(
+        [(0, 0, 11), (264, 9, loss)], 0.3) for lr, loss in ((1.5e-3, 4.9), (3e-3, 4.8), (6e-3, 4.85))})
+    (tmp_path / "ablations").mkdir()
+    folders = [f"--logs={tmp_path / 'ablations'}", f"--ladder_logs={tmp_path / 'ladder'}"]
+
+    def planned(split):  # each planned run's --out_dir
+        abl.main(["plan", f"--split={split}", *folders])
+        return [line.split("--out_dir=")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
+    runs = [os.path.join("runs/ablations", abl.run_name(s, 3e-3, seed))
+            for s in ("delta-bound1", "write1") for seed in (1337, 1338, 1339)]
+    assert planned("0/1") == runs and planned("1/2") == runs[1::2] and planned("0/4") == runs[::4]
+    for bad in ("2/2", "1", "a/3", "-1/2"):
+        with pytest.raises(SystemExit, match=f"--split={bad} is invalid"):
+            abl.main(["plan", f"--split={bad}", *folders])
+
+
 def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_larger_spread():
     """The reference (the ladder's delta at its best lr): 4.0, 4.1, 3.9 (spread 0.2); beta_bound = 1: 4.45,
     4.55, 4.5 (spread 0.1): +0.5 >= 2 x 0.2 counts; write-only: 4.2, 4.25, 4.15 (0.1): +0.2 does not."""
