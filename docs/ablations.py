@@ -16,9 +16,10 @@ DDL-TC's ("tc", conv_kernel 4) is run here. A
 setting differs from its reference only where the means differ by at least twice the larger seed spread.
 
     python docs/ablations.py plan | run | table     # as docs/ladder.py; logs in docs/records/ablations/
-    python docs/ablations.py run --split 1/3        # runs 1, 4, 7... of plan: three such processes share a GPU
+    python docs/ablations.py run --split 1/3        # plan's runs 1, 4, 7... (0-based), with 0/3 and 2/3
 
-Unlike the ladder's, these runs may share a GPU (--split): the table uses no run's training clock.
+Unlike the ladder's, these runs may share a GPU (--split): the table uses no run's training clock. Start
+the N processes together: each splits the plan it computes at its start.
 """
 import argparse
 import os
@@ -110,7 +111,7 @@ def table(logs, ladder_logs):
 def split(text):
     """(I, N) of --split=I/N; a malformed or out-of-range value exits with a one-line error."""
     i, _, n = text.partition("/")
-    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+    if not (i.isdecimal() and n.isdecimal() and int(i) < int(n)):
         sys.exit(f"error: --split={text} is invalid: must be I/N, integers with 0 <= I < N (e.g. 1/3)")
     return int(i), int(n)
 
@@ -122,7 +123,8 @@ def main(argv=None):
     p.add_argument("--data_dir", default="data/ladder", help="prepare_data.py's output (docs/ladder.py)")
     p.add_argument("--runs", default="runs/ablations", help="the runs' folders")
     p.add_argument("--standin", default="data/standin/standin_val.jsonl", help="docs/standin.py's output")
-    p.add_argument("--split", default="0/1", help="I/N: plan's runs I, I + N, I + 2N... only (0 <= I < N)")
+    p.add_argument("--split", default="0/1", help="plan and run: I/N, plan's runs I, I + N, I + 2N... only "
+                   "(0-based, 0 <= I < N)")
     args = p.parse_args(argv)
     i, n = split(args.split)
     logs, ladder_logs = ladder.load_logs(args.logs), ladder.load_logs(args.ladder_logs)

@@ -281,16 +281,16 @@ def plot_k_stability(records, path):
 
 
 def plot_ablations(records, path):
-    """Each setting of docs/ablations.py with runs: every seed's final val loss (dots) and their mean (a bar),
-    coloured by the reference it is compared with, the references first in their colour; a setting whose
-    mean differs from its reference's by at least twice the larger seed spread (ablations.table) is starred.
-    records: the folder holding ladder/ and ablations/."""
+    """Each setting of docs/ablations.py with runs: every seed's final val loss (dots) and their mean (a
+    line), coloured by the reference it is compared with (its family); a setting whose mean differs from
+    its reference's by at least twice the larger seed spread (ablations.table) is starred. records: the
+    folder holding ladder/ and ablations/."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import ablations  # docs/ablations.py
     import ladder
     rows = ablations.table(ladder.load_logs(os.path.join(records, "ablations")),
                            ladder.load_logs(os.path.join(records, "ladder")))
-    families = [r["setting"] for r in rows if r["reference"] is None]
+    families = [name for name, (_, _, ref) in ablations.SETTINGS.items() if ref is None]  # the references
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 4.2), layout="constrained")
     for x, r in enumerate(rows):
         color = f"C{families.index(r['reference'] or r['setting'])}"
@@ -301,7 +301,7 @@ def plot_ablations(records, path):
     ax.set_xticks(range(len(rows)), [r["setting"] + ("\n(reference)" if r["reference"] is None else "")
                                      for r in rows], fontsize=8)
     ax.set_ylabel("final val loss (held out)")
-    ax.set_title(f"ablations at {ablations.SIZE}, one pass: seeds (dots) and their mean (bar)\n"
+    ax.set_title(f"ablations at {ablations.SIZE}, one pass: seeds (dots) and their mean (line)\n"
                  "*: differs from its reference by >= 2x the larger seed spread", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=120)
