@@ -431,7 +431,8 @@ def test_ablations_wait_for_the_ladders_lr_then_run_each_setting_at_three_seeds_
 
 
 def test_ablations_split_gives_each_of_n_processes_every_nth_planned_run(tmp_path, capsys):
-    """The d_v = 1 family's six runs (delta-bound1, then write1, seeds 1337-1339): 1/2 takes runs 1, 3, 5 (0-based)."""
+    """The d_v = 1 family's six runs (delta-bound1, then write1, seeds 1337-1339): 1/2 takes runs 1, 3, 5
+    (0-based)."""
     ladder, abl = load_script("ladder"), load_script("ablations")
     write_logs(tmp_path / "ladder", {ladder.name("d512", "delta", 1, lr, 1337): ladder_log(
         [(0, 0, 11), (264, 9, loss)], 0.3) for lr, loss in ((1.5e-3, 4.9), (3e-3, 4.8), (6e-3, 4.85))})
