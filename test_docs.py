@@ -294,6 +294,39 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     assert ddl["loss"] == float("inf") and ddl["gap_equal_time"] == pytest.approx(at_10s[0])
 
 
+def test_ladder_table_means_the_last_standin_scores_counts_each_cells_passes_and_skips_what_is_missing(
+        tmp_path):
+    """d256 at one pass: additive (best 3e-3: 5.0, 5.1; seed 1339 not run) and DDL (best 6e-3: 4.6, 4.7,
+    4.5, stand-in 0.30, 0.34, 0.38 at the end, seed 1337 also 0.99 at step 132, as the first runs scored each
+    eval); additive's seed 1338 diverged at the end. Four passes: additive's sweep alone (best 3e-3)."""
+    ladder = load_script("ladder")
+    name = lambda v, lr, s, p=1: ladder.name("d256", v, p, lr, s)
+    logs = {name("additive", lr, 1337): ladder_log([(0, 0, 11), (264, 10, loss)], 0.2)
+            for lr, loss in ((1.5e-3, 5.3), (6e-3, 5.2))}
+    logs.update({name("delta", lr, 1337): ladder_log([(0, 0, 11), (264, 16, loss)], 0.2)
+                 for lr, loss in ((3e-3, 4.8), (1.2e-2, 4.7))})
+    logs.update({name("additive", lr, 1337, 4): ladder_log([(0, 0, 11), (1056, 40, loss)], 0.4)
+                 for lr, loss in ((1.5e-3, 4.6), (3e-3, 4.5), (6e-3, 4.7))})
+    for seed, base, ddl, acc in ((1337, 5.0, 4.6, 0.30), (1338, 5.1, 4.7, 0.34), (1339, None, 4.5, 0.38)):
+        if base is not None:
+            logs[name("additive", 3e-3, seed)] = ladder_log([(0, 0, 11), (132, 5, 6.0), (264, 10, base)], 0.3)
+        logs[name("delta", 6e-3, seed)] = ladder_log([(0, 0, 11), (132, 8, ddl + 1), (264, 16, ddl)], acc)
+    logs[name("delta", 6e-3, 1337)].insert(3, dict(type="hellaswag", step=132, acc_norm=0.99))
+    diverged_base = logs[name("additive", 3e-3, 1338)]
+    diverged_base.remove(next(r for r in diverged_base if r["type"] == "hellaswag"))
+    diverged_base.append(dict(type="diverged", step=264))
+    write_logs(tmp_path / "logs", logs)
+    rows = ladder.table(ladder.load_logs(str(tmp_path / "logs")))
+    assert [(r["variant"], r["passes"], r["lr"], r["seeds"]) for r in rows] == [
+        ("additive", 1, 3e-3, 2), ("additive", 4, 3e-3, 1), ("delta", 1, 6e-3, 3)]
+    one, four, ddl = rows
+    assert ddl["standin_acc_norm"] == pytest.approx(0.34)  # each seed's last score, then their mean
+    assert four["tokens_per_param"] == pytest.approx(1056 * 64 * 1024 / four["params"])
+    assert four["tokens_per_param"] == pytest.approx(4 * one["tokens_per_param"], rel=0.01)
+    # only seed 1337 has a baseline with a clock (1338's diverged, 1339's is missing): 4.6 + 0.75 - 5.0
+    assert ddl["gap_equal_time"] == pytest.approx(0.35)
+
+
 def test_ladder_run_plans_again_after_each_run_so_that_seeds_follow_their_sweep_in_one_call(tmp_path,
                                                                                              monkeypatch):
     ladder = load_script("ladder")
@@ -462,6 +495,8 @@ def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_l
         logs[abl.run_name("delta-bound1", 1.5e-3, seed)] = audited_log(bound1, (0.8, 0.6), (0.1, 0.3))
         logs[abl.run_name("write1", 1.5e-3, seed)] = audited_log(write, (None, None), (0.0, 0.0))
     logs[abl.run_name("write1", 3e-3, 1337)] = audited_log(1.0, (0.8, 0.6), (0.1, 0.3))  # not at the best lr
+    for seed in (1337, 1338, 1339):  # an earlier audit, at step 132: the table reads the last one's cosines
+        logs[abl.run_name("delta-bound1", 1.5e-3, seed)].insert(-1, audited_log(0, (0, 0), (0.9, 0.9))[-1])
     rows = abl.table(logs, ladder_logs)
     assert [(r["setting"], r["lr"], r["seeds"]) for r in rows] == [
         ("delta", 1.5e-3, 3), ("delta-bound1", 1.5e-3, 3), ("write1", 1.5e-3, 3)]
@@ -471,6 +506,7 @@ def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_l
     assert write["difference"] == pytest.approx(0.2) and write["counts"] is False
     assert (ref["k_cos_before"], ref["k_cos_attn_mlp"]) == pytest.approx((0.8, 0.3))
     assert write["k_cos_before"] is None and bound1["standin"] == pytest.approx(0.3)
+    assert (bound1["k_cos_before"], bound1["k_cos_attn_mlp"]) == pytest.approx((0.7, 0.2))
     assert bound1["losses"] == pytest.approx([4.45, 4.55, 4.5])  # the seeds' own, in seed order
 
 
