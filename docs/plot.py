@@ -253,15 +253,21 @@ def plot_passes(folder, path):
     fig.savefig(path, dpi=120)
 
 
+def ablation_logs(records):
+    """docs/ablations.py and docs/ladder.py as modules, and the logs of records/ablations/ and
+    records/ladder/ (records: the folder holding both)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ablations  # docs/ablations.py
+    import ladder
+    return (ablations, ladder, ladder.load_logs(os.path.join(records, "ablations")),
+            ladder.load_logs(os.path.join(records, "ladder")))
+
+
 def plot_k_stability(records, path):
     """Three panels against step, one line per DDL reference run of docs/ablations.py (seed 1337): the mean
     |k~|, the cosine of each token's k with the previous eval's, and of the attention's k with the MLP's,
     each averaged over layers and sublayers. records: the folder holding ladder/ and ablations/."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import ablations  # docs/ablations.py
-    import ladder
-    logs = ladder.load_logs(os.path.join(records, "ablations"))
-    ladder_logs = ladder.load_logs(os.path.join(records, "ladder"))
+    ablations, ladder, logs, ladder_logs = ablation_logs(records)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
     for setting in ("delta", "cc", "tc"):
         log = ablations.log_of(logs, ladder_logs, setting, ladder.SWEEP_SEED)
@@ -285,11 +291,8 @@ def plot_ablations(records, path):
     line), coloured by the reference it is compared with (its family); a setting whose mean differs from
     its reference's by at least twice the larger seed spread (ablations.table) is starred. records: the
     folder holding ladder/ and ablations/."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import ablations  # docs/ablations.py
-    import ladder
-    rows = ablations.table(ladder.load_logs(os.path.join(records, "ablations")),
-                           ladder.load_logs(os.path.join(records, "ladder")))
+    ablations, _, logs, ladder_logs = ablation_logs(records)
+    rows = ablations.table(logs, ladder_logs)
     families = [name for name, (_, _, ref) in ablations.SETTINGS.items() if ref is None]  # the references
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 4.2), layout="constrained")
     for x, r in enumerate(rows):
