@@ -117,6 +117,22 @@ def test_plot_aligns_seeds_with_other_eval_schedules_scales_y_to_the_data_and_wr
     assert os.path.isdir(tmp_path / "plots")
 
 
+@pytest.mark.parametrize("flag, drawn", [
+    ("--ladder", [("plot_passes", "ladder_passes.png"), ("plot_ladder", "ladder.png")]),
+    ("--ablations", [("plot_ablations", "ablations.png"), ("plot_k_stability", "k_stability.png")])])
+def test_plot_main_draws_each_figure_of_a_flag_from_its_folder_into_out(tmp_path, monkeypatch, flag, drawn):
+    mpl, _, _ = fake_matplotlib()
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", mpl.pyplot)
+    plot, calls = load_script("plot"), []
+    for fn, _ in drawn:
+        monkeypatch.setattr(plot, fn, lambda logs, out, fn=fn: calls.append((fn, logs, out)))
+    monkeypatch.setattr(sys, "argv", ["plot.py", flag, "records", "--out", str(tmp_path / "figs")])
+    plot.main()
+    assert calls == [(fn, "records", str(tmp_path / "figs" / png)) for fn, png in drawn]
+    assert os.path.isdir(tmp_path / "figs")
+
+
 def test_plot_draws_seeds_that_share_no_eval_step_each_on_its_own(tmp_path, monkeypatch):
     write_run(tmp_path / "runs" / "delta-1", [10, 30], lambda s: 5.0)
     write_run(tmp_path / "runs" / "delta-2", [20], lambda s: 6.0)
