@@ -688,7 +688,8 @@ def test_fused_install_allows_ten_times_ddls_own_fp32_rounding_on_the_kind_or_1e
         fused.install(model)
     err, limit, rounding = map(float, re.search(r"off by (\S+) .* limit (\S+) .*, (\S+)\);",
                                                 str(e.value)).groups())
-    assert err == pytest.approx(fused_off, rel=0.01) and rounding == pytest.approx(own if own < math.inf else 0, abs=1e-5)
+    assert err == pytest.approx(fused_off, rel=0.01)
+    assert rounding == pytest.approx(own if own < math.inf else 0, abs=1e-5)
     assert limit == pytest.approx(max(1e-4, 10 * rounding), rel=0.01)
 
 
