@@ -509,14 +509,17 @@ class GPT(nn.Module):
         return [getattr(block, name).stats["k"] for block in self.blocks for name in SUBLAYERS]
 
     @torch.no_grad()
-    def gate_stats(self, bins=10, k_before=None):
+    def gate_stats(self, bins=10, k_before=None, k_step=None):
         """The gate audit (§5) of the last recorded forward, per layer and sublayer: min/mean/max of beta,
         |k~| and |e_pre| = |k^T X - v^T|, a histogram of beta over [0, 2], and the mean cosine over the
         first sequence's tokens of the attention k against the MLP k (k_cos_attn_mlp) and of each k against
-        the same token's k in k_before, an earlier recorded_k() (k_cos_before; None without it)."""
+        the same token's k in two earlier recorded_k()s: k_before (k_cos_before) and k_step (k_cos_step),
+        each None without it."""
         if self.config.residual == "additive":
             raise ValueError("gate_stats: the additive baseline has no gate (residual='additive')")
         out, mean_cosine = [], lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()  # k in fp32
+        # row n's k against row n of an earlier recorded_k(), where there is one
+        against = lambda k, earlier: None if earlier is None else mean_cosine(k, earlier[len(out)])
         for i, block in enumerate(self.blocks):
             for name in SUBLAYERS:
                 s = getattr(block, name).stats
@@ -525,7 +528,7 @@ class GPT(nn.Module):
                 row = dict(layer=i, sublayer=name,
                            beta_hist=torch.histc(s["beta"].float(), bins=bins, min=0, max=2).long().tolist(),
                            k_cos_attn_mlp=mean_cosine(block.attn.stats["k"], block.mlp.stats["k"]),
-                           k_cos_before=None if k_before is None else mean_cosine(s["k"], k_before[len(out)]))
+                           k_cos_before=against(s["k"], k_before), k_cos_step=against(s["k"], k_step))
                 for key in ("beta", "k_tilde_norm", "e_pre"):
                     t = s[key].float()
                     row.update({f"{key}_min": t.min().item(), f"{key}_mean": t.mean().item(),
@@ -534,12 +537,12 @@ class GPT(nn.Module):
         return out
 
     @torch.no_grad()
-    def gate_audit(self, idx, k_before=None):
-        """gate_stats(k_before=k_before) of one forward of idx, recorded for that forward only, and its
-        recorded_k() (the next audit's k_before)."""
+    def gate_audit(self, idx, k_before=None, k_step=None):
+        """gate_stats(k_before=k_before, k_step=k_step) of one forward of idx, recorded for that forward
+        only, and its recorded_k() (a later audit's k_before or k_step)."""
         self.record_gates()
         self(idx)
-        stats, k = self.gate_stats(k_before=k_before), self.recorded_k()
+        stats, k = self.gate_stats(k_before=k_before, k_step=k_step), self.recorded_k()
         self.record_gates(False)
         return stats, k
 

@@ -452,10 +452,12 @@ def test_ladder_figure_draws_each_gap_against_tokens_per_parameter_with_the_larg
 
 # ----------------------------------------------------------------------------- docs/ablations.py
 
-def audited_log(final_loss, k_cos_before, k_cos_attn_mlp):
-    """A finished run's records with a last gate audit of two rows."""
+def audited_log(final_loss, k_cos_before, k_cos_attn_mlp, k_cos_step=None):
+    """A finished run's records with a last gate audit of two rows (without k_cos_step: as logs before it)."""
     gates = [dict(layer=0, sublayer=s, k_cos_before=b, k_cos_attn_mlp=a)
              for s, b, a in zip(("attn", "mlp"), k_cos_before, k_cos_attn_mlp)]
+    for g, c in zip(gates, k_cos_step or ()):
+        g["k_cos_step"] = c
     return ladder_log([(0, 0, 11), (264, 10, final_loss)], 0.3) + [dict(type="gates", step=264, gates=gates)]
 
 
@@ -508,7 +510,8 @@ def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_l
     logs = {}
     for seed, ref, bound1, write in ((1337, 4.0, 4.45, 4.2), (1338, 4.1, 4.55, 4.25), (1339, 3.9, 4.5, 4.15)):
         ladder_logs[ladder.name("d512", "delta", 1, 1.5e-3, seed)] = audited_log(ref, (0.9, 0.7), (0.2, 0.4))
-        logs[abl.run_name("delta-bound1", 1.5e-3, seed)] = audited_log(bound1, (0.8, 0.6), (0.1, 0.3))
+        logs[abl.run_name("delta-bound1", 1.5e-3, seed)] = audited_log(bound1, (0.8, 0.6), (0.1, 0.3),
+                                                                       (0.99, 0.97))
         logs[abl.run_name("write1", 1.5e-3, seed)] = audited_log(write, (None, None), (0.0, 0.0))
     logs[abl.run_name("write1", 3e-3, 1337)] = audited_log(1.0, (0.8, 0.6), (0.1, 0.3))  # not at the best lr
     for seed in (1337, 1338, 1339):  # an earlier audit, at step 132: the table reads the last one's cosines
@@ -523,6 +526,7 @@ def test_ablations_table_compares_each_setting_with_its_reference_by_twice_the_l
     assert (ref["k_cos_before"], ref["k_cos_attn_mlp"]) == pytest.approx((0.8, 0.3))
     assert write["k_cos_before"] is None and bound1["standin"] == pytest.approx(0.3)
     assert (bound1["k_cos_before"], bound1["k_cos_attn_mlp"]) == pytest.approx((0.7, 0.2))
+    assert bound1["k_cos_step"] == pytest.approx(0.98) and ref["k_cos_step"] is None  # an older log: none
     assert bound1["losses"] == pytest.approx([4.45, 4.55, 4.5])  # the seeds' own, in seed order
 
 
@@ -565,15 +569,18 @@ def test_k_stability_figure_draws_each_reference_runs_layer_means_against_step(t
                                              for n, b, a in zip(norms, before, attn_mlp)]
     audits = [dict(type="gates", step=0, gates=gates((2, 4), (None, None), (0.1, 0.3))),
               dict(type="gates", step=132, gates=gates((3, 5), (0.9, 0.7), (0.0, 0.4)))]
+    for row, c in zip(audits[1]["gates"], (0.99, 0.91)):  # the step before's, where a log has it
+        row["k_cos_step"] = c
     logs = {ladder.name("d512", "delta", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, loss)], 0.3) + audits
             for lr, loss in ((7.5e-4, 5.0), (1.5e-3, 4.8), (3e-3, 4.9), (6e-3, 5.0))}
     write_logs(tmp_path / "ladder", logs)
     (tmp_path / "ablations").mkdir()
     plot.plt = mock.MagicMock()
-    fig, axes = mock.MagicMock(), [mock.MagicMock() for _ in range(3)]
+    fig, axes = mock.MagicMock(), [mock.MagicMock() for _ in range(4)]
     plot.plt.subplots.return_value = (fig, axes)
     plot.plot_k_stability(str(tmp_path), str(tmp_path / "k.png"))
-    for ax, want in zip(axes, (((0, 132), (3.0, 4.0)), ((132,), (0.8,)), ((0, 132), (0.2, 0.2)))):
+    wants = (((0, 132), (3.0, 4.0)), ((132,), (0.8,)), ((132,), (0.95,)), ((0, 132), (0.2, 0.2)))
+    for ax, want in zip(axes, wants):
         (steps, ys), kw = ax.plot.call_args
         assert steps == want[0] and ys == pytest.approx(want[1]) and kw["label"] == "DDL d_v=1"
     fig.savefig.assert_called_once_with(str(tmp_path / "k.png"), dpi=120)

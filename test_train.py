@@ -62,6 +62,39 @@ def test_training_writes_checkpoint_and_log(shards, tmp_path):
     assert log[0]["source_sha256"] == rundir.provenance()["source_sha256"] and "git_dirty" in log[0]
 
 
+def test_k_cos_step_compares_each_evals_k_with_the_step_befores_on_the_audits_fixed_rows(shards, tmp_path):
+    """k_cos_step at an eval: the mean cosine of each token's k on the audit's rows (the last val batch: of
+    val_tokens 128 in windows of 16, windows 6 and 7 at batch 2) with its k one optimizer step earlier,
+    here from runs stopped at steps 3, 4 and 5 (the same lr schedule through --decay_steps): at the
+    interval's eval (4) and the last one (5); None at step 0."""
+    for steps in (3, 4, 5):
+        log = run_train(shards, tmp_path / str(steps), f"--max_steps={steps}", "--decay_steps=6")
+    val = prepare_data.read_shard(os.path.join(shards, "local_val_000000.bin"))
+    idx = torch.from_numpy(np.stack([val[6 * 16:7 * 16], val[7 * 16:8 * 16]]).astype(np.int64))
+
+    def k_first_sequence(folder):  # each sublayer's k = k~ / sqrt(|k~|^2 + eps^2) on idx's first row
+        model = rundir.load_model(os.path.join(folder, "ckpt.pt"), torch.device("cpu"))[0]
+        k_tilde = []
+        for block in model.blocks:
+            for branch in (block.attn, block.mlp):
+                branch.sublayer.register_forward_hook(lambda mod, args, out: k_tilde.append(out[0]))
+        with torch.no_grad():
+            model(idx)
+        eps = model.config.k_eps
+        return [kt / torch.sqrt(kt.square().sum(-1, keepdim=True) + eps ** 2) for kt in k_tilde]
+
+    k = {steps: k_first_sequence(tmp_path / str(steps)) for steps in (3, 4, 5)}
+    audits = {r["step"]: r["gates"] for r in log if r["type"] == "gates"}  # the 5-step run's
+    assert [row["k_cos_step"] for row in audits[0]] == [None] * 4
+    for step in (4, 5):
+        want = [((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean().item()
+                for a, b in zip(k[step], k[step - 1])]
+        assert [row["k_cos_step"] for row in audits[step]] == pytest.approx(want, abs=1e-5)
+        assert max(want) < 0.99999  # one step moved k: a comparison with the eval's own k would give 1
+    steps_apart = [[row[key] for row in audits[4]] for key in ("k_cos_step", "k_cos_before")]
+    assert steps_apart[0] != pytest.approx(steps_apart[1], abs=1e-3)  # 1 step against 4 (the step-0 eval's)
+
+
 def test_tiny_model_overfits_a_fixed_batch():
     m = tiny_model(residual="delta", d_v=4, compressor="cc")
     idx = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -236,13 +236,26 @@ def train_step(model, raw, opt, next_batch, accum, lr, cfg, ctx):
 
 # ----------------------------------------------------------------------------- training
 
+def val_windows(val, cfg, T, rank, world):
+    """This rank's share of the val shard's first val_tokens // T whole windows, and their number overall."""
+    n_windows = min(cfg.val_tokens, len(val) - 1) // T
+    return list(range(rank, n_windows, world)), n_windows
+
+def probe_batch(val, cfg, T, rank, world):
+    """The gate audit's fixed input: this rank's last val batch, (B, T) on the CPU; None without windows."""
+    windows = val_windows(val, cfg, T, rank, world)[0]
+    if not windows:
+        return None
+    last = windows[(len(windows) - 1) // cfg.batch_size * cfg.batch_size:]
+    return torch.from_numpy(np.stack([val[w * T:(w + 1) * T] for w in last]).astype(np.int64))
+
 @torch.no_grad()
-def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None):
-    """Mean loss over the val shard's first val_tokens // block_size whole windows; the last batch's gate
-    audit (the same rows at every eval), with k compared to k_before, the last eval's; this eval's k."""
+def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None, k_step=None):
+    """Mean loss over the val shard's first val_tokens // block_size whole windows; the gate audit of
+    probe_batch (the same rows at every eval), with k compared to k_before (the last eval's) and to k_step
+    (the step before's, where train() probed it); this eval's k."""
     T = raw.config.block_size
-    n_windows = min(cfg.val_tokens, len(val) - 1) // T  # over all ranks
-    windows = list(range(rank, n_windows, world))
+    windows, n_windows = val_windows(val, cfg, T, rank, world)
     total = torch.zeros((), device=dev)
     model.eval()
     for i in range(0, len(windows), cfg.batch_size):
@@ -255,7 +268,7 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None):
     gates, k = None, None
     if raw.config.residual != "additive" and windows:  # a rank may hold no val window
         with ctx:
-            gates, k = raw.gate_audit(rows[:, :-1], k_before)
+            gates, k = raw.gate_audit(probe_batch(val, cfg, T, rank, world).to(dev), k_before, k_step)
     model.train()
     if world > 1:
         dist.all_reduce(total)
@@ -311,7 +324,10 @@ def train(cfg, mcfg, kept):
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     # the first step with a non-finite loss or gradient norm (-1: none), on the device: read where we sync
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
-    probe = {}  # the last eval's k on the audit's first sequence: the next eval's k_cos_before
+    # k on the audit's first sequence: the last eval's ("k", the next eval's k_cos_before) and the step
+    # before an eval's ("k_step", its k_cos_step: how far one optimizer step turns k)
+    probe = {}
+    probe_idx = probe_batch(val, cfg, T, rank, world) if raw.config.residual != "additive" else None
 
     def log(rec, line=None):
         if master:
@@ -338,7 +354,8 @@ def train(cfg, mcfg, kept):
             kept["step"] = step
 
     def run_eval():
-        vloss, gates, probe["k"] = evaluate(model, raw, val, cfg, ctx, dev, rank, world, probe.get("k"))
+        vloss, gates, probe["k"] = evaluate(model, raw, val, cfg, ctx, dev, rank, world, probe.get("k"),
+                                            probe.pop("k_step", None))
         acc = hellaswag.evaluate(raw, hs, dev, ctx, rank, world) if hs else None  # raw: not compiled, not DDP
         log(dict(type="val", step=step, loss=vloss, ppl=math.exp(vloss)),
             f"step {step:6d} | val loss {vloss:.4f} | ppl {math.exp(vloss):.2f}"
@@ -372,6 +389,12 @@ def train(cfg, mcfg, kept):
     # the clock counts training only: it restarts after this run's first step (compilation), pauses for evals
     first, t0, train_time = step + 1, time.perf_counter(), 0.0
     while step < cfg.max_steps:
+        if probe_idx is not None and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps):
+            sync()  # the next step ends at an eval, which compares its k with k here; the clock pauses
+            train_time += time.perf_counter() - t0
+            with ctx:
+                probe["k_step"] = raw.gate_audit(probe_idx.to(dev))[1]
+            t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         loss, norm = train_step(ddp, raw, opt, stream.next_batch, accum, lr, cfg, ctx)
         if world > 1:

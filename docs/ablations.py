@@ -8,7 +8,8 @@ Which part of DDL does the work? Three ablations the paper leaves open, at the s
 - the conv kernel: conv_kernel = 1 (no mixing across tokens), 2, 4 (the default) and 8, for DDL-CC + EC
   and DDL-TC + EC;
 - the stability of k: every DDL run's gate audit logs, per layer and sublayer, the cosine of each token's
-  k with the previous eval's and of the attention's k with the MLP's (docs/plot.py --ablations draws them).
+  k with the previous eval's and with the step before's (from 2026-12-07's train.py on), and of the
+  attention's k with the MLP's (docs/plot.py --ablations draws them).
 
 Each setting runs at its family's lr: the ladder's best at d512 for DDL d_v = 1 or DDL-CC (DDL-TC, not in
 the ladder, at DDL-CC's). The references "delta" and "cc" are the ladder's own d512 runs at that lr;
@@ -69,22 +70,25 @@ def plan(logs, ladder_logs):
 
 def summary(log):
     """Of one run: final val loss, the stand-in's last acc_norm, and the last gate audit's k cosines
-    averaged over layers and sublayers (None for the previous-eval cosine where there is none)."""
+    averaged over layers and sublayers (None for a cosine the audit lacks: no earlier eval, or a log from
+    before train.py probed the step before)."""
     gates = [r for r in log if r["type"] == "gates"][-1]["gates"]
-    before = [g["k_cos_before"] for g in gates]
     return dict(loss=ladder.final_loss(log), standin=ladder.standin_acc_norm(log),
-                k_cos_before=None if None in before else float(np.mean(before)),
-                k_cos_attn_mlp=float(np.mean([g["k_cos_attn_mlp"] for g in gates])))
+                **{key: mean_of(gates, key) for key in ("k_cos_before", "k_cos_step", "k_cos_attn_mlp")})
+
+def mean_of(gates, key):
+    """The mean of key over an audit's rows; None where a row has none."""
+    values = [g.get(key) for g in gates]
+    return None if None in values else float(np.mean(values))
 
 def k_curves(log):
     """Of one run, at each gate audit: the step and, averaged over layers and sublayers, the mean |k~|,
-    the cosine of k with the previous audit's (from the second audit on) and the attention-MLP cosine."""
+    the cosine of k with the previous audit's (from the second audit on) and with the step before's (None
+    where the audit has none), and the attention-MLP cosine."""
     audits = [r for r in log if r["type"] == "gates"]
-    mean = lambda r, key: float(np.mean([g[key] for g in r["gates"]]))
-    return dict(step=[r["step"] for r in audits], k_tilde_norm=[mean(r, "k_tilde_norm_mean") for r in audits],
-                k_cos_before=[None if r["gates"][0]["k_cos_before"] is None else mean(r, "k_cos_before")
-                              for r in audits],
-                k_cos_attn_mlp=[mean(r, "k_cos_attn_mlp") for r in audits])
+    keys = ("k_tilde_norm_mean", "k_cos_before", "k_cos_step", "k_cos_attn_mlp")
+    return dict(step=[r["step"] for r in audits],
+                **{key.removesuffix("_mean"): [mean_of(r["gates"], key) for r in audits] for key in keys})
 
 def table(logs, ladder_logs):
     """Per setting with runs: its lr, seeds, final val loss per seed (losses), their mean and spread (max -
@@ -100,7 +104,8 @@ def table(logs, ladder_logs):
         mean = lambda key: None if None in [x[key] for x in s] else float(np.mean([x[key] for x in s]))
         row = dict(setting=setting, lr=family_lr(ladder_logs, setting), seeds=len(runs), losses=losses,
                    loss=float(np.mean(losses)), spread=float(np.ptp(losses)), standin=mean("standin"),
-                   k_cos_before=mean("k_cos_before"), k_cos_attn_mlp=mean("k_cos_attn_mlp"),
+                   k_cos_before=mean("k_cos_before"), k_cos_step=mean("k_cos_step"),
+                   k_cos_attn_mlp=mean("k_cos_attn_mlp"),
                    reference=ref, difference=None, counts=None)
         if ref in rows:
             row["difference"] = row["loss"] - rows[ref]["loss"]
@@ -139,11 +144,12 @@ def main(argv=None):
     else:
         fmt = lambda x, f: "—" if x is None else format(x, f)
         print("| setting | lr | seeds | val loss | spread | vs reference | counts | stand-in acc_norm | "
-              "k cos, previous eval | k cos, attn-MLP |\n|---|" + "---:|" * 9)
+              "k cos, previous eval | k cos, previous step | k cos, attn-MLP |\n|---|" + "---:|" * 10)
         for r in table(logs, ladder_logs):
             print(f"| {r['setting']} | {r['lr']:g} | {r['seeds']} | {r['loss']:.4f} | {r['spread']:.4f} | "
                   f"{fmt(r['difference'], '+.4f')} | {fmt(r['counts'], '')} | {fmt(r['standin'], '.4f')} | "
-                  f"{fmt(r['k_cos_before'], '.3f')} | {fmt(r['k_cos_attn_mlp'], '.3f')} |")
+                  f"{fmt(r['k_cos_before'], '.3f')} | {fmt(r['k_cos_step'], '.4f')} | "
+                  f"{fmt(r['k_cos_attn_mlp'], '.3f')} |")
 
 if __name__ == "__main__":
     main()

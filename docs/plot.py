@@ -264,24 +264,28 @@ def ablation_logs(records):
 
 
 def plot_k_stability(records, path):
-    """Three panels against step, one line per DDL reference run of docs/ablations.py (seed 1337): the mean
-    |k~|, the cosine of each token's k with the previous eval's, and of the attention's k with the MLP's,
-    each averaged over layers and sublayers. records: the folder holding ladder/ and ablations/."""
+    """Four panels against step, one line per DDL reference run of docs/ablations.py (seed 1337): the mean
+    |k~|, the cosine of each token's k with the previous eval's and with the step before's (where the log
+    has it), and of the attention's k with the MLP's, each averaged over layers and sublayers. records:
+    the folder holding ladder/ and ablations/."""
     ablations, ladder, logs, ladder_logs = ablation_logs(records)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), layout="constrained")
     for setting in ("delta", "cc", "tc"):
         log = ablations.log_of(logs, ladder_logs, setting, ladder.SWEEP_SEED)
         if log is None:
             continue
         c = ablations.k_curves(log)
-        for ax, key in zip(axes, ("k_tilde_norm", "k_cos_before", "k_cos_attn_mlp")):
+        for ax, key in zip(axes, ("k_tilde_norm", "k_cos_before", "k_cos_step", "k_cos_attn_mlp")):
             points = [(s, y) for s, y in zip(c["step"], c[key]) if y is not None]
-            ax.plot(*zip(*points), marker="o", ms=3, label=LABELS.get(setting, setting))
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=LABELS.get(setting, setting))
     titles = ("mean |k~| (the sublayer's output)", "cos(k, k at the previous eval), same token",
-              "cos(attention's k, MLP's k), same block")
+              "cos(k, k one step earlier), same token", "cos(attention's k, MLP's k), same block")
     for ax, title in zip(axes, titles):
         ax.set(xlabel="step", title=title)
         ax.grid(alpha=0.3)
+        if not ax.lines:  # a quantity no log has yet (k_cos_step: train.py from 2026-12-07)
+            ax.text(0.5, 0.5, "no run has logged it yet", transform=ax.transAxes, ha="center")
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=120)
 
