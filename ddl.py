@@ -519,16 +519,16 @@ class GPT(nn.Module):
             raise ValueError("gate_stats: the additive baseline has no gate (residual='additive')")
         out, mean_cosine = [], lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()  # k in fp32
         # row n's k against row n of an earlier recorded_k(), where there is one
-        against = lambda k, earlier: None if earlier is None else mean_cosine(k, earlier[len(out)])
+        against = lambda k, earlier, n: None if earlier is None else mean_cosine(k, earlier[n])
         for i, block in enumerate(self.blocks):
             for name in SUBLAYERS:
-                s = getattr(block, name).stats
+                n, s = len(out), getattr(block, name).stats  # n: this row's index
                 if s is None:
                     raise RuntimeError("gate_stats: call model.record_gates() and run a forward first")
                 row = dict(layer=i, sublayer=name,
                            beta_hist=torch.histc(s["beta"].float(), bins=bins, min=0, max=2).long().tolist(),
                            k_cos_attn_mlp=mean_cosine(block.attn.stats["k"], block.mlp.stats["k"]),
-                           k_cos_before=against(s["k"], k_before), k_cos_step=against(s["k"], k_step))
+                           k_cos_before=against(s["k"], k_before, n), k_cos_step=against(s["k"], k_step, n))
                 for key in ("beta", "k_tilde_norm", "e_pre"):
                     t = s[key].float()
                     row.update({f"{key}_min": t.min().item(), f"{key}_mean": t.mean().item(),

@@ -576,11 +576,23 @@ def test_k_stability_figure_draws_each_reference_runs_layer_means_against_step(t
     write_logs(tmp_path / "ladder", logs)
     (tmp_path / "ablations").mkdir()
     plot.plt = mock.MagicMock()
-    fig, axes = mock.MagicMock(), [mock.MagicMock() for _ in range(4)]
-    plot.plt.subplots.return_value = (fig, axes)
-    plot.plot_k_stability(str(tmp_path), str(tmp_path / "k.png"))
+    def draw():  # axes whose lines are what plot() drew on them
+        fig, axes = mock.MagicMock(), [mock.MagicMock(lines=[]) for _ in range(4)]
+        for ax in axes:
+            ax.plot.side_effect = lambda *a, lines=ax.lines, **kw: lines.append(a)
+        plot.plt.subplots.return_value = (fig, axes)
+        plot.plot_k_stability(str(tmp_path), str(tmp_path / "k.png"))
+        return fig, axes
+    fig, axes = draw()
     wants = (((0, 132), (3.0, 4.0)), ((132,), (0.8,)), ((132,), (0.95,)), ((0, 132), (0.2, 0.2)))
     for ax, want in zip(axes, wants):
         (steps, ys), kw = ax.plot.call_args
         assert steps == want[0] and ys == pytest.approx(want[1]) and kw["label"] == "DDL d_v=1"
+        assert not ax.text.called
     fig.savefig.assert_called_once_with(str(tmp_path / "k.png"), dpi=120)
+    for row in audits[1]["gates"]:  # a log from before k_cos_step: its panel says so, the others draw
+        del row["k_cos_step"]
+    write_logs(tmp_path / "ladder", logs)
+    fig, axes = draw()
+    assert not axes[2].plot.called and "no run has logged it yet" in axes[2].text.call_args[0]
+    assert all(ax.plot.called and not ax.text.called for ax in (axes[0], axes[1], axes[3]))

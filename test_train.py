@@ -380,7 +380,9 @@ def test_validation_is_the_mean_over_exactly_val_tokens_over_T_windows(monkeypat
     T = m.config.block_size
     val = np.random.default_rng(3).integers(0, 97, 8 * T).astype(np.uint16)
     cfg = train_cfg(val_tokens=5 * T + 3, batch_size=2)  # 5 whole windows, not 6 (the shard holds 7)
-    got, gates, _ = train.evaluate(m, m, val, cfg, nullcontext(), torch.device("cpu"), 0, 1)
+    audit = train.probe_batch(val, cfg, T, 0, 1)  # the last batch of 2: window 4 alone
+    assert torch.equal(audit, torch.from_numpy(val[4 * T:5 * T].astype(np.int64))[None])
+    got, gates, _ = train.evaluate(m, m, val, cfg, nullcontext(), torch.device("cpu"), 0, 1, audit)
     windows = [torch.from_numpy(val[w * T:(w + 1) * T + 1].astype(np.int64))[None] for w in range(5)]
     with torch.no_grad():
         want = sum(m(w[:, :-1], w[:, 1:]).item() for w in windows) / 5
@@ -442,15 +444,18 @@ def test_flops_per_token_is_6n_plus_12_layers_t_d():
 
 
 class FakeClock:
-    """train.py's clock: one second per training step, 100 seconds per evaluation."""
+    """train.py's clock: one second per training step, 100 seconds per evaluation and 1000 per gate audit
+    (the eval's own, and the probe of k the step before, which the clock must not count either)."""
     def __init__(self, monkeypatch):
         self.now = 0.0
-        real_step, real_eval = train.train_step, train.evaluate
+        real_step, real_eval, real_audit = train.train_step, train.evaluate, GPT.gate_audit
         monkeypatch.setattr(train, "time", self)
         monkeypatch.setattr(train, "train_step",
                             lambda *a: (setattr(self, "now", self.now + 1.0), real_step(*a))[1])
         monkeypatch.setattr(train, "evaluate",
                             lambda *a: (setattr(self, "now", self.now + 100.0), real_eval(*a))[1])
+        monkeypatch.setattr(GPT, "gate_audit",
+                            lambda *a: (setattr(self, "now", self.now + 1000.0), real_audit(*a))[1])
 
     def perf_counter(self):
         return self.now
@@ -477,13 +482,14 @@ def test_log_lines_timing_tokens_per_s_and_mfu_on_a_fake_clock(shards, tmp_path,
     # to 1e-4 at 7
     cosine = lambda done: 1e-4 + 0.5 * (1 + math.cos(math.pi * done / 5)) * 2.9e-3
     assert [r["lr"] for r in tr] == pytest.approx([1.5e-3, 3e-3, cosine(3), cosine(4)], rel=1e-12)
-    # the time left: the mean step time x the steps to go; elapsed: from the start, evaluations included
+    # the time left: the mean step time x the steps to go; elapsed: from the start, evaluations (1100 s
+    # with their audits) and the probes of k before steps 2, 4, 6 and 7 (1000 s) included
     assert [r["left_s"] for r in tr] == [None, 4.0, 1.0, 0.0]
     out = capsys.readouterr().out
-    assert re.search(r"^step      3/7 \| loss .* \| mfu [0-9.]+% \| 0:03:23 elapsed, 0:00:04 left$", out,
+    assert re.search(r"^step      3/7 \| loss .* \| mfu [0-9.]+% \| 0:53:23 elapsed, 0:00:04 left$", out,
                      re.M)
-    assert re.search(r"^step      1/7 \| .* \| first step, untimed \| 0:01:41 elapsed$", out, re.M)
-    assert re.search(r"^done: 7 steps, 448 tokens in 0:08:27; 64 tok/s over the timed steps "
+    assert re.search(r"^step      1/7 \| .* \| first step, untimed \| 0:18:21 elapsed$", out, re.M)
+    assert re.search(r"^done: 7 steps, 448 tokens in 2:38:27; 64 tok/s over the timed steps "
                      r"\(0:00:06\)$", out, re.M)
 
 

@@ -242,7 +242,8 @@ def val_windows(val, cfg, T, rank, world):
     return list(range(rank, n_windows, world)), n_windows
 
 def probe_batch(val, cfg, T, rank, world):
-    """The gate audit's fixed input: this rank's last val batch, (B, T) on the CPU; None without windows."""
+    """The gate audit's fixed input: this rank's last val batch (at most batch_size rows of T tokens), on
+    the CPU; None where the rank holds no window."""
     windows = val_windows(val, cfg, T, rank, world)[0]
     if not windows:
         return None
@@ -250,10 +251,10 @@ def probe_batch(val, cfg, T, rank, world):
     return torch.from_numpy(np.stack([val[w * T:(w + 1) * T] for w in last]).astype(np.int64))
 
 @torch.no_grad()
-def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None, k_step=None):
-    """Mean loss over the val shard's first val_tokens // block_size whole windows; the gate audit of
-    probe_batch (the same rows at every eval), with k compared to k_before (the last eval's) and to k_step
-    (the step before's, where train() probed it); this eval's k."""
+def evaluate(model, raw, val, cfg, ctx, dev, rank, world, audit=None, k_before=None, k_step=None):
+    """Mean loss over the val shard's first val_tokens // block_size whole windows; the gate audit of the
+    rows `audit` (probe_batch: the same at every eval; None: no audit), with k compared to k_before (the
+    last eval's) and to k_step (the step before's, where train() probed it); this eval's k."""
     T = raw.config.block_size
     windows, n_windows = val_windows(val, cfg, T, rank, world)
     total = torch.zeros((), device=dev)
@@ -266,9 +267,9 @@ def evaluate(model, raw, val, cfg, ctx, dev, rank, world, k_before=None, k_step=
         with ctx:
             total += model(rows[:, :-1], rows[:, 1:]).float() * len(rows)  # added up before the next replay
     gates, k = None, None
-    if raw.config.residual != "additive" and windows:  # a rank may hold no val window
+    if audit is not None:
         with ctx:
-            gates, k = raw.gate_audit(probe_batch(val, cfg, T, rank, world).to(dev), k_before, k_step)
+            gates, k = raw.gate_audit(audit.to(dev), k_before, k_step)
     model.train()
     if world > 1:
         dist.all_reduce(total)
@@ -326,7 +327,7 @@ def train(cfg, mcfg, kept):
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
     # k on the audit's first sequence: the last eval's ("k", the next eval's k_cos_before) and the step
     # before an eval's ("k_step", its k_cos_step: how far one optimizer step turns k)
-    probe = {}
+    probe = {}  # a rank may hold no val window: then no audit (None)
     probe_idx = probe_batch(val, cfg, T, rank, world) if raw.config.residual != "additive" else None
 
     def log(rec, line=None):
@@ -354,8 +355,8 @@ def train(cfg, mcfg, kept):
             kept["step"] = step
 
     def run_eval():
-        vloss, gates, probe["k"] = evaluate(model, raw, val, cfg, ctx, dev, rank, world, probe.get("k"),
-                                            probe.pop("k_step", None))
+        vloss, gates, probe["k"] = evaluate(model, raw, val, cfg, ctx, dev, rank, world, probe_idx,
+                                            probe.get("k"), probe.pop("k_step", None))
         acc = hellaswag.evaluate(raw, hs, dev, ctx, rank, world) if hs else None  # raw: not compiled, not DDP
         log(dict(type="val", step=step, loss=vloss, ppl=math.exp(vloss)),
             f"step {step:6d} | val loss {vloss:.4f} | ppl {math.exp(vloss):.2f}"
