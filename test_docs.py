@@ -466,8 +466,11 @@ def test_ablations_wait_for_the_ladders_lr_then_run_each_setting_at_three_seeds_
     assert abl.plan({}, {}) == []  # no lr settled yet
     sweep = {ladder.name("d512", "delta", 1, lr, 1337): ladder_log([(0, 0, 11), (264, 9, loss)], 0.3)
              for lr, loss in ((7.5e-4, 5.0), (1.5e-3, 4.9), (3e-3, 4.8), (6e-3, 4.85))}
-    todo = abl.plan({}, sweep)
-    assert todo == [(s, seed, 3e-3) for s in ("delta-bound1", "write1") for seed in (1337, 1338, 1339)]
+    todo = abl.plan({}, sweep)  # the reference once more at K_SEED (k's stability figure), first
+    assert todo == [("delta", 1340, 3e-3)] + [(s, seed, 3e-3) for s in ("delta-bound1", "write1")
+                                              for seed in (1337, 1338, 1339)]
+    k_run = {abl.run_name("delta", 3e-3, 1340): ["k"]}  # logged here, not in the ladder's folder
+    assert abl.plan(k_run, sweep) == todo[1:] and abl.log_of(k_run, sweep, "delta", 1340) == ["k"]
     paths = types.SimpleNamespace(standin="s.jsonl", data_dir="data/ladder", runs="runs")
     cfg, mcfg = train.parse_args(ladder.train_args("d512", abl.SETTINGS["delta-bound1"][1], 1, 3e-3, 1338,
                                                    abl.run_name("delta-bound1", 3e-3, 1338), paths))
@@ -482,8 +485,8 @@ def test_ablations_wait_for_the_ladders_lr_then_run_each_setting_at_three_seeds_
 
 
 def test_ablations_split_gives_each_of_n_processes_every_nth_planned_run(tmp_path, capsys):
-    """The d_v = 1 family's six runs (delta-bound1, then write1, seeds 1337-1339): 1/2 takes runs 1, 3, 5
-    (0-based)."""
+    """The d_v = 1 family's seven runs (delta at K_SEED, then delta-bound1 and write1 at seeds 1337-1339):
+    1/2 takes runs 1, 3, 5 (0-based)."""
     ladder, abl = load_script("ladder"), load_script("ablations")
     write_logs(tmp_path / "ladder", {ladder.name("d512", "delta", 1, lr, 1337): ladder_log(
         [(0, 0, 11), (264, 9, loss)], 0.3) for lr, loss in ((1.5e-3, 4.9), (3e-3, 4.8), (6e-3, 4.85))})
@@ -493,8 +496,8 @@ def test_ablations_split_gives_each_of_n_processes_every_nth_planned_run(tmp_pat
     def planned(split):  # each planned run's --out_dir
         abl.main(["plan", f"--split={split}", *folders])
         return [line.split("--out_dir=")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
-    runs = [os.path.join("runs/ablations", abl.run_name(s, 3e-3, seed))
-            for s in ("delta-bound1", "write1") for seed in (1337, 1338, 1339)]
+    runs = [os.path.join("runs/ablations", abl.run_name(s, 3e-3, seed)) for s, seed in
+            [("delta", 1340)] + [(s, seed) for s in ("delta-bound1", "write1") for seed in (1337, 1338, 1339)]]
     assert planned("0/1") == runs and planned("1/2") == runs[1::2] and planned("0/4") == runs[::4]
     for bad in ("2/2", "1", "a/3", "-1/2"):
         with pytest.raises(SystemExit, match=f"--split={bad} is invalid"):
@@ -596,3 +599,9 @@ def test_k_stability_figure_draws_each_reference_runs_layer_means_against_step(t
     fig, axes = draw()
     assert not axes[2].plot.called and "no run has logged it yet" in axes[2].text.call_args[0]
     assert all(ax.plot.called and not ax.text.called for ax in (axes[0], axes[1], axes[3]))
+    abl = load_script("ablations")  # the reference's K_SEED run, where there is one, is the one drawn
+    k_run = ladder_log([(0, 0, 11), (264, 9, 4.8)], 0.3) + [dict(type="gates", step=264, gates=gates(
+        (7, 9), (0.5, 0.5), (0.1, 0.1)))]
+    write_logs(tmp_path / "ablations", {abl.run_name("delta", 1.5e-3, abl.K_SEED): k_run})
+    fig, axes = draw()
+    assert axes[0].plot.call_args[0] == ((264,), (8.0,))

@@ -15,6 +15,8 @@ Each setting runs at its family's lr: the ladder's best at d512 for DDL d_v = 1 
 the ladder, at DDL-CC's). The references "delta" and "cc" are the ladder's own d512 runs at that lr;
 DDL-TC's ("tc", conv_kernel 4) is run here. A
 setting differs from its reference only where the means differ by at least twice the larger seed spread.
+Each reference also runs here once more, at K_SEED, for k's stability figure alone: its runs at the
+three seeds predate the per-step cosine (k_cos_step); the table does not read K_SEED's runs.
 
     python docs/ablations.py plan | run | table     # as docs/ladder.py; logs in docs/records/ablations/
     python docs/ablations.py run --split 1/3        # plan's runs 1, 4, 7... (0-based), with 0/3 and 2/3
@@ -46,6 +48,7 @@ SETTINGS = {
     **{f"tc-k{k}": ("cc", dict(TC, conv_kernel=k), "tc") for k in (1, 2, 8)},
 }
 FROM_LADDER = ("delta", "cc")  # references that are the ladder's runs
+K_SEED = 1340  # one more run of each reference, logging k_cos_step (train.py from 7b13627), for the figure
 
 def run_name(setting, lr, seed):
     """The lr is in the name: should the ladder's best lr change, older runs no longer count as done."""
@@ -56,17 +59,21 @@ def family_lr(ladder_logs, setting):
     return ladder.best_lr(ladder_logs, SIZE, SETTINGS[setting][0], 1)
 
 def log_of(logs, ladder_logs, setting, seed):
-    """A setting's log of one seed, from the ladder for its references; None where it is not run yet."""
+    """A setting's log of one seed, from the ladder for its references (but K_SEED's, run here); None where
+    it is not run yet."""
     lr = family_lr(ladder_logs, setting)
-    if setting in FROM_LADDER:
+    if setting in FROM_LADDER and seed != K_SEED:
         return None if lr is None else ladder_logs.get(ladder.name(SIZE, setting, 1, lr, seed))
     return None if lr is None else logs.get(run_name(setting, lr, seed))
 
 def plan(logs, ladder_logs):
-    """(setting, seed, lr) of the runs not logged yet whose family's lr the ladder has settled."""
-    lrs = {s: family_lr(ladder_logs, s) for s in SETTINGS if s not in FROM_LADDER}
-    return [(s, seed, lr) for s, lr in lrs.items() for seed in ladder.SEEDS
-            if lr is not None and run_name(s, lr, seed) not in logs]
+    """(setting, seed, lr) of the runs not logged yet whose family's lr the ladder has settled: each
+    reference at K_SEED first, then every setting not from the ladder at the ladder's seeds."""
+    lrs = {s: family_lr(ladder_logs, s) for s in SETTINGS}
+    runs = [(s, K_SEED) for s, (_, _, ref) in SETTINGS.items() if ref is None]
+    runs += [(s, seed) for s in SETTINGS if s not in FROM_LADDER for seed in ladder.SEEDS]
+    return [(s, seed, lrs[s]) for s, seed in runs
+            if lrs[s] is not None and run_name(s, lrs[s], seed) not in logs]
 
 def summary(log):
     """Of one run: final val loss, the stand-in's last acc_norm, and the last gate audit's k cosines
