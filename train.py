@@ -327,7 +327,8 @@ def train(cfg, mcfg, kept):
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
     # k on the audit's first sequence: the last eval's ("k", the next eval's k_cos_before) and the step
     # before an eval's ("k_step", its k_cos_step: how far one optimizer step turns k)
-    probe = {}  # a rank may hold no val window: then no audit (None)
+    probe = {}
+    # the audit's rows, the same at every eval; None: no audit (the baseline, or a rank without val windows)
     probe_idx = probe_batch(val, cfg, T, rank, world) if raw.config.residual != "additive" else None
 
     def log(rec, line=None):
@@ -388,6 +389,7 @@ def train(cfg, mcfg, kept):
         if cfg.max_steps == 0:
             save_checkpoint()  # the initial model: --resume continues from it
     # the clock counts training only: it restarts after this run's first step (compilation), pauses for evals
+    # and k's probes
     first, t0, train_time = step + 1, time.perf_counter(), 0.0
     while step < cfg.max_steps:
         if probe_idx is not None and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps):
