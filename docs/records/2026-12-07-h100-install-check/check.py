@@ -1,5 +1,6 @@
 # fused.install's numerical check (fp64 + fp32 ddl.py vs fused fp32) on the device: which models it
-# accepts, how long it takes, what memory it holds. FIRST=1: only the first model (CPU interpreter test).
+# accepts, how long it takes, what memory it holds. FIRST=1: only the first model (CPU interpreter test);
+# ONLY=text: only the models whose name holds it (e.g. ONLY=124m).
 import os, sys, time, traceback
 sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "docs"))
 import torch
@@ -16,6 +17,7 @@ cases += [(f"124m-{c}", dict(n_layer=12, n_head=6, head_dim=128, n_embd=768, res
                              compressor=c, embed_conv=True), 1337) for c in ("cc", "tc")]
 if os.environ.get("FIRST"):
     cases = cases[:1]
+cases = [c for c in cases if os.environ.get("ONLY", "") in c[0]]
 bad = 0
 for name, flags, seed in cases:
     torch.manual_seed(seed)
