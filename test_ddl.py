@@ -325,9 +325,8 @@ def test_section_3_1_unit_direction_is_the_eps_regularised_normalisation():
 
 def test_section_3_2_token_compressor_equals_convolution_then_read():
     """DDL-TC sums over d_v before shifting tokens; that must equal the conv-then-read definition."""
-    tc = (
-        tiny_model(residual="delta", d_v=4, compressor="tc", conv_kernel=3).blocks[0].attn.compressor.double()
-    )
+    m = tiny_model(residual="delta", d_v=4, compressor="tc", conv_kernel=3)
+    tc = m.blocks[0].attn.compressor.double()
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         tc.taps.copy_(torch.randn(tc.taps.shape, generator=gen))
@@ -688,9 +687,8 @@ def test_gate_stats_equal_a_hand_computation():
         assert row["beta_hist"] == hist.tolist()
         for key, t in (("beta", beta), ("k_tilde_norm", k_tilde_norm), ("e_pre", e_pre)):
             got = [row[f"{key}_{s}"] for s in ("min", "mean", "max")]
-            assert got == pytest.approx(
-                [t.min().item(), t.mean().item(), t.max().item()], rel=1e-5, abs=1e-6
-            ), key
+            want = [t.min().item(), t.mean().item(), t.max().item()]
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6), key
     m.record_gates(False)
     assert all(blk.attn.stats is None and not blk.mlp.record for blk in m.blocks)
 
