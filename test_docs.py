@@ -310,6 +310,31 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     assert ddl["loss"] == float("inf") and ddl["gap_equal_time"] == pytest.approx(at_10s[0])
 
 
+def test_ladder_sweeps_print_every_logged_lr_of_seed_1337_per_size_the_best_in_bold(tmp_path, capsys):
+    """d256 additive: 1.5e-3, 3e-3 (best; seeds 5.0, 5.1, 4.9), 6e-3 diverged; DDL d_v = 1: 3e-3 of its sweep
+    and 1.5e-3 from an earlier centre, its sweep unfinished (6e-3 not run); seeds other than 1337 and other
+    sizes' runs are not columns; no size without runs is printed."""
+    ladder = load_script("ladder")
+    name = lambda v, lr, s=1337: ladder.name("d256", v, 1, lr, s)
+    logs = {name("additive", 1.5e-3): ladder_log([(0, 0, 11), (264, 10, 5.3)], 0.2),
+            name("additive", 6e-3): ladder_log([(0, 0, 11), (264, 10, 5.2)], 0.2) + [dict(type="diverged")],
+            name("delta", 1.5e-3): ladder_log([(0, 0, 11), (264, 10, 4.9)], 0.2),
+            name("delta", 3e-3): ladder_log([(0, 0, 11), (264, 10, 4.8)], 0.2),
+            name("delta", 3e-3, 1338): ladder_log([(0, 0, 11), (264, 10, 4.1)], 0.2),
+            ladder.name("d512", "cc", 1, 4.8e-2, 1338): ladder_log([(0, 0, 11), (264, 10, 4.1)], 0.2)}
+    for seed, loss, acc in ((1337, 5.0, 0.3), (1338, 5.1, 0.32), (1339, 4.9, 0.37)):
+        logs[name("additive", 3e-3, seed)] = ladder_log([(0, 0, 11), (264, 10, loss)], acc)
+    write_logs(tmp_path / "logs", logs)
+    ladder.main(["sweeps", f"--logs={tmp_path / 'logs'}"])
+    assert capsys.readouterr().out == (
+        "\nd256: final val loss, seed 1337, by peak lr (best in bold)\n\n"
+        "| variant | passes | 1.5e-3 | 3.0e-3 | 6.0e-3 | "
+        "seeds at the best: mean, max − min | stand-in acc_norm |\n"
+        "|---|---:|---:|---:|---:|---|---:|\n"
+        "| additive | 1 | 5.3000 | **5.0000** | diverged | 3: 5.0000, 0.200 | 0.330 |\n"
+        "| delta | 1 | 4.9000 | 4.8000 |  | sweep unfinished | — |\n")
+
+
 def test_ladder_table_means_the_last_standin_scores_counts_each_cells_passes_and_skips_what_is_missing(
         tmp_path):
     """d256 at one pass: additive (best 3e-3: 5.0, 5.1; seed 1339 not run) and DDL (best 6e-3: 4.6, 4.7,
@@ -496,8 +521,8 @@ def test_ablations_split_gives_each_of_n_processes_every_nth_planned_run(tmp_pat
     def planned(split):  # each planned run's --out_dir
         abl.main(["plan", f"--split={split}", *folders])
         return [line.split("--out_dir=")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
-    runs = [os.path.join("runs/ablations", abl.run_name(s, 3e-3, seed)) for s, seed in
-            [("delta", 1340)] + [(s, seed) for s in ("delta-bound1", "write1") for seed in (1337, 1338, 1339)]]
+    settings = [("delta", 1340)] + [(s, n) for s in ("delta-bound1", "write1") for n in (1337, 1338, 1339)]
+    runs = [os.path.join("runs/ablations", abl.run_name(s, 3e-3, seed)) for s, seed in settings]
     assert planned("0/1") == runs and planned("1/2") == runs[1::2] and planned("0/4") == runs[::4]
     for bad in ("2/2", "1", "a/3", "-1/2"):
         with pytest.raises(SystemExit, match=f"--split={bad} is invalid"):

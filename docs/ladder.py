@@ -9,7 +9,8 @@ at the smallest and largest sizes only.
     python prepare_data.py --input <corpus>/part-000{0,1,2,3}.jsonl.gz --out data/ladder --val_tokens=5771815
     python docs/ladder.py plan                  # the runs still to do, as train.py commands
     python docs/ladder.py run --only d256-      # run them in turn (those whose name holds the text)
-    python docs/ladder.py table                 # the tables, recomputed from the committed logs alone
+    python docs/ladder.py table                 # the best lrs' table, from the committed logs alone
+    python docs/ladder.py sweeps                # each size's sweeps: the final loss at every lr, likewise
 
 When a run ends, hellaswag.py scores its checkpoint on the HellaSwag-format stand-in (docs/standin.py; not
 HellaSwag), its log.jsonl with that score added is written to --logs (docs/records/ladder/<run>.jsonl),
@@ -144,6 +145,13 @@ def sweep(logs, size, variant, passes):
             return lrs, lrs[best] if final_loss(runs[best]) < float("inf") else None  # all diverged: none
         lrs = [lrs[0] / 2, *lrs] if best == 0 else [*lrs, lrs[-1] * 2]
 
+def swept(logs, size, variant, passes):
+    """{lr: final val loss} of every logged run of the cell at seed SWEEP_SEED: its sweep's, and any from an
+    earlier centre (the first d256 sweeps')."""
+    prefix, suffix = f"{size}-{variant}-p{passes}-lr", f"-s{SWEEP_SEED}"  # name()'s, around the lr
+    return {float(run[len(prefix):-len(suffix)]): final_loss(log) for run, log in logs.items()
+            if run.startswith(prefix) and run.endswith(suffix)}
+
 def best_lr(logs, size, variant, passes):
     """The finished sweep's lr of least final val loss, or None."""
     return sweep(logs, size, variant, passes)[1]
@@ -237,9 +245,32 @@ def run(jobs, paths):
         os.replace(dest + ".tmp", dest)
         print(f"ladder: {run_name} logged, {time.perf_counter() - start:.0f} s in all", flush=True)
 
+def print_sweeps(logs):
+    """Per size, a table of each cell's final val loss at every swept lr (seed SWEEP_SEED; the best in bold)
+    and, once its sweep has ended, the mean and spread of the seeds at its best lr so far and their stand-in
+    acc_norm (table's)."""
+    rows = {(r["size"], r["variant"], r["passes"]): r for r in table(logs)}
+    for size in SIZES:
+        losses = {c: swept(logs, *c) for c in cells() if c[0] == size}
+        losses = {c: by_lr for c, by_lr in losses.items() if by_lr}
+        if not losses:
+            continue
+        lrs = sorted({lr for by_lr in losses.values() for lr in by_lr})
+        header = " | ".join(f"{lr:.1e}".replace("e-0", "e-") for lr in lrs)
+        print(f"\n{size}: final val loss, seed {SWEEP_SEED}, by peak lr (best in bold)\n")
+        print(f"| variant | passes | {header} | seeds at the best: mean, max − min | stand-in acc_norm |")
+        print("|---|" + "---:|" * (len(lrs) + 1) + "---|---:|")
+        for (_, variant, passes), by_lr in losses.items():
+            r = rows.get((size, variant, passes))
+            text = lambda lr: ("" if lr not in by_lr else "diverged" if by_lr[lr] == float("inf")
+                               else f"**{by_lr[lr]:.4f}**" if r and lr == r["lr"] else f"{by_lr[lr]:.4f}")
+            seeds = f"{r['seeds']}: {r['loss']:.4f}, {r['spread']:.3f}" if r else "sweep unfinished"
+            acc = "—" if r is None or r["standin_acc_norm"] is None else f"{r['standin_acc_norm']:.3f}"
+            print(f"| {variant} | {passes} | " + " | ".join(map(text, lrs)) + f" | {seeds} | {acc} |")
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("plan", "run", "table"))
+    p.add_argument("what", choices=("plan", "run", "table", "sweeps"))
     p.add_argument("--logs", default=os.path.join(ROOT, "docs", "records", "ladder"), help="the runs' logs")
     p.add_argument("--data_dir", default="data/ladder", help="prepare_data.py's output (see above)")
     p.add_argument("--runs", default="runs/ladder", help="the runs' folders")
@@ -256,6 +287,8 @@ def main(argv=None):
             while todo := [r for r in plan(load_logs(args.logs)) if args.only in name(*r)]:
                 yield name(*todo[0]), ladder_args(todo[0], args)
         run(due(), args)
+    elif args.what == "sweeps":
+        print_sweeps(logs)
     else:
         print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
               "train loss, last 10% | stand-in acc_norm | gap per token | gap at equal time | card | code |\n"
