@@ -262,8 +262,11 @@ def print_sweeps(logs):
         print("|---|" + "---:|" * (len(lrs) + 1) + "---|---:|")
         for (_, variant, passes), by_lr in losses.items():
             r = rows.get((size, variant, passes))
-            text = lambda lr: ("" if lr not in by_lr else "diverged" if by_lr[lr] == float("inf")
-                               else f"**{by_lr[lr]:.4f}**" if r and lr == r["lr"] else f"{by_lr[lr]:.4f}")
+            def text(lr):  # a blank where the lr did not run; the best lr's loss in bold
+                if lr not in by_lr:
+                    return ""
+                loss = "diverged" if by_lr[lr] == float("inf") else f"{by_lr[lr]:.4f}"
+                return f"**{loss}**" if r and lr == r["lr"] else loss
             seeds = f"{r['seeds']}: {r['loss']:.4f}, {r['spread']:.3f}" if r else "sweep unfinished"
             acc = "—" if r is None or r["standin_acc_norm"] is None else f"{r['standin_acc_norm']:.3f}"
             print(f"| {variant} | {passes} | " + " | ".join(map(text, lrs)) + f" | {seeds} | {acc} |")
