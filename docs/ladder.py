@@ -50,6 +50,10 @@ VARIANTS = {"additive": dict(residual="additive"), "delta": dict(residual="delta
 CONTROL_SIZES = ("d256", "d768")  # the write-only control's
 SWEEP_SEED, SEEDS = 1337, (1337, 1338, 1339)
 TRAIN_TOKENS, BATCH, T = 17_347_266, 64, 1024  # parts 1-3; sequences of T tokens per step
+# Sequences per forward where BATCH at once would not fit an 80 GiB card: bench.py's DDL-CC at the 124m
+# preset peaks at 19.4 GiB with 16 (docs/results.md), so 64 would need about 78; 16 x 4 accumulated steps
+# give d768 the same optimizer steps as every other size.
+MICRO_BATCH = {"d768": 16}
 VAL_TOKENS = 2_097_152  # the first 2M tokens of part-0000 at every eval
 
 def non_embedding_params(size, variant):
@@ -68,11 +72,12 @@ def steps(passes):
 
 def train_args(size, model, passes, lr, seed, run, paths):
     """train.py's arguments for the run named `run` of a model of `size` (GPTConfig flags `model`): passes x
-    the training text at BATCH x T tokens a step, warm-up a tenth of the steps, cosine to lr / 10, an
-    evaluation at step 0 and 8 more, one checkpoint."""
+    the training text at BATCH x T tokens a step (MICRO_BATCH at a time), warm-up a tenth of the steps,
+    cosine to lr / 10, an evaluation at step 0 and 8 more, one checkpoint."""
     n = steps(passes)
-    flags = {**SIZES[size], "head_dim": 128, **model, "block_size": T, "batch_size": BATCH,
-             "total_batch": BATCH, "max_steps": n, "warmup_steps": n // 10, "lr": lr, "min_lr": lr / 10,
+    flags = {**SIZES[size], "head_dim": 128, **model, "block_size": T,
+             "batch_size": MICRO_BATCH.get(size, BATCH), "total_batch": BATCH, "max_steps": n,
+             "warmup_steps": n // 10, "lr": lr, "min_lr": lr / 10,
              "eval_interval": n // 8, "val_tokens": VAL_TOKENS, "seed": seed,
              "log_interval": 10, "ckpt_interval": n, "sample_tokens": 0, "data_dir": paths.data_dir,
              "out_dir": os.path.join(paths.runs, run), "overwrite": True}
