@@ -313,13 +313,13 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
 
 def test_ladder_sweeps_print_every_logged_lr_of_seed_1337_per_size_the_best_in_bold(tmp_path, capsys):
     """d256 additive: 1.5e-3, 3e-3 (best; seeds 5.0, 5.1, 4.9), 6e-3 diverged; DDL d_v = 1: 3e-3 of its sweep
-    and 1.5e-3 from an earlier centre, its sweep unfinished (6e-3 not run); seeds other than 1337 and other
-    sizes' runs are not columns; no size without runs is printed."""
+    and 3.75e-4 from an earlier centre (its header with all three digits), its sweep unfinished (6e-3 not
+    run); seeds other than 1337 and other sizes' runs are not columns; no size without runs is printed."""
     ladder = load_script("ladder")
     name = lambda v, lr, s=1337: ladder.name("d256", v, 1, lr, s)
     logs = {name("additive", 1.5e-3): ladder_log([(0, 0, 11), (264, 10, 5.3)], 0.2),
             name("additive", 6e-3): ladder_log([(0, 0, 11), (264, 10, 5.2)], 0.2) + [dict(type="diverged")],
-            name("delta", 1.5e-3): ladder_log([(0, 0, 11), (264, 10, 4.9)], 0.2),
+            name("delta", 3.75e-4): ladder_log([(0, 0, 11), (264, 10, 4.9)], 0.2),
             name("delta", 3e-3): ladder_log([(0, 0, 11), (264, 10, 4.8)], 0.2),
             name("delta", 3e-3, 1338): ladder_log([(0, 0, 11), (264, 10, 4.1)], 0.2),
             ladder.name("d512", "cc", 1, 4.8e-2, 1338): ladder_log([(0, 0, 11), (264, 10, 4.1)], 0.2)}
@@ -329,11 +329,11 @@ def test_ladder_sweeps_print_every_logged_lr_of_seed_1337_per_size_the_best_in_b
     ladder.main(["sweeps", f"--logs={tmp_path / 'logs'}"])
     assert capsys.readouterr().out == (
         "\nd256: final val loss, seed 1337, by peak lr (best in bold)\n\n"
-        "| variant | passes | 1.5e-3 | 3.0e-3 | 6.0e-3 | "
+        "| variant | passes | 3.75e-4 | 1.5e-3 | 3.0e-3 | 6.0e-3 | "
         "seeds at the best: mean, max − min | stand-in acc_norm |\n"
-        "|---|---:|---:|---:|---:|---|---:|\n"
-        "| additive | 1 | 5.3000 | **5.0000** | diverged | 3: 5.0000, 0.200 | 0.330 |\n"
-        "| delta | 1 | 4.9000 | 4.8000 |  | sweep unfinished | — |\n")
+        "|---|---:|---:|---:|---:|---:|---|---:|\n"
+        "| additive | 1 |  | 5.3000 | **5.0000** | diverged | 3: 5.0000, 0.200 | 0.330 |\n"
+        "| delta | 1 | 4.9000 |  | 4.8000 |  | sweep unfinished | — |\n")
 
 
 def test_ladder_table_means_the_last_standin_scores_counts_each_cells_passes_and_skips_what_is_missing(

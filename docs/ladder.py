@@ -250,6 +250,12 @@ def run(jobs, paths):
         os.replace(dest + ".tmp", dest)
         print(f"ladder: {run_name} logged, {time.perf_counter() - start:.0f} s in all", flush=True)
 
+def lr_text(lr):
+    """An lr as a column header, with the digits it has and one decimal at least: 7.5e-4, 3.0e-3, 3.75e-4."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    mantissa = mantissa.rstrip("0")
+    return f"{mantissa}{'0' if mantissa.endswith('.') else ''}e{int(exponent)}"
+
 def print_sweeps(logs):
     """Per size, a table of each cell's final val loss at every swept lr (seed SWEEP_SEED; the best in bold)
     and, once its sweep has ended, the mean and spread of the seeds at its best lr so far and their stand-in
@@ -261,7 +267,7 @@ def print_sweeps(logs):
         if not losses:
             continue
         lrs = sorted({lr for by_lr in losses.values() for lr in by_lr})
-        header = " | ".join(f"{lr:.1e}".replace("e-0", "e-") for lr in lrs)
+        header = " | ".join(map(lr_text, lrs))
         print(f"\n{size}: final val loss, seed {SWEEP_SEED}, by peak lr (best in bold)\n")
         print(f"| variant | passes | {header} | seeds at the best: mean, max − min | stand-in acc_norm |")
         print("|---|" + "---:|" * (len(lrs) + 1) + "---|---:|")
