@@ -183,7 +183,7 @@ def test_ladder_plan_sweeps_three_lrs_then_two_seeds_at_the_best_and_every_comma
     for r in todo:
         cfg, mcfg = train.parse_args(ladder.ladder_args(r, paths))
         assert cfg.total_batch == 64 and cfg.max_steps == 264 * r[2]  # 264 whole batches a pass
-        assert cfg.batch_size == (16 if r[0] == "d768" else 64)  # d768's CC would not fit 64 at once
+        assert cfg.batch_size == (16 if r[0] == "d768" else 64)  # d768: MICRO_BATCH, 4 accumulated
         assert cfg.hellaswag == "" and cfg.min_lr == pytest.approx(cfg.lr / 10)  # scored at the end instead
     # the smallest size at 4 passes: >= 20 tokens per non-embedding parameter, counted by hand
     d, L, hd = 256, 4, 128

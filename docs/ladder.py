@@ -50,10 +50,9 @@ VARIANTS = {"additive": dict(residual="additive"), "delta": dict(residual="delta
 CONTROL_SIZES = ("d256", "d768")  # the write-only control's
 SWEEP_SEED, SEEDS = 1337, (1337, 1338, 1339)
 TRAIN_TOKENS, BATCH, T = 17_347_266, 64, 1024  # parts 1-3; sequences of T tokens per step
-# Sequences per forward at d768, chosen on an estimate that BATCH at once would not fit DDL-CC on an 80 GiB
-# card (about 78 GiB, from a 19.4 GiB peak taken for 16). Its d768 runs then peaked at 10.3 GiB allocated
-# with 16, so 64 would likely fit; every d768 run keeps 16, so all of them accumulate alike. 4 accumulated
-# micro-batches give d768 the same optimizer steps as every other size.
+# Sequences per forward at d768: 4 accumulated micro-batches give it the same optimizer steps as every other
+# size. Chosen on an estimate that BATCH at once would not fit DDL-CC (78 GiB); its runs then peaked at 10.3
+# GiB with 16, so 64 would likely fit, but every d768 run keeps 16, so all of them accumulate alike.
 MICRO_BATCH = {"d768": 16}
 VAL_TOKENS = 2_097_152  # the first 2M tokens of part-0000 at every eval
 

@@ -6,7 +6,7 @@
 # always (WARM=0 skips this, for a machine still warm from an earlier call, whose cache is full). Then,
 # for each PATTERN in turn, `docs/ladder.py run --only PATTERN` while time is left (a run cut at LIMIT_S
 # leaves no log). WARM_JOBS (default 4) sets how many compile at once: each holds its run's whole memory,
-# at d768 (micro-batch 16) about bench.py's 124m peaks, 8-20 GiB, so four fit an 80 GiB card. The plan
+# at d768 (micro-batch 16) 10.3 GiB for DDL-CC, as its runs measured, so four fit an 80 GiB card. The plan
 # starts from the committed logs; all logs, new ones beside them, come back as $OUT/ladder.tgz, written
 # again after each pattern (a call returns at most 8 files). Leave the call's own limit 30 s above LIMIT_S.
 set -uo pipefail
