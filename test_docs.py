@@ -311,6 +311,47 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
     assert ddl["loss"] == float("inf") and ddl["gap_equal_time"] == pytest.approx(at_10s[0])
 
 
+def test_ladder_first_pass_compares_one_pass_runs_with_four_pass_runs_at_step_264(tmp_path, capsys):
+    """d256, additive and DDL d_v = 1, each one-pass sweep best at its middle lr, each four-pass one at its
+    third, after an extension: the one-pass seeds' final val loss against the four-pass seeds' val loss at
+    step 264 (not their final one), as means and DDL's gaps; a variant whose four-pass seeds did not all
+    run (CC) gives no row; a run that diverged before step 264 counts inf."""
+    ladder = load_script("ladder")
+    seeds = {("additive", 1): (6.0, 6.1, 5.9), ("delta", 1): (5.5, 5.7, 5.6),  # one pass: final losses
+             ("additive", 4): (5.4, 5.6, 5.5), ("delta", 4): (5.3, 5.2, 5.4),  # four: losses at step 264
+             ("cc", 1): (5.2, 5.3, 5.4), ("cc", 4): (5.0, None, None)}
+    logs = {}
+    for (variant, passes), losses in seeds.items():
+        lrs = ladder.sweep({}, "d256", variant, passes)[0]
+        lrs, best = (lrs, lrs[1]) if passes == 1 else (lrs + [2 * lrs[-1]], lrs[-1])
+        evals = range(0, 264 * passes + 1, 132)
+        for seed, loss in zip((1337, 1338, 1339), losses):
+            if loss is None:
+                continue
+            curve = [(s, s / 100, loss + (264 - s) / 264) for s in evals]  # at step 264: loss
+            logs[ladder.name("d256", variant, passes, best, seed)] = ladder_log(curve, 0.3)
+        for lr in [lr for lr in lrs if lr != best]:  # worse at the end; four passes: better at step 264
+            logs[ladder.name("d256", variant, passes, lr, 1337)] = ladder_log(
+                [(s, s / 100, 4.0 if s == 264 < 264 * passes else 7.0) for s in evals], 0.3)
+    write_logs(tmp_path / "logs", logs)
+    rows = ladder.first_pass(ladder.load_logs(str(tmp_path / "logs")))
+    assert [(r["variant"], r["lr_one"], r["lr_four"]) for r in rows] == [("additive", 3e-3, 6e-3),
+                                                                         ("delta", 6e-3, 1.2e-2)]
+    base, ddl = rows
+    assert base["one_pass"] == pytest.approx(6.0) and base["first_of_four"] == pytest.approx(5.5)
+    assert ddl["one_pass"] == pytest.approx(5.6) and ddl["first_of_four"] == pytest.approx(5.3)
+    assert ddl["gap_one"] == pytest.approx(-0.4) and ddl["gap_first"] == pytest.approx(-0.2)
+    assert base["gap_one"] is None and base["gap_first"] is None
+    ladder.main(["first-pass", f"--logs={tmp_path / 'logs'}"])
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| d256 | additive | 0.003 | 6.0000 | — | 0.006 | 5.5000 | — |",
+        "| d256 | delta | 0.006 | 5.6000 | -0.4000 | 0.012 | 5.3000 | -0.2000 |"]
+    broke = logs[ladder.name("d256", "delta", 4, 1.2e-2, 1339)]
+    broke[:] = [r for r in broke if r["type"] != "val" or r["step"] < 264] + [dict(type="diverged", step=200)]
+    write_logs(tmp_path / "logs", logs)
+    assert ladder.first_pass(ladder.load_logs(str(tmp_path / "logs")))[1]["first_of_four"] == float("inf")
+
+
 def test_ladder_sweeps_print_every_logged_lr_of_seed_1337_per_size_the_best_in_bold(tmp_path, capsys):
     """d256 additive: 1.5e-3, 3e-3 (best; seeds 5.0, 5.1, 4.9), 6e-3 diverged; DDL d_v = 1: 3e-3 of its sweep
     and 3.75e-4 from an earlier centre (its header with all three digits), its sweep unfinished (6e-3 not

@@ -11,6 +11,7 @@ at the smallest and largest sizes only.
     python docs/ladder.py run --only d256-      # run them in turn (those whose name holds the text)
     python docs/ladder.py table                 # the best lrs' table, from the committed logs alone
     python docs/ladder.py sweeps                # each size's sweeps: the final loss at every lr, likewise
+    python docs/ladder.py first-pass            # one pass's tokens under the one- and four-pass schedules
 
 When a run ends, hellaswag.py scores its checkpoint on the HellaSwag-format stand-in (docs/standin.py; not
 HellaSwag), its log.jsonl with that score added is written to --logs (docs/records/ladder/<run>.jsonl),
@@ -216,6 +217,33 @@ def table(logs):
         rows.append(row)
     return rows
 
+def val_at_step(log, step):
+    """The run's val loss at its evaluation of `step`; inf where it diverged before it."""
+    at = [r["loss"] for r in log if r["type"] == "val" and r["step"] == step]
+    return at[0] if at or not diverged(log) else float("inf")
+
+def first_pass(logs):
+    """The same tokens, one pass, under two schedules, for each size trained at four passes: per variant,
+    the mean over SEEDS (each cell at its best lr) of the one-pass runs' final val loss (a tenth of steps(1)
+    to warm up, then cosine to lr / 10 by its end) and of the four-pass runs' val loss where their first
+    pass ends (steps(1), after a tenth of steps(4) to warm up, near the peak lr of a cosine four times
+    longer), and DDL's gap to the baseline in each. Rows of dicts, for the cells whose seeds all ran."""
+    rows = []
+    for size, variant, _ in [c for c in cells() if c[2] == 4]:
+        lrs = [best_lr(logs, size, variant, p) for p in (1, 4)]
+        runs = [[logs.get(name(size, variant, p, lr, s)) for s in SEEDS] for p, lr in zip((1, 4), lrs) if lr]
+        if len(runs) < 2 or None in runs[0] + runs[1]:
+            continue
+        row = dict(size=size, variant=variant, lr_one=lrs[0], lr_four=lrs[1], gap_one=None, gap_first=None,
+                   one_pass=float(np.mean([final_loss(log) for log in runs[0]])),
+                   first_of_four=float(np.mean([val_at_step(log, steps(1)) for log in runs[1]])))
+        base = next((r for r in rows if (r["size"], r["variant"]) == (size, "additive")), None)
+        if variant != "additive" and base:
+            row.update(gap_one=row["one_pass"] - base["one_pass"],
+                       gap_first=row["first_of_four"] - base["first_of_four"])
+        rows.append(row)
+    return rows
+
 def run(jobs, paths):
     """Run each (run name, train.py arguments) of jobs, in turn. When it ends, score its checkpoint on the
     stand-in (hellaswag.py, in this process: one CUDA start for all runs), write its log with that score
@@ -282,9 +310,18 @@ def print_sweeps(logs):
             acc = "—" if r is None or r["standin_acc_norm"] is None else f"{r['standin_acc_norm']:.3f}"
             print(f"| {variant} | {passes} | " + " | ".join(map(text, lrs)) + f" | {seeds} | {acc} |")
 
+def print_first_pass(logs):
+    """first_pass's rows as a table: each schedule's lr, mean val loss and gap to the baseline."""
+    print("| size | variant | one pass: lr | val loss | gap | four passes, at the first's end: lr | val loss "
+          "| gap |\n|---|---|" + "---:|" * 6)
+    gap = lambda x: "—" if x is None else f"{x:+.4f}"
+    for r in first_pass(logs):
+        print(f"| {r['size']} | {r['variant']} | {r['lr_one']:g} | {r['one_pass']:.4f} | "
+              f"{gap(r['gap_one'])} | {r['lr_four']:g} | {r['first_of_four']:.4f} | {gap(r['gap_first'])} |")
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("plan", "run", "table", "sweeps"))
+    p.add_argument("what", choices=("plan", "run", "table", "sweeps", "first-pass"))
     p.add_argument("--logs", default=os.path.join(ROOT, "docs", "records", "ladder"), help="the runs' logs")
     p.add_argument("--data_dir", default="data/ladder", help="prepare_data.py's output (see above)")
     p.add_argument("--runs", default="runs/ladder", help="the runs' folders")
@@ -303,6 +340,8 @@ def main(argv=None):
         run(due(), args)
     elif args.what == "sweeps":
         print_sweeps(logs)
+    elif args.what == "first-pass":
+        print_first_pass(logs)
     else:
         print("| size | variant | passes | lr | seeds | non-emb. params | tokens/param | val loss | spread | "
               "train loss, last 10% | stand-in acc_norm | gap per token | gap at equal time | card | code |\n"
