@@ -312,41 +312,38 @@ def test_ladder_table_is_the_mean_over_seeds_at_the_best_lr_and_the_gaps_per_tok
 
 
 def test_ladder_first_pass_compares_one_pass_runs_with_four_pass_runs_at_step_264(tmp_path, capsys):
-    """d256, additive and DDL d_v = 1, each one-pass sweep best at its middle lr, each four-pass one at its
-    third, after an extension: the one-pass seeds' final val loss against the four-pass seeds' val loss at
-    step 264 (not their final one), as means and DDL's gaps; a variant whose four-pass seeds did not all
-    run (CC) gives no row; a run that diverged before step 264 counts inf."""
+    """d256, seed 1337: each variant's one-pass run at its best one-pass lr (its sweep's middle; the other
+    seeds there end elsewhere) against the four-pass run of that lr and seed at step 264 (not at its end, and
+    not at the four-pass sweep's best lr, 2x higher for the baseline); CC, whose four-pass runs lack its
+    one-pass best lr, gives no row; a four-pass run that diverged before step 264 counts inf."""
     ladder = load_script("ladder")
-    seeds = {("additive", 1): (6.0, 6.1, 5.9), ("delta", 1): (5.5, 5.7, 5.6),  # one pass: final losses
-             ("additive", 4): (5.4, 5.6, 5.5), ("delta", 4): (5.3, 5.2, 5.4),  # four: losses at step 264
-             ("cc", 1): (5.2, 5.3, 5.4), ("cc", 4): (5.0, None, None)}
     logs = {}
-    for (variant, passes), losses in seeds.items():
-        lrs = ladder.sweep({}, "d256", variant, passes)[0]
-        lrs, best = (lrs, lrs[1]) if passes == 1 else (lrs + [2 * lrs[-1]], lrs[-1])
-        evals = range(0, 264 * passes + 1, 132)
-        for seed, loss in zip((1337, 1338, 1339), losses):
-            if loss is None:
-                continue
-            curve = [(s, s / 100, loss + (264 - s) / 264) for s in evals]  # at step 264: loss
-            logs[ladder.name("d256", variant, passes, best, seed)] = ladder_log(curve, 0.3)
-        for lr in [lr for lr in lrs if lr != best]:  # worse at the end; four passes: better at step 264
-            logs[ladder.name("d256", variant, passes, lr, 1337)] = ladder_log(
-                [(s, s / 100, 4.0 if s == 264 < 264 * passes else 7.0) for s in evals], 0.3)
+    def put(variant, passes, lrs, at_264, ends, seed=1337):  # val: 11, at_264 + 1, at_264, then ends
+        for lr, mid, end in zip(lrs, at_264, ends):
+            val = lambda s: 11 if s == 0 else mid + 1 if s < 264 else mid if s == 264 else end
+            logs[ladder.name("d256", variant, passes, lr, seed)] = ladder_log(
+                [(s, s / 100, val(s)) for s in range(0, 264 * passes + 1, 132)], 0.3)
+    put("additive", 1, (1.5e-3, 3e-3, 6e-3), (6.2, 6.0, 6.1), (6.2, 6.0, 6.1))
+    put("additive", 1, (3e-3,), (6.5,), (6.5,), seed=1338)
+    put("additive", 4, (1.5e-3, 3e-3, 6e-3, 1.2e-2), (5.7, 5.5, 5.4, 5.8), (4.9, 4.8, 4.7, 4.9))
+    put("delta", 1, (3e-3, 6e-3, 1.2e-2), (5.7, 5.5, 5.6), (5.7, 5.5, 5.6))
+    put("delta", 1, (6e-3,), (5.9,), (5.9,), seed=1339)
+    put("delta", 4, (3e-3, 6e-3, 1.2e-2), (5.4, 5.2, 5.1), (4.6, 4.5, 4.7))
+    put("cc", 1, (6e-3, 1.2e-2, 2.4e-2), (5.5, 5.3, 5.4), (5.5, 5.3, 5.4))
+    put("cc", 4, (2.4e-2,), (5.0,), (4.4,))
     write_logs(tmp_path / "logs", logs)
     rows = ladder.first_pass(ladder.load_logs(str(tmp_path / "logs")))
-    assert [(r["variant"], r["lr_one"], r["lr_four"]) for r in rows] == [("additive", 3e-3, 6e-3),
-                                                                         ("delta", 6e-3, 1.2e-2)]
+    assert [(r["variant"], r["lr"]) for r in rows] == [("additive", 3e-3), ("delta", 6e-3)]
     base, ddl = rows
-    assert base["one_pass"] == pytest.approx(6.0) and base["first_of_four"] == pytest.approx(5.5)
-    assert ddl["one_pass"] == pytest.approx(5.6) and ddl["first_of_four"] == pytest.approx(5.3)
-    assert ddl["gap_one"] == pytest.approx(-0.4) and ddl["gap_first"] == pytest.approx(-0.2)
+    assert (base["one_pass"], base["first_of_four"]) == (6.0, 5.5)
+    assert (ddl["one_pass"], ddl["first_of_four"]) == (5.5, 5.2)
+    assert ddl["gap_one"] == pytest.approx(-0.5) and ddl["gap_first"] == pytest.approx(-0.3)
     assert base["gap_one"] is None and base["gap_first"] is None
     ladder.main(["first-pass", f"--logs={tmp_path / 'logs'}"])
     assert capsys.readouterr().out.splitlines()[2:] == [
-        "| d256 | additive | 0.003 | 6.0000 | — | 0.006 | 5.5000 | — |",
-        "| d256 | delta | 0.006 | 5.6000 | -0.4000 | 0.012 | 5.3000 | -0.2000 |"]
-    broke = logs[ladder.name("d256", "delta", 4, 1.2e-2, 1339)]
+        "| d256 | additive | 0.003 | 6.0000 | — | 5.5000 | — |",
+        "| d256 | delta | 0.006 | 5.5000 | -0.5000 | 5.2000 | -0.3000 |"]
+    broke = logs[ladder.name("d256", "delta", 4, 6e-3, 1337)]
     broke[:] = [r for r in broke if r["type"] != "val" or r["step"] < 264] + [dict(type="diverged", step=200)]
     write_logs(tmp_path / "logs", logs)
     assert ladder.first_pass(ladder.load_logs(str(tmp_path / "logs")))[1]["first_of_four"] == float("inf")

@@ -223,20 +223,20 @@ def val_at_step(log, step):
     return at[0] if at or not diverged(log) else float("inf")
 
 def first_pass(logs):
-    """The same tokens, one pass, under two schedules, for each size trained at four passes: per variant,
-    the mean over SEEDS (each cell at its best lr) of the one-pass runs' final val loss (a tenth of steps(1)
-    to warm up, then cosine to lr / 10 by its end) and of the four-pass runs' val loss where their first
-    pass ends (steps(1), after a tenth of steps(4) to warm up, near the peak lr of a cosine four times
-    longer), and DDL's gap to the baseline in each. Rows of dicts, for the cells whose seeds all ran."""
+    """One pass's tokens under two schedules, for each size trained at four passes: per variant at its best
+    one-pass lr and seed SWEEP_SEED (the seed run at every lr), so with the same lr, seed, init and batches,
+    the one-pass run's final val loss (a tenth of steps(1) to warm up, then cosine to lr / 10 by its end)
+    and the four-pass run's where its first pass ends (steps(1), after a tenth of steps(4) to warm up, near
+    the peak of a cosine four times longer); DDL's gap to the baseline in each. Rows of dicts, for the
+    variants run at that lr at both."""
     rows = []
     for size, variant, _ in [c for c in cells() if c[2] == 4]:
-        lrs = [best_lr(logs, size, variant, p) for p in (1, 4)]
-        runs = [[logs.get(name(size, variant, p, lr, s)) for s in SEEDS] for p, lr in zip((1, 4), lrs) if lr]
-        if len(runs) < 2 or None in runs[0] + runs[1]:
+        lr = best_lr(logs, size, variant, 1)
+        one, four = (logs.get(name(size, variant, p, lr, SWEEP_SEED)) if lr else None for p in (1, 4))
+        if not (one and four):
             continue
-        row = dict(size=size, variant=variant, lr_one=lrs[0], lr_four=lrs[1], gap_one=None, gap_first=None,
-                   one_pass=float(np.mean([final_loss(log) for log in runs[0]])),
-                   first_of_four=float(np.mean([val_at_step(log, steps(1)) for log in runs[1]])))
+        row = dict(size=size, variant=variant, lr=lr, one_pass=final_loss(one),
+                   first_of_four=val_at_step(four, steps(1)), gap_one=None, gap_first=None)
         base = next((r for r in rows if (r["size"], r["variant"]) == (size, "additive")), None)
         if variant != "additive" and base:
             row.update(gap_one=row["one_pass"] - base["one_pass"],
@@ -311,13 +311,13 @@ def print_sweeps(logs):
             print(f"| {variant} | {passes} | " + " | ".join(map(text, lrs)) + f" | {seeds} | {acc} |")
 
 def print_first_pass(logs):
-    """first_pass's rows as a table: each schedule's lr, mean val loss and gap to the baseline."""
-    print("| size | variant | one pass: lr | val loss | gap | four passes, at the first's end: lr | val loss "
-          "| gap |\n|---|---|" + "---:|" * 6)
+    """first_pass's rows as a table: the lr, then each schedule's val loss and gap to the baseline."""
+    print(f"| size | variant | lr (seed {SWEEP_SEED}) | one pass: val loss | gap "
+          "| four passes, at the first's end: val loss | gap |\n|---|---|" + "---:|" * 5)
     gap = lambda x: "—" if x is None else f"{x:+.4f}"
     for r in first_pass(logs):
-        print(f"| {r['size']} | {r['variant']} | {r['lr_one']:g} | {r['one_pass']:.4f} | "
-              f"{gap(r['gap_one'])} | {r['lr_four']:g} | {r['first_of_four']:.4f} | {gap(r['gap_first'])} |")
+        print(f"| {r['size']} | {r['variant']} | {r['lr']:g} | {r['one_pass']:.4f} | {gap(r['gap_one'])} | "
+              f"{r['first_of_four']:.4f} | {gap(r['gap_first'])} |")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
